@@ -1,0 +1,63 @@
+"""Shared fixtures and helpers: building registered modules with reproducible random weights."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import attnzoo
+
+# Two cores on CI: keep intra-op threads bounded and results deterministic.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SPATIAL_SIZES = {
+    1: [(1,), (7,), (20,)],
+    2: [(1, 1), (7, 7), (13, 20)],
+    3: [(1, 1, 1), (3, 7, 7), (2, 5, 9)],
+}
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter and normalisation buffer random, well-scaled values.
+
+    Zero-initialised parts (identity-at-init designs) would otherwise hide most of the maths from
+    parity, gradient and export checks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            std = 1.0 / math.sqrt(fan_in) if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen, dtype=b.dtype) + 0.5)
+    return module
+
+
+def make(name: str, channels: int | None = None, *, seed: int = 0, randomize: bool = True,
+         preset: str | None = None, **kwargs) -> nn.Module:
+    meta = attnzoo.info(name)
+    channels = meta.example_channels if channels is None else channels
+    torch.manual_seed(seed)
+    module = attnzoo.create(name, channels, preset=preset, **kwargs)
+    return randomize_(module, seed) if randomize else module
+
+
+def example_input(name: str, batch: int, spatial: tuple[int, ...], *, channels: int | None = None,
+                  dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
+    meta = attnzoo.info(name)
+    channels = meta.example_channels if channels is None else channels
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, channels, *spatial), generator=gen, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
