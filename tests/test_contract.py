@@ -131,7 +131,8 @@ def test_compile_fullgraph_matches_eager(name: str) -> None:
     """fullgraph=True fails on any graph break; aot_eager also traces the backward."""
     torch._dynamo.reset()
     module = make(name).train()
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    # A separate copy: train-mode BatchNorm updates its running statistics in place.
+    compiled = torch.compile(copy.deepcopy(module), fullgraph=True, backend="aot_eager")
     x = example_input(name, 2, SPATIAL_SIZES[_dims(name)][2])
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_eager, y_comp = module(x1), compiled(x2)
