@@ -108,7 +108,169 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# attnzoo bench
+def _seeds(text: str) -> list[int]:
+    """``3`` -> seeds 0, 1, 2; ``0,5,7`` -> those seeds."""
+    try:
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (3) or a list (0,1,2), got {text!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 (3 means seeds 0,1,2) or a list "
+                                         f"(for the single seed 0 write 0,), got {text}")
+    return list(range(n))
+
+
+def _devices(text: str) -> int | str | list[int]:
+    if text.isdigit():
+        return int(text)
+    if "," in text:
+        return [int(t) for t in text.split(",") if t.strip()]
+    return text
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from attnzoo.bench.run import DEFAULT_ATTENTIONS, DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "bench", help="train a backbone with each attention over seeds and report accuracy",
+        description="Train the same backbone with each attention module, several seeds each, "
+        "and write a report (results.json/.csv, report.md, report.html) with top-1 mean ± std, "
+        "the paired difference to 'none' with a 95%% CI, params, FLOPs and CPU latency. "
+        "Re-running the same command with the same --out resumes and skips finished runs.")
+    p.add_argument("--attention", default=",".join(DEFAULT_ATTENTIONS),
+                   help="comma-separated registry names with optional kwargs, e.g. "
+                   "'none,se,cbam:reduction=8,eca' ('none' is the baseline; default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone builder (default: %(default)s)")
+    p.add_argument("--data", default="digits", help="'digits' (built-in cluttered digits), a "
+                   "folder of class sub-folders, or cifar10:/path / cifar100:/path with the "
+                   "extracted python archives (never downloads; default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run (default: %(default)s)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2],
+                   help="a count (3 -> 0,1,2) or a list (0,4,7) (default: 3)")
+    p.add_argument("--batch-size", type=int, default=128, help="per device (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    p.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="built-in data: training images (default 3000); others: use the first N")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="built-in data: test images (default 1000); others: use the first N")
+    p.add_argument("--image-size", type=int, default=32, help="image folders: resize to this")
+    p.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto... (default: %(default)s)")
+    p.add_argument("--devices", type=_devices, default=1, help="number or list of devices, or "
+                   "auto (default: %(default)s)")
+    p.add_argument("--num-nodes", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp "
+                   "(default: %(default)s)")
+    p.add_argument("--precision", default=None, help="Lightning precision (default: 32-true on "
+                   "CPU, 16-mixed on GPU)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-profile", action="store_true", help="skip params/FLOPs/latency")
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    import shlex
+
+    parts = ["attnzoo", "bench", "--attention", args.attention, "--model", args.model,
+             "--data", args.data, "--epochs", str(args.epochs),
+             "--seeds", ",".join(str(s) for s in args.seeds), "--batch-size", str(args.batch_size),
+             "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--out", args.out]
+    for flag, value in (("--n-train", args.n_train), ("--n-test", args.n_test),
+                        ("--precision", args.precision), ("--threads", args.threads)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.image_size != 32:
+        parts += ["--image-size", str(args.image_size)]
+    devices = args.devices if not isinstance(args.devices, list) else ",".join(
+        map(str, args.devices))
+    parts += ["--accelerator", args.accelerator, "--devices", str(devices), "--num-nodes",
+              str(args.num_nodes), "--strategy", args.strategy]
+    if args.num_workers:
+        parts += ["--num-workers", str(args.num_workers)]
+    return shlex.join(parts)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from attnzoo.bench.run import run
+
+    if args.threads is not None:
+        torch.set_num_threads(_positive_int(str(args.threads)))
+    result = run(
+        args.attention, model=args.model, data=args.data, epochs=args.epochs, seeds=args.seeds,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, out=args.out,
+        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        accelerator=args.accelerator, precision=args.precision, image_size=args.image_size,
+        n_train=args.n_train, n_test=args.n_test, num_workers=args.num_workers,
+        progress=not args.no_progress, profile=not args.no_profile,
+        command=_bench_command(args))
+    if not result.summary:  # a DDP worker (rank > 0): rank 0 reports
+        return 0
+    headers, rows = result.table()
+    print()
+    _print_table(headers, rows, title=f"attnzoo bench: top-1 on {args.data} "
+                 f"({len(args.seeds)} seeds, {args.epochs} epochs)")
+    reused = f", {len(result.skipped)} finished runs reused" if result.skipped else ""
+    print(f"\nwall time {result.wall_seconds:.1f} s{reused}")
+    print(f"report: {result.report_html}")
+    print(f"        {result.report_md}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# attnzoo profile
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile", help="params, FLOPs, CPU latency and memory of a backbone with each attention",
+        description="The papers' complexity table on this machine: for a backbone builder and "
+        "a list of attentions, params, FLOPs (torch.utils.flop_counter: conv/matmul, 2 per "
+        "multiply-add) plus the elementwise/normalisation/pooling FLOPs that counter ignores, "
+        "median CPU latency of one eval forward, and peak activation memory.")
+    p.add_argument("--model", default="resnet50",
+                   help="builder name from attnzoo.models (default: %(default)s)")
+    p.add_argument("--attention", default="none,se,cbam,eca,gc",
+                   help="comma-separated registry names, 'none' = plain (default: %(default)s)")
+    p.add_argument("--input-size", type=_positive_int, default=224, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="(default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=2,
+                   help="torch threads while measuring (default: %(default)s)")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="seconds of timing per model (default: %(default)s)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency column")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    p.add_argument("--format", choices=("table", "csv", "json", "md"), default="table",
+                   help="output format (default: %(default)s)")
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from attnzoo.bench import profiling
+
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    rows = profiling.profile(
+        args.model, attentions, input_size=args.input_size, batch_size=args.batch_size,
+        threads=args.threads, latency=not args.no_latency, memory=not args.no_memory,
+        min_run_time=args.min_run_time)
+    if args.format == "table":
+        _print_table(profiling.headers(), [profiling.cells(r) for r in rows],
+                     title=f"attnzoo profile: {args.model} at {args.batch_size}x3x"
+                     f"{args.input_size}x{args.input_size}, {args.threads} threads")
+    else:
+        print(profiling.format_rows(rows, args.format), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 _COMMANDS = {"list": (_add_list, _cmd_list), "info": (_add_info, _cmd_info)}
+_COMMANDS["bench"] = (_add_bench, _cmd_bench)
+_COMMANDS["profile"] = (_add_profile, _cmd_profile)
 
 
 def build_parser() -> argparse.ArgumentParser:

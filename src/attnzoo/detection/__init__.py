@@ -1,0 +1,13 @@
+"""Detectors with attention: YOLOv4-tiny with the attention neck of the source documents."""
+
+from __future__ import annotations
+
+from attnzoo.detection.yolov4_tiny import (
+    ANCHOR_MASKS,
+    ANCHORS,
+    PHI_ATTENTION,
+    CSPDarknet53Tiny,
+    YoloV4Tiny,
+)
+
+__all__ = ["ANCHORS", "ANCHOR_MASKS", "PHI_ATTENTION", "CSPDarknet53Tiny", "YoloV4Tiny"]

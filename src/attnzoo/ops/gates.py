@@ -1,0 +1,293 @@
+"""Fast "pool -> gate -> scale" operations shared by the gating attention modules.
+
+Every gating module (SE, ECA, CBAM's two gates, GC's ``channel_mul``, ...) computes
+
+    y = x * s,    s = gate_fn(pool_1(x), pool_2(x), ...)
+
+where the pools reduce ``x`` over some dimensions (``mean`` or ``max``, kept as size-1 dimensions)
+and ``gate_fn`` is a small network on the pooled descriptors. These modules are memory-bound: the
+feature map is large, the gate network is tiny. Written with plain ops, autograd's backward makes
+several extra passes over the feature map: it materialises ``g * x`` for the gate's gradient,
+materialises the broadcast gradient of the mean, adds the partial gradients of ``x`` one by one, and
+builds boolean masks (plus a tie count) for the max.
+
+API (small on purpose):
+
+* :func:`pool_gate_scale` ``(x, gate_fn, dims, pools, params)`` -> ``x * gate_fn(*pooled)``. In
+  eager mode with a gradient to compute it runs a custom :class:`torch.autograd.Function` whose
+  backward makes few passes over the feature map: ``grad_s = sum_dims(g * x)``, the gate
+  network's backward (autograd on the tiny graph kept from the forward), then ``grad_x = g * s``
+  into which the mean's gradient (``/ N``, broadcast) and the max's gradient (over the indicator
+  of the maxima) are added in place: no materialised broadcast, no chain of out-of-place sums.
+  Otherwise (no grad, ``torch.compile``, ONNX export, TorchScript) it runs plain ops (``mean``,
+  ``amax``, ``*``), which trace cleanly and export with dynamic sizes.
+* :func:`scale_channels` ``(x, s)`` -> ``x * s`` for a ``(B, C, 1, ..., 1)`` gate and
+  :func:`scale_spatial` ``(x, a)`` -> ``x * a`` for a ``(B, 1, *spatial)`` gate: the broadcast
+  multiply, for modules whose gate is not a function of pooled descriptors (CA, GC). Measured: a
+  custom backward for the bare multiply does not beat autograd's (``g * x`` then sum is as fast as
+  ``linalg.vecdot`` here; ``bmm``/``einsum`` dot products are 5x slower), so these are the plain
+  multiply, named for readability.
+* :func:`fast_path_enabled` ``(x)``: whether the custom-autograd path applies;
+  :func:`disable_fast_path` (a context manager) turns it off, e.g. for double backward
+  (``create_graph=True``, gradient penalties), which the custom backward does not support.
+
+Gradient of the max: split evenly among tied maxima, exactly as ``amax``'s backward, so both
+paths give the same gradients. The indicator of the maxima is computed as ``sign(x - m) + 1``
+(vectorised float ops) rather than ``x == m``. (With non-finite inputs, ``inf - inf`` makes that
+gradient NaN where ``amax`` would give a number; the forward values are unaffected.)
+
+* :func:`conv1d_same` ``(z, weight)``: ECA's 1-D convolution across channels, as a sliding-window
+  matmul in eager mode (measured 4x less overhead than ``F.conv1d`` on ``(B, 1, C)``).
+* :func:`conv2d_same` ``(x, weight)``: a stride-1, "same"-padded, bias-free ``Cin -> 1``
+  convolution (CBAM's 7x7 spatial convolution) computed as depthwise convolutions, forward and
+  backward (measured ~4x faster forward, ~4x faster forward+backward than ``F.conv2d``'s dense
+  oneDNN kernel and ``conv_transpose2d`` backward for ``Cin = 2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "disable_fast_path",
+    "fast_path_enabled",
+    "pool_gate_scale",
+    "scale_channels",
+    "scale_spatial",
+    "pool",
+    "conv2d_same",
+    "conv1d_same",
+]
+
+_POOLS = ("mean", "max")
+_FAST_PATH = True
+
+
+@contextlib.contextmanager
+def disable_fast_path() -> Iterator[None]:
+    """Within this block every op here runs as plain differentiable torch ops.
+
+    Needed for double backward (``torch.autograd.grad(..., create_graph=True)``): the custom
+    backward functions are ``once_differentiable``.
+    """
+    global _FAST_PATH
+    previous, _FAST_PATH = _FAST_PATH, False
+    try:
+        yield
+    finally:
+        _FAST_PATH = previous
+
+
+def fast_path_enabled(x: Tensor) -> bool:
+    """True when the custom-autograd path of :func:`pool_gate_scale` is used for ``x``.
+
+    That is eager mode, gradients enabled and ``x`` requiring a gradient, and not inside
+    :func:`disable_fast_path`; never while ``torch.compile`` traces, during ONNX export, or in
+    TorchScript.
+    """
+    return torch.is_grad_enabled() and x.requires_grad and _eager()
+
+
+def pool(x: Tensor, kind: str, dims: tuple[int, ...]) -> Tensor:
+    """``x.mean(dims)`` or ``x.amax(dims)``, keeping the reduced dims as size 1."""
+    if kind == "mean":
+        return x.mean(dims, keepdim=True)
+    return x.amax(dims, keepdim=True)
+
+
+def scale_channels(x: Tensor, s: Tensor) -> Tensor:
+    """``x * s`` for ``x`` ``(B, C, *spatial)`` and a channel gate ``s`` ``(B, C, 1, ..., 1)``."""
+    return x * s
+
+
+def scale_spatial(x: Tensor, a: Tensor) -> Tensor:
+    """``x * a`` for ``x`` ``(B, C, *spatial)`` and a spatial gate ``a`` ``(B, 1, *spatial)``."""
+    return x * a
+
+
+def pool_gate_scale(
+    x: Tensor,
+    gate_fn: Callable[..., Tensor],
+    dims: Sequence[int],
+    pools: Sequence[str] = ("mean",),
+    params: Sequence[Tensor] | nn.Module = (),
+    *,
+    inplace: bool = False,
+) -> Tensor:
+    """``x * gate_fn(*[pool(x) for pool in pools])``, with a lean backward.
+
+    Args:
+        x: the feature map, e.g. ``(B, C, H, W)``; any memory format.
+        gate_fn: maps the pooled tensors (each shaped like ``x`` with ``dims`` reduced to size 1)
+            to the gate ``s``, which must broadcast to ``x`` and have size 1 along ``dims``
+            (``(B, C, 1, 1)`` for a channel gate, ``(B, 1, H, W)`` for a spatial gate).
+        dims: the dimensions the pools reduce (``(2, 3)`` channel gate, ``(1,)`` spatial gate).
+        pools: ``"mean"`` and/or ``"max"``, in the order ``gate_fn`` takes them.
+        params: the parameters ``gate_fn`` uses (a module or a list of tensors), so that the fast
+            path can return their gradients.
+        inplace: allow writing the result into ``x`` when no autograd graph is being recorded
+            (eager, gradients disabled or ``x`` not needing one). For callers that own ``x``
+            (CBAM's intermediate): saves allocating, and first-touching, a new feature map.
+
+    Returns:
+        ``x * s``, same shape and memory format as ``x``.
+    """
+    dims = tuple(d % x.dim() for d in dims)
+    pools = tuple(pools)
+    for kind in pools:
+        if kind not in _POOLS:
+            raise ValueError(f"pool_gate_scale: pools must be among {_POOLS}; got {kind!r}")
+    if fast_path_enabled(x):
+        if isinstance(params, nn.Module):
+            params = list(params.parameters())
+        return _PoolGateScale.apply(x, gate_fn, dims, pools, *params)
+    s = gate_fn(*[pool(x, kind, dims) for kind in pools])
+    recording = torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)
+    if inplace and not recording and _eager():
+        return x.mul_(s)
+    return x * s
+
+
+def _max_indicator(x: Tensor, m: Tensor) -> Tensor:
+    """``1.0`` where ``x == m`` (``m`` the maximum, broadcast), else ``0.0``, as ``x``'s dtype.
+
+    ``x - m <= 0`` and it is exactly 0 only where ``x == m``, so ``sign(x - m) + 1`` is the
+    indicator. Measured: 4-6x faster than ``x == m`` (boolean comparisons are not vectorised in
+    the CPU build we measured) and than ``torch.heaviside``.
+    """
+    return (x - m).sign_().add_(1)
+
+
+class _PoolGateScale(torch.autograd.Function):
+    """Custom autograd for ``y = x * gate_fn(pools(x))`` (see :func:`pool_gate_scale`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate_fn: Callable[..., Tensor], dims: tuple[int, ...],
+                pools: tuple[str, ...], *params: Tensor) -> Tensor:
+        pooled = [pool(x, kind, dims) for kind in pools]
+        leaves = [p.detach().requires_grad_() for p in pooled]
+        with torch.enable_grad():
+            s = gate_fn(*leaves)
+        ctx.dims, ctx.pools = dims, pools
+        ctx.leaves, ctx.gate = leaves, s
+        ctx.num_params, ctx.param_refs = len(params), params
+        ctx.save_for_backward(x, *[p if k == "max" else None for p, k in zip(pooled, pools)])
+        return x * s.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, *maxima = ctx.saved_tensors
+        dims, pools, s = ctx.dims, ctx.pools, ctx.gate
+        grad_s = (g * x).sum(dims, keepdim=True)
+        wanted_params = [i for i in range(ctx.num_params) if ctx.needs_input_grad[4 + i]]
+        inputs = list(ctx.leaves) + [ctx.param_refs[i] for i in wanted_params]
+        # retain_graph: the outer graph may be run again (gradcheck, retain_graph=True); the
+        # tiny gate graph is freed with ctx.
+        grads = torch.autograd.grad(s, inputs, grad_s, allow_unused=True, retain_graph=True)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g * s.detach()
+            numel = 1
+            for d in dims:
+                numel *= x.shape[d]
+            for kind, m, gp in zip(pools, maxima, grads[: len(pools)]):
+                if gp is None:
+                    continue
+                if kind == "mean":
+                    grad_x.add_(gp / numel)
+                else:  # split evenly among tied maxima, exactly as amax's backward
+                    hit = _max_indicator(x, m)
+                    grad_x.addcmul_(hit, gp / hit.sum(dims, keepdim=True))
+        param_grads = [None] * ctx.num_params
+        for i, gp in zip(wanted_params, grads[len(pools):]):
+            param_grads[i] = gp
+        return (grad_x, None, None, None, *param_grads)
+
+
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _eager() -> bool:
+    """True outside ``torch.compile`` tracing, ``torch.export``, ONNX export, TorchScript and
+    :func:`disable_fast_path`."""
+    return _FAST_PATH and not (
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or _IS_EXPORTING()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def conv2d_same(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv2d(x, weight, padding=k // 2)``: odd square kernel, one output channel, stride 1,
+    no bias (CBAM's 7x7 ``2 -> 1`` spatial convolution), shapes ``(B, Cin, H, W)`` and
+    ``(1, Cin, k, k)`` -> ``(B, 1, H, W)``.
+
+    In eager mode it runs as ``B * Cin`` depthwise convolutions summed over ``Cin`` (oneDNN's
+    depthwise kernels are ~4x faster than its dense kernel for ``Cin = 2, Cout = 1``), with a
+    custom backward that is depthwise too: ``grad_x`` = depthwise convolution of the output
+    gradient with the flipped kernel (instead of the slow ``conv_transpose2d``) and ``grad_w`` =
+    depthwise correlation of the padded input with the output gradient, summed over the batch.
+    Under ``torch.compile``, ONNX export and TorchScript it is plain ``F.conv2d`` (the grouped
+    form would bake the batch size into the ``groups`` attribute).
+    """
+    if _eager():
+        return _Conv2dSame.apply(x, weight)
+    return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+
+
+def _depthwise(x: Tensor, kernels: Tensor, padding: int) -> Tensor:
+    """Depthwise 2-D correlation of ``x`` ``(B, C, H, W)`` with ``kernels`` ``(B*C, 1, kh, kw)``
+    (one kernel per (sample, channel)); returns ``(B, C, H', W')``."""
+    b, c, h, w = x.shape
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernels, padding=padding, groups=b * c)
+    return out.view(b, c, out.shape[-2], out.shape[-1])
+
+
+class _Conv2dSame(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        b, c = x.shape[:2]
+        k = weight.shape[-1]
+        kernels = weight.reshape(c, 1, k, k).repeat(b, 1, 1, 1)
+        return _depthwise(x, kernels, k // 2).sum(1, keepdim=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        k = weight.shape[-1]
+        g_rep = g.expand(b, c, h, w)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(-1, -2).reshape(c, 1, k, k).repeat(b, 1, 1, 1)
+            grad_x = _depthwise(g_rep, flipped, k // 2)
+        if ctx.needs_input_grad[1]:
+            padded = F.pad(x, (k // 2,) * 4)
+            per_sample = _depthwise(padded, g_rep.reshape(b * c, 1, h, w), 0)  # (B, C, k, k)
+            grad_w = per_sample.sum(0).view_as(weight)
+        return grad_x, grad_w
+
+
+def conv1d_same(z: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv1d(z, weight, padding=k // 2)`` for ``z`` ``(B, 1, L)`` and ``weight`` ``(1, 1, k)``,
+    ``k`` odd, no bias -> ``(B, 1, L)``.
+
+    Eager mode: zero-pad, take the ``k``-wide sliding windows (a view) and multiply by the kernel
+    (one small matmul; ``F.conv1d`` costs ~4x more in fixed overhead at these sizes). Under
+    ``torch.compile``, ONNX export and TorchScript: plain ``F.conv1d``.
+    """
+    k = weight.shape[-1]
+    if not _eager():
+        return F.conv1d(z, weight, padding=k // 2)
+    windows = F.pad(z, (k // 2, k // 2)).unfold(2, k, 1)  # (B, 1, L, k)
+    return (windows @ weight.reshape(k, 1)).squeeze(-1)
