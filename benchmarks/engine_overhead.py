@@ -25,11 +25,18 @@ from torch import nn
 
 from attnzoo.bench.data import load_data
 from attnzoo.bench.small_models import cifar_resnet8
-from attnzoo.bench.train import TrainConfig, _quiet_lightning, build_module, make_loaders
+from attnzoo.bench.train import (
+    TrainConfig,
+    _progress_bar,
+    _quiet_lightning,
+    build_module,
+    make_loaders,
+)
 
 
-def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> float:
-    """One epoch of a plain loop with the bench's optimiser and schedule; returns seconds."""
+def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> tuple[float, float]:
+    """One epoch of a plain loop with the bench's optimiser and schedule; returns (wall, CPU)
+    seconds."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     other = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -40,29 +47,29 @@ def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> float:
                                                 final_div_factor=100.0)
     model.train()
     loader.sampler.set_epoch(epoch)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for x, y in loader:
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def engine_epoch(model: nn.Module, train_loader, cfg: TrainConfig, progress: bool
-                 ) -> tuple[float, float]:
-    """One epoch through the bench's Lightning module/Trainer; (epoch seconds, fit seconds)."""
+                 ) -> tuple[float, float, float]:
+    """One epoch through the bench's Lightning module/Trainer; (wall, CPU, whole fit) seconds."""
     import lightning.pytorch as pl
 
     marks: dict[str, float] = {}
 
     class Clock(pl.Callback):
         def on_train_epoch_start(self, trainer, module):
-            marks["start"] = time.perf_counter()
+            marks["start"], marks["cpu0"] = time.perf_counter(), time.process_time()
 
         def on_train_epoch_end(self, trainer, module):
-            marks["end"] = time.perf_counter()
+            marks["end"], marks["cpu1"] = time.perf_counter(), time.process_time()
 
     module = build_module(model, 10, cfg)
     with _quiet_lightning():
@@ -71,10 +78,10 @@ def engine_epoch(model: nn.Module, train_loader, cfg: TrainConfig, progress: boo
                              enable_checkpointing=False, enable_progress_bar=progress,
                              enable_model_summary=False, num_sanity_val_steps=0,
                              limit_val_batches=0, use_distributed_sampler=False,
-                             deterministic=True, callbacks=[Clock()])
+                             deterministic=True, callbacks=[Clock(), *_progress_bar(progress)])
         trainer.fit(module, train_loader)
         fit = time.perf_counter() - t0
-    return marks["end"] - marks["start"], fit
+    return marks["end"] - marks["start"], marks["cpu1"] - marks["cpu0"], fit
 
 
 def main() -> None:
@@ -83,7 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attention", default="none")
     ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--progress", action="store_true", help="engine with its progress bar")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_overhead.md"))
     args = ap.parse_args()
@@ -96,17 +103,22 @@ def main() -> None:
     model_bare, model_engine = cifar_resnet8(attn), cifar_resnet8(attn)
     bare_epoch(model_bare, loader, cfg, 0)  # warm-up both
     engine_epoch(model_engine, loader, cfg, args.progress)
-    bare, engine, fits = [], [], []
+    bare, engine, bare_cpu, engine_cpu, fits = [], [], [], [], []
     for r in range(args.rounds):
-        bare.append(bare_epoch(model_bare, loader, cfg, r + 1))
-        e, f = engine_epoch(model_engine, loader, cfg, args.progress)
-        engine.append(e)
+        w, c = bare_epoch(model_bare, loader, cfg, r + 1)
+        bare.append(w)
+        bare_cpu.append(c)
+        w, c, f = engine_epoch(model_engine, loader, cfg, args.progress)
+        engine.append(w)
+        engine_cpu.append(c)
         fits.append(f)
         print(f"round {r + 1}: bare {len(data.train) / bare[-1]:.0f} img/s, engine "
-              f"{len(data.train) / engine[-1]:.0f} img/s", flush=True)
+              f"{len(data.train) / engine[-1]:.0f} img/s (wall); CPU-time ratio "
+              f"{engine_cpu[-1] / bare_cpu[-1]:.3f}", flush=True)
     n = len(data.train)
     b, e = statistics.median(bare), statistics.median(engine)
     ratios = sorted(eng / bar for bar, eng in zip(bare, engine))
+    cpu_ratios = sorted(eng / bar for bar, eng in zip(bare_cpu, engine_cpu))
     setup = statistics.median(f - t for f, t in zip(fits, engine))
     try:
         load = " / ".join(f"{v:.2f}" for v in __import__("os").getloadavg())
@@ -124,6 +136,9 @@ def main() -> None:
         "", f"Engine time / bare time per epoch: median **{statistics.median(ratios):.3f}** "
         f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}); overhead "
         f"**{100 * (statistics.median(ratios) - 1):+.1f} %** (target: within 10 %).", "",
+        f"Process CPU time per epoch, engine / bare (robust to other processes on the machine; "
+        f"meaningful with 1 thread): median **{statistics.median(cpu_ratios):.3f}** (min "
+        f"{cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f}).", "",
         f"Fixed cost per run (Trainer construction + fit setup/teardown, outside the epoch): "
         f"{setup:.2f} s.", "",
         f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} "

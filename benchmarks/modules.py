@@ -335,11 +335,16 @@ def _load() -> float | None:
         return None
 
 
+def _busy(load_start: float | None, load_end: float | None) -> bool:
+    loads = [v for v in (load_start, load_end) if v is not None]
+    return bool(loads) and max(loads) > (os.cpu_count() or 1)
+
+
 def _load_lines(load_start: float | None, load_end: float | None) -> list[str]:
     if load_start is None or load_end is None:
         return []
     lines = [f"- System load average (1 min) at start / end: {load_start:.1f} / {load_end:.1f}"]
-    if max(load_start, load_end) > (os.cpu_count() or 1):
+    if _busy(load_start, load_end):
         lines += ["", "**Warning: the machine was busy (load above the number of logical CPUs); "
                       "these timings are not reliable. Re-run on a quiet machine.**"]
     return lines
@@ -347,6 +352,10 @@ def _load_lines(load_start: float | None, load_end: float | None) -> list[str]:
 
 def render(rows: list[Row], args: argparse.Namespace) -> str:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_end = _load()
+    verdicts = targets(rows)
+    if _busy(args.load_start, load_end):
+        verdicts = [line + " (unreliable: busy machine)" for line in verdicts]
     head = [
         "# Gating modules: attnzoo vs timm",
         "",
@@ -362,11 +371,11 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         "- peak mem: extra resident memory of one forward+backward, MB, ours / timm "
         "(`VmHWM` after resetting it; see the script's docstring)",
         "- timm counterparts are configured alike (script docstring); \"n/a\": none in timm",
-        *_load_lines(args.load_start, _load()),
+        *_load_lines(args.load_start, load_end),
         "",
         "## Targets at (8, 64, 56, 56)",
         "",
-        *targets(rows),
+        *verdicts,
         "",
         "## Results",
         "",
@@ -397,6 +406,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -147,7 +147,9 @@ def summarise(measured: dict, attentions: tuple[str, ...]) -> dict:
             theirs = added[f"timm/{a}"][k]
             ours = added[f"ours/{a}"][k]
             ratios[a][k] = ours / theirs if theirs > 0 else float("nan")
-    return {"median_ms": med, "added": added, "ratio": ratios}
+    # how steady was the machine? spread of the plain networks' train-step times over rounds
+    spread = {n: max(t["train"]) / min(t["train"]) for n, t in times.items() if n.endswith("/none")}
+    return {"median_ms": med, "added": added, "ratio": ratios, "spread": spread}
 
 
 def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
@@ -174,6 +176,11 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "- variants interleaved round by round, each timed right after its library's plain "
         "ResNet-50; added = median over rounds of the paired ratio variant / plain, minus 1; "
         "times are medians over rounds",
+        "- steadiness: plain ResNet-50 train step, slowest / fastest round: "
+        + ", ".join(f"{n} {v:.2f}x" for n, v in summary["spread"].items()),
+        *([""] + ["**The machine was busy during this run (plain ResNet-50 varied by more than "
+                  "20 % between rounds): the added costs below are not meaningful. Re-run on a "
+                  "quiet machine.**"] if max(summary["spread"].values()) > 1.2 else []),
         "",
         "## Median times",
         "",

@@ -27,7 +27,7 @@ call (an upper bound of the same quantity).
 
 Time: best of k repeats, the implementations of a row interleaved repeat by repeat so that they
 share whatever load the machine has (the minimum is the estimate least disturbed by other
-processes; medians are kept in the JSON results).
+processes); k is chosen for about ``TIME_BUDGET`` seconds per row.
 
 Naive cases whose affinity tensors would exceed 4 GB are not run; the table shows their size
 (``B * N * M * 4`` bytes per affinity-sized tensor; the naive forward holds at least two, energy
@@ -61,6 +61,7 @@ RESULT = ROOT / "benchmarks" / "results" / "pixel_pair.md"
 B, C = 2, 64
 THREADS = 2
 LIMIT_BYTES = 4 * 1024**3  # naive cases needing more are reported, not run
+TIME_BUDGET = 8.0  # seconds of timed repeats per row (all implementations, fwd + fwd+bwd)
 
 # ------------------------------------------------------------------------------------------------
 # case list: (label, kind, spec)
@@ -75,6 +76,7 @@ def case_list(quick: bool) -> list[dict[str, Any]]:
             cases.append(dict(module=f"nonlocal2d/{mode}", size=size))
         cases += [dict(module=m, size=size) for m in ("sagan", "sagan_tf", "pam", "cam", "dual")]
         cases.append(dict(module="nonlocal2d/timm_config", size=size))
+        cases.append(dict(module="linear_reference", size=size))
     for mode in NL_MODES:
         cases.append(dict(module=f"nonlocal3d/{mode}", size=(8, 32, 32)))
     return cases
@@ -210,9 +212,34 @@ def build_naive(module: str, dims: int):  # noqa: C901 - one small class per mod
             "sagan_tf": lambda: NaiveSelfAttn(tf=True)}[module]()
 
 
+class _LinearReference:
+    """The O(N) part of a non-local block alone: ``x + BN(conv(conv(x)))`` (C -> C/2 -> C).
+
+    Its growth from 32x32 to 128x128 shows what the memory hierarchy alone does to an O(N) cost on
+    this machine (N x16 gives more than x16 once the maps leave the caches).
+    """
+
+    def __new__(cls):
+        from torch import nn
+
+        class LinearReference(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a = nn.Conv2d(C, C // 2, 1)
+                self.b = nn.Conv2d(C // 2, C, 1)
+                self.bn = nn.BatchNorm2d(C)
+
+            def forward(self, x):
+                return x + self.bn(self.b(self.a(x)))
+
+        return LinearReference()
+
+
 def build_ours(module: str, dims: int):
     import attnzoo
 
+    if module == "linear_reference":
+        return _LinearReference()
     if module.startswith("nonlocal"):
         mode = module.split("/")[1]
         name = f"nonlocal{dims}d"
@@ -296,6 +323,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     dims = len(size)
     results: dict[str, dict[str, Any]] = {}
     calls = {}
+    slowest = 0.0
     for impl in spec["impls"]:
         module = _build(spec["module"], impl, dims)
         _set_nonzero(module)
@@ -320,15 +348,19 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         x = torch.randn(B, C, *size)
         xg = x.clone()
         try:
+            t0 = time.perf_counter()
             results[impl] = {"mem_fwd": _peak_bytes(lambda fwd=fwd, x=x: fwd(x)),
                              "mem_fwd_bwd": _peak_bytes(lambda f=fwd_bwd, x=xg: f(x))}
+            slowest = max(slowest, time.perf_counter() - t0)
         except RuntimeError as err:  # e.g. out of memory
             results[impl] = {"error": str(err).splitlines()[0][:200]}
             continue
         calls[impl] = (lambda fwd=fwd, x=x: fwd(x), lambda f=fwd_bwd, x=xg: f(x))
+    # about TIME_BUDGET seconds of repeats per row, at least 2 and at most 25
+    repeats = max(2, min(25, int(TIME_BUDGET / max(slowest, 1e-3))))
     for index, key in ((0, "t_fwd"), (1, "t_fwd_bwd")):
         times: dict[str, list[float]] = {impl: [] for impl in calls}
-        for _ in range(spec["repeats"]):  # the memory runs above were the full-size warm-up
+        for _ in range(repeats):  # the memory runs above were the full-size warm-up
             for impl, fns in calls.items():
                 t0 = time.perf_counter()
                 fns[index]()
@@ -336,6 +368,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         for impl, ts in times.items():
             results[impl][key] = min(ts)
             results[impl][key + "_median"] = statistics.median(ts)
+            results[impl]["repeats"] = repeats
     return results
 
 
@@ -390,9 +423,9 @@ def header(elapsed: float, threads: int) -> list[str]:
         "forward+backward = `module(x).sum().backward()` with `x.requires_grad`",
         "- every pixel-pair module with all positions as keys (`sub_sample=False`); SAGAN `tf` "
         "pools keys/values 2x2 (its definition)",
-        "- time: best of k repeats (k = 7 / 3 / 2 for N <= 1024 / 8192 / more), the "
-        "implementations of a row interleaved repeat by repeat in one process after a full-size "
-        "warm-up, so that they share the machine's load; peak memory: extra resident memory "
+        f"- time: best of k repeats (k chosen for about {TIME_BUDGET:.0f} s per row, 2 <= k <= "
+        "25), the implementations of a row interleaved repeat by repeat in one process after a "
+        "full-size warm-up, so that they share the machine's load; peak memory: extra resident memory "
         "during one call (reset `VmHWM`, read `VmHWM - VmRSS`), one fresh process per row, "
         "ours measured first (see the script's docstring)",
         "- naive cases whose affinity tensors need more than 4 GB are not run: `> X GB` gives the "
@@ -483,7 +516,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     out += ["### 2. At 128x128 every module runs where the naive form needs > 4 GB", ""]
     ok = True
     for r in rows:
-        if tuple(r["size"]) != (128, 128):
+        if tuple(r["size"]) != (128, 128) or r["module"] == "linear_reference":
             continue
         ours = r["results"].get("ours", {})
         ref = r["results"].get(r["reference"], {})
@@ -505,19 +538,26 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     n0, n1 = 32 * 32, 128 * 128
     bound = (n1 * math.log(n1)) / (n0 * math.log(n0))
     ok = True
-    for mode in ("dot_product", "concatenation"):
-        a = by_key.get((f"nonlocal2d/{mode}", (32, 32)), {}).get("results", {}).get("ours", {})
-        b = by_key.get((f"nonlocal2d/{mode}", (128, 128)), {}).get("results", {}).get("ours", {})
+    for mode in ("dot_product", "concatenation", "linear_reference"):
+        key = mode if mode == "linear_reference" else f"nonlocal2d/{mode}"
+        a = by_key.get((key, (32, 32)), {}).get("results", {}).get("ours", {})
+        b = by_key.get((key, (128, 128)), {}).get("results", {}).get("ours", {})
         if "t_fwd" not in a or "t_fwd" not in b:
             out.append(f"- {mode}: not measured")
             ok = False
             continue
         g = (b["t_fwd"] / a["t_fwd"], b["t_fwd_bwd"] / a["t_fwd_bwd"])
         met = max(g) <= bound
+        if mode == "linear_reference":
+            out.append(f"- for comparison, the block's O(N) convs + BN + add alone "
+                       f"(`linear_reference`): x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd)")
+            continue
         ok &= met
         out.append(f"- {mode}: time x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd) for N x16; "
                    f"N log N bound x{bound:.1f}: {'yes' if met else 'NO'}")
-    out += ["", f"Met: **{'yes' if ok else 'no'}**", ""]
+    out += ["", f"Met: **{'yes' if ok else 'no'}** (N grows x16; the bound is "
+            f"16 log(16384) / log(1024) = x{bound:.1f}; timings on a shared machine are noisy "
+            "and small maps fit in the caches, so even O(N) work grows faster than x16)", ""]
     return out
 
 
@@ -545,14 +585,14 @@ def main() -> None:
     rows = []
     for case in case_list(args.quick):
         module, size = case["module"], tuple(case["size"])
-        n = math.prod(size)
-        repeats = 7 if n <= 1024 else 3 if n <= 8192 else 2
         impls = ["ours", "naive"]
         reference = "naive"
         if module == "nonlocal2d/timm_config":
             impls, reference = ["ours", "timm"], "timm"
         if module == "nonlocal2d/concatenation":
             impls = ["ours", "naive", "naive_folded"]
+        if module == "linear_reference":
+            impls, reference = ["ours"], "none"
         results: dict[str, Any] = {}
         runnable = []
         for impl in impls:
@@ -563,8 +603,7 @@ def main() -> None:
                     results[impl] = {"skipped": True, "fwd_bytes": fwd_b, "bwd_bytes": bwd_b}
                     continue
             runnable.append(impl)
-        spec = {"module": module, "size": list(size), "impls": runnable, "repeats": repeats,
-                "threads": args.threads}
+        spec = {"module": module, "size": list(size), "impls": runnable, "threads": args.threads}
         got = spawn(spec, args.timeout)
         for impl in runnable:
             results[impl] = got.get(impl, {"error": got.get("error", "no result")})

@@ -150,7 +150,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=8, help="epochs per run (default: %(default)s)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2],
                    help="a count (3 -> 0,1,2) or a list (0,4,7) (default: 3)")
-    p.add_argument("--batch-size", type=int, default=128, help="per device (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="per device (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.1,
                    help="peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")

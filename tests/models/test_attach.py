@@ -53,6 +53,7 @@ MODEL_NAMES = ["tv_basic", "tv_bottleneck", "tv_mobilenet_v2", "timm_basic", "ti
 
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
+    from timm.layers import BlurPool2d
     from timm.models import resnet as timm_resnet
     from torchvision.models import resnet as tv_resnet
 
@@ -64,10 +65,12 @@ def _build(name: str) -> nn.Module:
         "tv_bottleneck": lambda: tv_resnet.ResNet(tv_resnet.Bottleneck, [2, 1, 1, 1], groups=2,
                                                   width_per_group=32),
         "tv_mobilenet_v2": mobilenet_v2,
-        "timm_basic": lambda: timm_resnet.ResNet(timm_resnet.BasicBlock, [2, 1, 1, 1]),
+        # timm: anti-aliasing (BlurPool2d), drop-path, deep stem, avg-down, timm's own SE
+        "timm_basic": lambda: timm_resnet.ResNet(timm_resnet.BasicBlock, [2, 1, 1, 1],
+                                                 aa_layer=BlurPool2d),
         "timm_bottleneck_d": lambda: timm_resnet.ResNet(
             timm_resnet.Bottleneck, [2, 1, 1, 1], stem_type="deep", avg_down=True,
-            drop_path_rate=0.2, block_args=dict(attn_layer="se")),
+            drop_path_rate=0.2, block_args=dict(attn_layer="se"), aa_layer=BlurPool2d),
         "timm_resnet50d": lambda: timm.create_model("resnet50d", pretrained=False),
     }
     return builders[name]().eval()
@@ -147,6 +150,17 @@ def _tv_basic_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> tor
     return f("after_block", torch.relu(out + idt))
 
 
+def _timm_bottleneck_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> torch.Tensor:
+    """timm 1.0 Bottleneck in eval mode (drop_block/drop_path inactive)."""
+    f = lambda key, t: a[key](t) if key in a else t  # noqa: E731
+    h = b.act1(b.bn1(b.conv1(x)))
+    h = f("after_conv3x3", b.aa(b.act2(b.bn2(b.conv2(h)))))
+    h = b.bn3(b.conv3(h))
+    h = f("before_add", b.se(h) if b.se is not None else h)
+    sc = x if b.downsample is None else b.downsample(x)
+    return f("after_block", b.act3(h + sc))
+
+
 def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> torch.Tensor:
     f = lambda key, t: a[key](t) if key in a else t  # noqa: E731
     layers = list(b.conv)
@@ -165,6 +179,8 @@ def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> 
     [
         ("tv_bottleneck", "layer2.0", _tv_bottleneck_ref, ["before_add", "after_conv3x3",
                                                           "after_block"]),
+        ("timm_bottleneck_d", "layer2.0", _timm_bottleneck_ref, ["before_add", "after_conv3x3",
+                                                                "after_block"]),
         ("tv_basic", "layer1.1", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
         ("tv_resnet18", "layer3.0", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
         ("tv_mobilenet_v2", "features.4", _tv_inverted_ref, ["after_dwconv", "before_add",

@@ -128,6 +128,18 @@ def test_eager_fast_backward_matches_plain_autograd(pooling, fusion, layout, mon
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("pooling", ["att", "avg"])
+def test_training_step_under_bfloat16_autocast(pooling):
+    """Autocast mixes dtypes: the plain code (autograd) handles it, the fused path is skipped."""
+    m = randomize_(GlobalContext(32, pooling=pooling, fusion=("channel_add", "channel_mul")))
+    x = torch.randn(2, 32, 6, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_fast_backward_gradcheck_and_plain_path_without_grad():
     m = randomize_(GlobalContext(6, ratio=1 / 2, fusion=("channel_add", "channel_mul")), seed=8)
     m = m.double()

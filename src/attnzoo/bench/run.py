@@ -320,7 +320,7 @@ def run(
     data: str = "digits",
     epochs: int = 8,
     seeds: Iterable[int] | int = (0, 1, 2),
-    batch_size: int = 128,
+    batch_size: int = 64,
     lr: float = 0.1,
     weight_decay: float = 5e-4,
     out: str | os.PathLike = "bench-out",

@@ -20,7 +20,6 @@ from attnzoo.models.attach import (
     load_pretrained,
     register_block,
 )
-from attnzoo.models.timm_compat import timm_attn_layer
 from attnzoo.models.mobilenet import EXPANDED_ONLY, HIDDEN_OVER_144, mobilenet_v2
 from attnzoo.models.resnet import (
     ECA_NET50_KERNELS,
@@ -41,6 +40,7 @@ from attnzoo.models.resnet import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from attnzoo.models.timm_compat import timm_attn_layer
 
 #: builder name -> builder, for the CLI and the benchmarks
 BUILDERS = {

@@ -146,7 +146,10 @@ class CoordinateAttention(nn.Module):
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The combined gate ``a_h * a_w`` ``(B, C, H, W)`` for input ``x``."""
+        """The combined gate ``a_h * a_w`` ``(B, C, H, W)`` for input ``x``.
+
+        Use it in eval mode: in train mode the BatchNorm uses (and updates) batch statistics.
+        """
         check_input(_NAME, x, self.channels)
         a_h, a_w = self.gates(x)
         return a_h * a_w

@@ -164,7 +164,8 @@ class DANetChannelAttention(nn.Module):
 
     def _attention(self, feats: torch.Tensor) -> torch.Tensor:
         """``A`` from ``X`` ``(B, C, N)`` (already in the accumulation dtype)."""
-        energy = feats @ feats.transpose(1, 2)
+        # bmm, not matmul: matmul may copy the transposed operand to fold batch dimensions
+        energy = torch.bmm(feats, feats.transpose(1, 2))
         if self.energy == "rowmax_minus":
             energy = energy.amax(dim=-1, keepdim=True) - energy
         return torch.softmax(energy, dim=-1)
@@ -174,7 +175,7 @@ class DANetChannelAttention(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             feats = x.flatten(2).to(dtype)
-            out = self._attention(feats) @ feats
+            out = torch.bmm(self._attention(feats), feats)
         return out.to(x.dtype).unflatten(2, x.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,12 @@ class GlobalContext(nn.Module):
     ``(B, 1, H*W)`` (hook it), :meth:`attention_map` returns them as ``(B, 1, H, W)``; the
     channel_mul gate is ``self.gate`` (``nn.Sigmoid``), output ``(B, C, 1, 1)``.
 
+    Performance: in eager training (gradients on, ``x`` requiring grad) the block runs as one
+    ``autograd.Function`` whose backward fuses the feature-map passes (see
+    ``_GlobalContextFunction``); ``torch.compile``, ONNX export, autocast and inference run the
+    plain code.
+    The pooling is a ``(C, HW) x (HW, 1)`` product on a view of ``x`` (no copy for channels_last).
+
     Variants by keyword: timm's ``GlobalContext`` defaults are ``fusion=("channel_mul",)``,
     ``ratio=1/8``, ``divisor=1`` (timm rounds ``C * ratio`` to the nearest integer instead of
     truncating) and ``eps=1e-6`` (its ``LayerNorm2d``); preset ``"timm"``. timm's ``"gca"``
@@ -209,7 +215,7 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(_NAME, x, self.channels)
-        if fast_path_enabled(x):
+        if fast_path_enabled(x) and not torch.is_autocast_enabled(x.device.type):
             return _GlobalContextFunction.apply(x, self, *self.parameters())
         ctx = self.context(x)
         out = x
@@ -243,8 +249,8 @@ class _GlobalContextFunction(torch.autograd.Function):
     graph (context leaf -> gate/shift), two ``(C, HW)`` products for the attention-pooling weights
     and the mask conv, then ONE fused pass ``grad_x = g * s + [grad_c, w_mask] @ [w; grad_logits]``
     (a ``baddbmm`` of rank 2) instead of autograd's separate broadcasts and additions. Used only
-    when :func:`attnzoo.ops.gates.fast_path_enabled` (eager, gradients on, ``x`` requires grad);
-    ``torch.compile`` and ONNX export trace the plain code.
+    when :func:`attnzoo.ops.gates.fast_path_enabled` (eager, gradients on, ``x`` requires grad)
+    and autocast is off; ``torch.compile``, ONNX export and autocast run the plain code.
     """
 
     @staticmethod

@@ -233,6 +233,9 @@ class SelectiveKernel(nn.Module):
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax branch weights ``(B, M, C_out, 1, 1)`` for input ``x`` (no grad)."""
+        """Softmax branch weights ``(B, M, C_out, 1, 1)`` for input ``x`` (no grad).
+
+        Use it in eval mode: in train mode the BatchNorms use (and update) batch statistics.
+        """
         check_input(_NAME, x, self.channels)
         return self._select(self._split(x))

@@ -55,15 +55,14 @@ def to_positions(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_positions(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B, N, C)`` -> ``(B, C, *spatial)`` with the spatial size and memory layout of ``like``.
+    """``(B, N, C)`` -> ``(B, C, *spatial)`` with the spatial size of ``like``.
 
-    For a channels-last ``like`` (the natural layout of position-major data) this is a view; for a
-    standard-contiguous ``like`` it is one ``B N C`` copy, which keeps the following 1x1 conv,
-    BatchNorm and residual add on matching layouts (mixed layouts are several times slower on
-    CPU). Either way ``like + conv(result)`` keeps the memory format of ``like``.
+    A view; for a contiguous ``y`` it has channels-last strides, so a following 1x1 conv runs
+    channels-last, and ``like + conv(result)`` keeps the memory format of ``like`` (the first
+    operand decides the layout of the result). Copying to ``like``'s layout instead was measured
+    no faster on CPU.
     """
-    out = y.transpose(1, 2).unflatten(2, tuple(like.shape[2:]))
-    return out.contiguous() if like.is_contiguous() else out
+    return y.transpose(1, 2).unflatten(2, tuple(like.shape[2:]))
 
 
 def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -112,8 +111,8 @@ def dot_product_attention(
     read from the tensor shape, so it follows dynamic sizes in compiled and exported graphs.
     """
     q, k, v = _common_dtype(q, k, v)
-    context = k.transpose(1, 2) @ v  # (B, D, Dv)
-    return (q @ context) * (scale / k.shape[1])
+    context = torch.bmm(k.transpose(1, 2), v)  # (B, D, Dv); bmm takes the strides as they are
+    return torch.bmm(q, context) * (scale / k.shape[1])
 
 
 def dot_product_affinity(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
