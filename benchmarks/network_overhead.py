@@ -14,13 +14,13 @@ update (no momentum, so no optimizer state); inference is an eval-mode forward u
 ``torch.no_grad()``. Variants are interleaved round by round: every round times every variant
 once, in a rotated order, each immediately after its own library's plain ResNet-50, so that
 machine-load drifts hit both sides of a pair alike. The added cost is the median over rounds of
-the paired ratio variant / plain, minus 1; the time columns are medians over rounds. Target (issue 4): our added train-step cost at most half of timm's for SE,
-CBAM, ECA and GC.
+the paired ratio variant / plain, minus 1; the time columns are medians over rounds.
+Target (issue 4): our added train-step cost at most half of timm's for SE, CBAM, ECA and GC.
 
 Usage::
 
-    python benchmarks/network_overhead.py            # full run, 8 rounds (~10 min, 2 quiet cores)
-    python benchmarks/network_overhead.py --quick    # 2 rounds: a smoke run (~3 min), noisy
+    python benchmarks/network_overhead.py            # full run, 20 rounds (~4 min, 2 quiet cores)
+    python benchmarks/network_overhead.py --quick    # 3 rounds: a smoke run (~1 min), noisy
 
 Writes ``benchmarks/results/network_overhead.md`` (atomically) unless ``--no-write``.
 """
@@ -134,6 +134,14 @@ def measure(rounds: int, batch: int, size: int, attentions: tuple[str, ...],
     return {"times": times, "ratios": ratios}
 
 
+def _iqr_ratio(values: list[float]) -> float:
+    """Upper / lower quartile: how much a steady quantity moved between rounds."""
+    if len(values) < 2:
+        return 1.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 / q1
+
+
 def summarise(measured: dict, attentions: tuple[str, ...]) -> dict:
     times, pair_ratios = measured["times"], measured["ratios"]
     med = {n: {k: statistics.median(v) * 1e3 for k, v in t.items()} for n, t in times.items()}
@@ -148,7 +156,7 @@ def summarise(measured: dict, attentions: tuple[str, ...]) -> dict:
             ours = added[f"ours/{a}"][k]
             ratios[a][k] = ours / theirs if theirs > 0 else float("nan")
     # how steady was the machine? spread of the plain networks' train-step times over rounds
-    spread = {n: max(t["train"]) / min(t["train"]) for n, t in times.items() if n.endswith("/none")}
+    spread = {n: _iqr_ratio(t["train"]) for n, t in times.items() if n.endswith("/none")}
     return {"median_ms": med, "added": added, "ratio": ratios, "spread": spread}
 
 
@@ -176,11 +184,11 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "- variants interleaved round by round, each timed right after its library's plain "
         "ResNet-50; added = median over rounds of the paired ratio variant / plain, minus 1; "
         "times are medians over rounds",
-        "- steadiness: plain ResNet-50 train step, slowest / fastest round: "
+        "- steadiness: plain ResNet-50 train step, upper / lower quartile over rounds: "
         + ", ".join(f"{n} {v:.2f}x" for n, v in summary["spread"].items()),
-        *([""] + ["**The machine was busy during this run (plain ResNet-50 varied by more than "
-                  "20 % between rounds): the added costs below are not meaningful. Re-run on a "
-                  "quiet machine.**"] if max(summary["spread"].values()) > 1.2 else []),
+        *([""] + ["**The machine was busy during this run (the plain ResNet-50's quartiles differ "
+                  "by more than 10 %): the added costs below are not reliable. Re-run on a "
+                  "quiet machine.**"] if max(summary["spread"].values()) > 1.1 else []),
         "",
         "## Median times",
         "",
@@ -224,8 +232,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds: a noisy smoke run")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 8, quick 2)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds: a noisy smoke run")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 20, quick 3)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 8)
+    args.rounds = args.rounds or (3 if args.quick else 20)
     attentions = tuple(a for a in args.attention.split(",") if a)
     unknown = set(attentions) - set(ATTENTIONS)
     if unknown:

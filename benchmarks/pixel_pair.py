@@ -35,8 +35,9 @@ and softmax, and forward+backward at least four).
 
 Usage::
 
-    python benchmarks/pixel_pair.py                 # full run, writes benchmarks/results/pixel_pair.md
-    python benchmarks/pixel_pair.py --quick         # 32x32 and 64x64 only (smoke test)
+    python benchmarks/pixel_pair.py              # full run -> benchmarks/results/pixel_pair.md
+    python benchmarks/pixel_pair.py --quick      # 32x32 and 64x64 only (smoke test)
+    python benchmarks/pixel_pair.py --threads 1  # on a busy machine (2 threads are then unstable)
 """
 
 from __future__ import annotations
@@ -425,7 +426,8 @@ def header(elapsed: float, threads: int) -> list[str]:
         "pools keys/values 2x2 (its definition)",
         f"- time: best of k repeats (k chosen for about {TIME_BUDGET:.0f} s per row, 2 <= k <= "
         "25), the implementations of a row interleaved repeat by repeat in one process after a "
-        "full-size warm-up, so that they share the machine's load; peak memory: extra resident memory "
+        "full-size warm-up, so that they share the machine's load; peak memory: extra resident "
+        "memory "
         "during one call (reset `VmHWM`, read `VmHWM - VmRSS`), one fresh process per row, "
         "ours measured first (see the script's docstring)",
         "- naive cases whose affinity tensors need more than 4 GB are not run: `> X GB` gives the "
@@ -499,7 +501,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if "t_fwd" not in ref:
             out.append(f"| {r['module']} | naive failed: {ref.get('error', '?')} | | n/a | n/a |")
             continue
-        mem = (ours["mem_fwd"] / max(ref["mem_fwd"], 1), ours["mem_fwd_bwd"] / max(ref["mem_fwd_bwd"], 1))
+        mem = (ours["mem_fwd"] / max(ref["mem_fwd"], 1),
+               ours["mem_fwd_bwd"] / max(ref["mem_fwd_bwd"], 1))
         tim = (ours["t_fwd"] / ref["t_fwd"], ours["t_fwd_bwd"] / ref["t_fwd_bwd"])
         mem_ok = max(mem) <= 0.25 or r["module"] == "cam"
         tim_ok = max(tim) <= 1.0

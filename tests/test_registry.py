@@ -89,3 +89,17 @@ def test_unknown_keyword_is_a_clear_type_error() -> None:
 def test_attention_must_be_name_or_callable() -> None:
     with pytest.raises(TypeError, match="registry name"):
         attnzoo.create(42, 64)
+
+
+def test_modules_take_factory_device_and_dtype_keywords() -> None:
+    """timm's attn_layer hook calls attn_layer(channels, device=..., dtype=...)."""
+    import torch
+
+    for name in attnzoo.available():
+        meta = attnzoo.info(name)
+        module = meta.cls(meta.example_channels, device="cpu", dtype=torch.float64)
+        floats = [p for p in module.parameters() if p.is_floating_point()]
+        assert all(p.dtype == torch.float64 for p in floats), name
+        assert "dtype" not in meta.defaults and "device" not in meta.defaults
+    made = attnzoo.create("se", 64, dtype=torch.float64)
+    assert made.fc1.weight.dtype == torch.float64

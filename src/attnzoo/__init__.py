@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from attnzoo import modules  # noqa: F401  (registers every module)
 from attnzoo.modules import *  # noqa: F401,F403
+from attnzoo.models.attach import attach, attached, detach, load_pretrained
 from attnzoo.registry import FAMILIES, ModuleInfo, available, create, get, info, register
 
 __version__ = "0.1.0"
@@ -19,7 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "FAMILIES",
     "ModuleInfo",
+    "attach",
+    "attached",
     "available",
+    "detach",
+    "load_pretrained",
     "create",
     "get",
     "info",

@@ -132,6 +132,7 @@ def register(
     all_presets = {"official": {}, **dict(presets or {})}
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        _accept_factory_kwargs(cls)
         if key in _REGISTRY and _REGISTRY[key].cls is not cls:
             raise ValueError(f"register: the name {key!r} is taken by {_REGISTRY[key].cls.__name__}")
         _REGISTRY[key] = ModuleInfo(
@@ -152,6 +153,28 @@ def register(
         return cls
 
     return decorator
+
+
+def _accept_factory_kwargs(cls: type[nn.Module]) -> None:
+    """Let ``cls(channels, ..., device=None, dtype=None)`` work, like torch's own layers.
+
+    timm's ``attn_layer`` hook (and ``nn.Module`` factory conventions in general) pass these
+    factory keywords; the module is built as usual and then moved/cast. ``inspect.signature``
+    still shows the original constructor (``functools.wraps``).
+    """
+    init = cls.__init__
+    if getattr(init, "_attnzoo_factory_kwargs", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: nn.Module, *args: Any, device: Any = None, dtype: Any = None,
+                 **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    __init__._attnzoo_factory_kwargs = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _ensure_loaded() -> None:
@@ -240,7 +263,8 @@ def create(
         )
     if meta is not None:
         try:
-            inspect.signature(meta.cls).bind(channels, **kwargs)
+            module_kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
+            inspect.signature(meta.cls).bind(channels, **module_kwargs)
         except TypeError as err:
             raise TypeError(
                 f"{meta.cls.__name__}: {err}. Keyword arguments it takes: "
