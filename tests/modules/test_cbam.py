@@ -343,26 +343,3 @@ def test_yolov4_tiny_preset_is_document_002() -> None:
     assert m.spatial.bn is None and m.spatial.pool_order == "mean-max"
     assert m.spatial.conv.weight.shape == (1, 2, 7, 7) and m.order == "channel-spatial"
     assert sum(p.numel() for p in m.parameters()) == 2 * 256 * 32 + 2 * 49
-
-
-@pytest.mark.parametrize("preset", sorted(attnzoo.info("cbam").presets))
-def test_fast_path_equals_plain_ops(preset) -> None:
-    """The custom-autograd path (eager, grad) and plain ops (what compile/ONNX trace) agree."""
-    from attnzoo.ops.gates import disable_fast_path
-
-    torch.manual_seed(0)
-    m = randomize_(attnzoo.create("cbam", 32, preset=preset)).double().train()
-    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y1 = m(x1)
-    with disable_fast_path():
-        y2 = m(x2)
-    assert y1.grad_fn is not None and y2.grad_fn is not None
-    assert type(y1.grad_fn).__name__ != type(y2.grad_fn).__name__  # really two paths
-    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-13)
-    g = torch.randn_like(y1)
-    got = torch.autograd.grad(y1, [x1, *params], g)
-    want = torch.autograd.grad(y2, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

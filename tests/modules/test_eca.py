@@ -158,26 +158,3 @@ def test_gate_hook_and_attention_map_agree() -> None:
     assert seen[0].shape == (2, 32, 1, 1)
     torch.testing.assert_close(seen[0], m.attention_map(x))
     torch.testing.assert_close(y, x * seen[0])
-
-
-@pytest.mark.parametrize("preset", sorted(attnzoo.info("eca").presets))
-def test_fast_path_equals_plain_ops(preset) -> None:
-    """The custom-autograd path (eager, grad) and plain ops (what compile/ONNX trace) agree."""
-    from attnzoo.ops.gates import disable_fast_path
-
-    torch.manual_seed(0)
-    m = randomize_(attnzoo.create("eca", 32, preset=preset)).double().train()
-    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y1 = m(x1)
-    with disable_fast_path():
-        y2 = m(x2)
-    assert y1.grad_fn is not None and y2.grad_fn is not None
-    assert type(y1.grad_fn).__name__ != type(y2.grad_fn).__name__  # really two paths
-    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-13)
-    g = torch.randn_like(y1)
-    got = torch.autograd.grad(y1, [x1, *params], g)
-    want = torch.autograd.grad(y2, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

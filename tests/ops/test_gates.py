@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attnzoo
 from attnzoo.ops import gates
 from attnzoo.ops.gates import (
     conv1d_same,
@@ -240,3 +241,33 @@ def test_disable_fast_path_allows_double_backward() -> None:
         assert not fast_path_enabled(x)
         assert torch.autograd.gradgradcheck(f, (x,))
     assert fast_path_enabled(x)
+
+
+FAST_PATH_CASES = [(name, preset) for name in ("se", "eca", "cbam")
+                   for preset in sorted(attnzoo.info(name).presets)]
+
+
+@pytest.mark.parametrize(("name", "preset"), FAST_PATH_CASES)
+def test_fast_path_equals_plain_ops(name: str, preset: str) -> None:
+    """The custom-autograd path (eager, grad) and plain ops (what compile/ONNX trace) agree."""
+    from conftest import randomize_
+
+    from attnzoo.ops.gates import disable_fast_path
+
+    torch.manual_seed(0)
+    m = randomize_(attnzoo.create(name, 32, preset=preset)).double().train()
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    params = list(m.parameters())
+    y1 = m(x1)
+    with disable_fast_path():
+        y2 = m(x2)
+    assert y1.grad_fn is not None and y2.grad_fn is not None
+    assert type(y1.grad_fn).__name__ != type(y2.grad_fn).__name__  # really two paths
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-13)
+    g = torch.randn_like(y1)
+    got = torch.autograd.grad(y1, [x1, *params], g)
+    want = torch.autograd.grad(y2, [x2, *params], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
