@@ -173,6 +173,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-profile", action="store_true", help="skip params/FLOPs/latency")
+    p.add_argument("--no-localise", action="store_true", help="skip the Grad-CAM panels and "
+                   "the localisation scores (pointing game, energy in box)")
+    p.add_argument("--cam-method", default="gradcam", help="CAM method of the panels and "
+                   "scores: gradcam, gradcam++, scorecam, eigencam, layercam... "
+                   "(default: %(default)s)")
+    p.add_argument("--panel-images", type=int, default=6,
+                   help="test images shown in the report's panels (default: %(default)s)")
 
 
 def _bench_command(args: argparse.Namespace) -> str:
@@ -188,6 +195,10 @@ def _bench_command(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     if args.image_size != 32:
         parts += ["--image-size", str(args.image_size)]
+    if args.no_localise:
+        parts.append("--no-localise")
+    elif args.cam_method != "gradcam" or args.panel_images != 6:
+        parts += ["--cam-method", args.cam_method, "--panel-images", str(args.panel_images)]
     devices = args.devices if not isinstance(args.devices, list) else ",".join(
         map(str, args.devices))
     parts += ["--accelerator", args.accelerator, "--devices", str(devices), "--num-nodes",
@@ -211,7 +222,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         accelerator=args.accelerator, precision=args.precision, image_size=args.image_size,
         n_train=args.n_train, n_test=args.n_test, num_workers=args.num_workers,
         progress=not args.no_progress, profile=not args.no_profile,
-        command=_bench_command(args))
+        localise=not args.no_localise, cam_method=args.cam_method,
+        panel_images=args.panel_images, command=_bench_command(args))
     if not result.summary:  # a DDP worker (rank > 0): rank 0 reports
         return 0
     headers, rows = result.table()
@@ -268,9 +280,44 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# attnzoo cam
+def _add_cam(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cam", help="PNG panels: image | Grad-CAM | attention maps of trained bench runs",
+        description="Load a trained bench run (or every attention of a bench folder, side by "
+        "side) and write PNG panels, one row per image: the image, its Grad-CAM (or another "
+        "CAM method) for the predicted class, and the spatial maps the attention modules "
+        "computed, overlaid on the image. Needs attnzoo[viz].")
+    p.add_argument("--checkpoint", required=True, help="a run folder (OUT/runs/cbam/seed0) or a "
+                   "bench folder (OUT): then all attentions of one seed go side by side")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", default=None, help="a folder of image files (resized and "
+                     "normalised like the run's data)")
+    src.add_argument("--data", default=None, help="a --data spec whose first test images are "
+                     "used (default: the run's own data, with the digits' boxes)")
+    p.add_argument("--n", type=_positive_int, default=8, help="images (rows) (default: 8)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="bench folder: the seed to show (default: the lowest)")
+    p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, scorecam, "
+                   "eigencam, layercam, xgradcam, hirescam... (default: %(default)s)")
+    p.add_argument("--out", default="cam-out", help="output folder (default: %(default)s)")
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    from attnzoo.bench.localisation import make_cam_panels
+
+    paths = make_cam_panels(args.checkpoint, args.out, images=args.images, data=args.data,
+                            n=args.n, seed=args.seed, method=args.method)
+    for path in paths:
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 _COMMANDS = {"list": (_add_list, _cmd_list), "info": (_add_info, _cmd_info)}
 _COMMANDS["bench"] = (_add_bench, _cmd_bench)
 _COMMANDS["profile"] = (_add_profile, _cmd_profile)
+_COMMANDS["cam"] = (_add_cam, _cmd_cam)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command][1](args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         print(f"attnzoo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -131,7 +131,8 @@ def test_results_json_csv_and_report(tiny_bench) -> None:
         png = (out / "figures" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    # 5 standard figures + the Grad-CAM panels (comparison, one per attention)
+    assert html.count("data:image/png;base64,") == 5 + 3
     assert "src=\"http" not in html and "href=" not in html  # self-contained
 
 

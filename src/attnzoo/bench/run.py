@@ -298,15 +298,22 @@ class BenchResult:
     skipped: list[str] = field(default_factory=list)
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        headers = ["attention", "top-1 % (mean ± std)", "Δ vs none [95% CI]", "verdict",
-                   "params", "MFLOPs", "+elementwise", "latency ms"]
+        localised = any("pointing_game" in s for s in self.summary)
+        headers = ["attention", "top-1 % (mean ± std)", "Δ vs none [95% CI]", "verdict"]
+        if localised:
+            headers += ["pointing game %", "energy in box %"]
+        headers += ["params", "MFLOPs", "+elementwise", "latency ms"]
         rows = []
         for s in self.summary:
+            loc = [rep.fmt_pct(s["pointing_game"], s["pointing_game_std"]),
+                   rep.fmt_pct(s["energy_in_box"], s["energy_in_box_std"])
+                   ] if "pointing_game" in s else ["", ""]
             rows.append([
                 s["attention"], rep.fmt_pct(s["test_acc"], s["test_acc_std"]),
                 "baseline" if s["attention"] == BASELINE or s.get("diff_vs_none") is None
                 else rep.fmt_diff(s["diff_vs_none"], s["diff_low"], s["diff_high"]),
-                s.get("verdict", ""), f"{s['params']:,}" if s.get("params") else "",
+                s.get("verdict", ""), *(loc if localised else []),
+                f"{s['params']:,}" if s.get("params") else "",
                 f"{s['flops'] / 1e6:.2f}" if s.get("flops") else "",
                 f"{s['extra_flops'] / 1e6:.2f}" if s.get("extra_flops") else "",
                 f"{s['latency_ms']:.3f}" if s.get("latency_ms") else ""])
@@ -336,6 +343,9 @@ def run(
     num_workers: int = 0,
     progress: bool = True,
     profile: bool = True,
+    localise: bool = True,
+    cam_method: str = "gradcam",
+    panel_images: int = 6,
     report: bool = True,
     command: str | None = None,
     extra_sections: Callable[[BenchResult, BenchData], Sequence[rep.Section]] | None = None,
@@ -356,6 +366,10 @@ def run(
             ``cifar100:/path``.
         seeds: seeds (an int ``n`` means ``0..n-1``).
         n_train, n_test: sizes of the built-in data (or cut-offs for other data).
+        localise: Grad-CAM panels of ``panel_images`` test images in the report and, on data
+            with boxes (the built-in digits), the pointing game and energy-in-box scores of every
+            run (:mod:`attnzoo.bench.localisation`); needs ``grad-cam`` (``attnzoo[viz]``).
+        cam_method: the CAM method for both (``attnzoo.viz.CAM_METHODS``).
         extra_sections: ``f(result, data) -> [Section]`` appended to the report.
     """
     t0 = time.perf_counter()
@@ -385,6 +399,15 @@ def run(
                              f"decay); got {v!r}")
     specs = parse_attentions(attention)
     validate_attentions(specs)
+    if localise:
+        from attnzoo.bench.localisation import check_localisation_available
+        from attnzoo.viz import CAM_METHODS
+
+        check_localisation_available()
+        if str(cam_method).lower() not in CAM_METHODS:
+            raise ValueError(f"bench: unknown --cam-method {cam_method!r}; choose from "
+                             f"{', '.join(CAM_METHODS)}")
+        _check_positive_int("--panel-images", panel_images, 0)
     model_name, builder = resolve_builder(model)
     check_data_spec(data)
     out = Path(out)
@@ -436,7 +459,9 @@ def run(
             continue
         rep.write_json(run_dir / "config.json", {"fingerprint": fingerprint, **run_config,
                                                  "attention": spec.label, "seed": seed,
-                                                 "num_classes": bench_data.num_classes})
+                                                 "num_classes": bench_data.num_classes,
+                                                 "mean": list(bench_data.mean),
+                                                 "std": list(bench_data.std)})
         if progress:
             print(f"[attnzoo bench] {spec.label} seed {seed}", file=sys.stderr, flush=True)
         outcome = train_one(
@@ -465,19 +490,33 @@ def run(
     if not is_zero:
         return result
 
-    # ---- profile, statistics, report ------------------------------------------------------
+    # ---- localisation, profile, statistics, report -----------------------------------------
+    loc: dict[tuple[str, int], dict] = {}
+    if localise and bench_data.test.boxes is not None:
+        from attnzoo.bench.localisation import localise_run
+
+        for spec, seed, run_dir in plan:
+            if progress:
+                print(f"[attnzoo bench] localisation ({cam_method}) {spec.label} seed {seed}",
+                      file=sys.stderr, flush=True)
+            loc[(spec.label, seed)] = localise_run(run_dir, bench_data, method=cam_method)
     prof: dict[str, dict] = {}
     if profile:
         for spec in specs:
             prof[spec.label] = profile_attention_model(models[spec.label],
                                                        bench_data.input_shape)
     runs, summary = _write_results(out, specs, seeds, results, prof, run_config, command or call,
-                                   partial=False)
+                                   partial=False, loc=loc)
     result.runs, result.summary = runs, summary
     result.wall_seconds = time.perf_counter() - t0
     if report:
         sections = rep.build_sections(result, bench_data, run_config, environment(),
                                   command or call)
+        if localise and panel_images:
+            from attnzoo.bench.localisation import report_section
+
+            sections.insert(1, report_section(result, bench_data, plan, seeds, cam_method,
+                                              panel_images))
         extra = list(extra_sections(result, bench_data)) if extra_sections else []
         result.report_md, result.report_html = rep.write_report(
             out, "attnzoo bench report", sections, extra)
@@ -517,9 +556,12 @@ def _check_run_dir(run_dir: Path, fingerprint: str, run_config: dict) -> None:
 
 def _write_results(out: Path, specs: Sequence[AttentionSpec], seeds: Sequence[int],
                    results: dict[tuple[str, int], dict], prof: dict[str, dict], run_config: dict,
-                   command: str | None, *, partial: bool) -> tuple[list[dict], list[dict]]:
-    runs = [results[(s.label, seed)] for s in specs for seed in seeds
-            if (s.label, seed) in results]
+                   command: str | None, *, partial: bool,
+                   loc: dict[tuple[str, int], dict] | None = None
+                   ) -> tuple[list[dict], list[dict]]:
+    loc = loc or {}
+    runs = [{**results[(s.label, seed)], **_loc_fields(loc.get((s.label, seed)))}
+            for s in specs for seed in seeds if (s.label, seed) in results]
     base = {seed: results[(BASELINE, seed)]["test_acc"] for seed in seeds
             if (BASELINE, seed) in results}
     summary = []
@@ -538,6 +580,14 @@ def _write_results(out: Path, specs: Sequence[AttentionSpec], seeds: Sequence[in
         elif s.name == BASELINE:
             row["verdict"] = "baseline"
         summary.append(row)
+    if loc:
+        from attnzoo.bench.localisation import summarize_localisation
+
+        by_label = {r["attention"]: r for r in summarize_localisation(
+            [s.label for s in specs], seeds, loc, baseline=BASELINE)}
+        for row in summary:
+            extra = by_label.get(row["attention"], {})
+            row.update({k: v for k, v in extra.items() if k not in ("attention", "n_seeds")})
     payload = {"attnzoo_bench": 1, "complete": not partial, "command": command,
                "config": run_config, "seeds": list(seeds),
                "attentions": [s.label for s in specs], "environment": environment(),
@@ -548,6 +598,13 @@ def _write_results(out: Path, specs: Sequence[AttentionSpec], seeds: Sequence[in
         {**r, "train_seconds": round(r.get("train_seconds", 0.0), 2)} for r in runs],
         [{**s, "diff_vs_none": s.get("diff_vs_none", ""), "seed": ""} for s in summary])
     return runs, summary
+
+
+def _loc_fields(scores: dict | None) -> dict[str, Any]:
+    if not scores:
+        return {}
+    return {"pointing_game": scores["pointing_game"], "energy_in_box": scores["energy_in_box"],
+            "cam_method": scores["method"]}
 
 
 def cli_command(argv: Sequence[str]) -> str:

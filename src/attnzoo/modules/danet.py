@@ -7,6 +7,7 @@ Official code: https://github.com/junfu1115/DANet (``encoding/nn/da_att.py``: ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,9 +119,18 @@ class DANetPositionAttention(nn.Module):
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """``s`` of shape ``(B, N, N)``, ``N = H*W`` row-major; rows sum to 1."""
+        rows, _ = self.affinity_rows(x)
+        return rows(slice(None))
+
+    @torch.no_grad()
+    def affinity_rows(self, x: torch.Tensor
+                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+        """``(rows, key_shape)``: ``rows(queries)`` gives the rows of :meth:`attention_map` for a
+        slice of the ``N`` query positions, ``(B, n, N)``; ``key_shape`` is ``(H, W)``."""
         self._check(x)
         q = to_positions(self.query_conv(x))
-        return softmax_affinity(q, to_positions(self.key_conv(x)), scale=1.0)
+        k = to_positions(self.key_conv(x))
+        return (lambda sl: softmax_affinity(q[:, sl], k, scale=1.0)), tuple(x.shape[2:])
 
     def extra_repr(self) -> str:
         return f"{self.channels}, reduction={self.reduction}"

@@ -225,7 +225,7 @@ class GlobalContext(nn.Module):
             out = out + self.channel_add_conv(ctx)
         return out
 
-    def _transforms(self, ctx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def transforms(self, ctx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The mul gate ``sigmoid(t_mul)`` and the add term ``t_add`` (``None`` when unused)."""
         scale = self.gate(self.channel_mul_conv(ctx)) if self.channel_mul_conv is not None else None
         shift = self.channel_add_conv(ctx) if self.channel_add_conv is not None else None
@@ -262,7 +262,7 @@ class _GlobalContextFunction(torch.autograd.Function):
             context = x.mean((2, 3), keepdim=True)
         leaf = context.detach().requires_grad_()
         with torch.enable_grad():
-            scale, shift = mod._transforms(leaf)
+            scale, shift = mod.transforms(leaf)
         out = x if scale is None else x * scale.detach()
         if shift is not None:
             out = out + shift.detach()

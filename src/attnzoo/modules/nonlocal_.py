@@ -10,6 +10,7 @@ The file is called ``nonlocal_.py`` because ``nonlocal`` is a Python keyword.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -271,13 +272,29 @@ class _NonLocalNd(nn.Module):
         ``T*H*W``) and ``M`` the number of keys (``N``, or the sub-sampled count). Rows sum to 1
         in the softmax modes. Materialises ``N x M`` values: for visualisation only.
         """
+        rows, _ = self.affinity_rows(x)
+        return rows(slice(None))
+
+    @torch.no_grad()
+    def affinity_rows(self, x: torch.Tensor
+                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+        """The rows of :meth:`attention_map` on demand, without the ``N x M`` matrix.
+
+        Returns ``(rows, key_shape)``: ``rows(queries)`` gives the affinity rows of the query
+        positions ``queries`` (a slice of the ``N`` flattened positions) as ``(B, n, M)``; the
+        projections are computed once. ``key_shape`` is the spatial shape of the ``M`` keys
+        (sub-sampled when ``sub_sample``). Used by :func:`attnzoo.viz.attention_maps`.
+        """
         self._check(x)
         theta, phi, _ = self._project(x)
+        key_shape = tuple(self._pool(x[:, :1]).shape[2:] if self.sub_sample else x.shape[2:])
         if self.mode in _SOFTMAX_MODES:
-            return softmax_affinity(theta, phi, scale=self._scale(theta.shape[-1]))
+            scale = self._scale(theta.shape[-1])
+            return (lambda q: softmax_affinity(theta[:, q], phi, scale=scale)), key_shape
         if self.mode == "dot_product":
-            return dot_product_affinity(theta, phi)
-        return relu_sum_affinity(*self._concat_scores(theta, phi))
+            return (lambda q: dot_product_affinity(theta[:, q], phi)), key_shape
+        a, b = self._concat_scores(theta, phi)
+        return (lambda q: relu_sum_affinity(a[:, q], b)), key_shape
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,8 @@ documents copy: https://github.com/heykeetae/Self-Attention-GAN (``sagan_models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,8 +159,18 @@ class SAGANSelfAttention(nn.Module):
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """``beta = softmax_j(q_i . k_j)``, ``(B, N, M)`` with ``N = H*W`` (row-major) and
         ``M = N`` (``pytorch``) or the pooled count (``tf``). Rows sum to 1. For visualisation."""
+        rows, _ = self.affinity_rows(x)
+        return rows(slice(None))
+
+    @torch.no_grad()
+    def affinity_rows(self, x: torch.Tensor
+                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+        """``(rows, key_shape)``: ``rows(queries)`` gives the rows of :meth:`attention_map` for a
+        slice of the ``N`` query positions, ``(B, n, M)``; ``key_shape`` is the keys' ``(h, w)``
+        (pooled in the ``tf`` variant). No ``N x M`` matrix unless asked for all rows."""
         q, k, _ = self._qkv(x)
-        return softmax_affinity(q, k, scale=1.0)
+        key_shape = tuple(self._pool(x[:, :1]).shape[2:])
+        return (lambda sl: softmax_affinity(q[:, sl], k, scale=1.0)), key_shape
 
     def extra_repr(self) -> str:
         return f"{self.channels}, variant={self.variant!r}, reduction={self.reduction}"
