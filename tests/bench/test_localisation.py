@@ -117,6 +117,8 @@ def test_summarize_localisation_on_known_values() -> None:
     assert rows["none"]["pointing_game_std"] == pytest.approx(0.005**0.5)
     assert rows["se"]["energy_in_box"] == pytest.approx(0.40)
     assert rows["se"]["pointing_diff"] == pytest.approx(0.17)  # (0.20 + 0.14) / 2
+    assert rows["se"]["energy_diff"] == pytest.approx(0.05)  # (0.05 + 0.05) / 2
+    assert rows["se"]["energy_diff_low"] == pytest.approx(0.05)  # no spread: a zero-width CI
     assert "pointing_diff" not in rows["none"]
 
 

@@ -141,8 +141,8 @@ def summarize_localisation(labels: Sequence[str], seeds: Sequence[int],
                            per_run: Mapping[tuple[str, int], dict], *,
                            baseline: str = "none") -> list[dict[str, Any]]:
     """Per attention: mean ± std over seeds of both scores, the chance level, and the paired
-    difference of the pointing game to ``baseline`` (95 % CI over the shared seeds)."""
-    base = {s: per_run[(baseline, s)]["pointing_game"] for s in seeds if (baseline, s) in per_run}
+    differences of both scores to ``baseline`` (95 % CI over the shared seeds)."""
+    base = {s: per_run[(baseline, s)] for s in seeds if (baseline, s) in per_run}
     rows = []
     for label in labels:
         got = {s: per_run[(label, s)] for s in seeds if (label, s) in per_run}
@@ -156,9 +156,11 @@ def summarize_localisation(labels: Sequence[str], seeds: Sequence[int],
             "energy_in_box": en.mean, "energy_in_box_std": en.std,
             "chance": next(iter(got.values()))["chance"]}
         if label != baseline and base and set(got) & set(base):
-            d = paired_difference({s: g["pointing_game"] for s, g in got.items()}, base)
-            row.update(pointing_diff=d.mean, pointing_diff_low=d.low, pointing_diff_high=d.high,
-                       pointing_verdict=d.verdict)
+            for key, short in (("pointing_game", "pointing"), ("energy_in_box", "energy")):
+                d = paired_difference({s: g[key] for s, g in got.items()},
+                                      {s: g[key] for s, g in base.items()})
+                row.update({f"{short}_diff": d.mean, f"{short}_diff_low": d.low,
+                            f"{short}_diff_high": d.high, f"{short}_verdict": d.verdict})
         rows.append(row)
     return rows
 
@@ -256,9 +258,9 @@ LOCALISATION_TEXT = (
     "inside the digit's box. **Energy in box**: share of the map's total mass inside the box, "
     "averaged over images. Both over all test images, mean ± std over seeds. **Chance** is the "
     "mean share of the image the box covers: what a map without information scores on both. "
-    "Δ is the paired difference of the pointing game to `none` over the same seeds, with its "
-    "95 % CI. Target layer: the network's last stage; its maps are coarse (4×4 on the default "
-    "32×32 ResNet-8), so a hit means the right cell, not the right pixel.")
+    "Δ is the paired difference to `none` over the same seeds, with its 95 % CI. Target "
+    "layer: the network's last stage; its maps are coarse (4×4 on the default 32×32 "
+    "ResNet-8), so a hit means the right cell, not the right pixel.")
 
 
 def localisation_table(summary: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -266,16 +268,17 @@ def localisation_table(summary: Sequence[dict]) -> tuple[list[str], list[list[st
     from attnzoo.bench.report import fmt_diff, fmt_pct
 
     headers = ["attention", "top-1 %", "pointing game %", "Δ pointing vs none [95% CI]",
-               "energy in box %", "chance %"]
+               "energy in box %", "Δ energy vs none [95% CI]", "chance %"]
     rows = []
     for s in summary:
         if "pointing_game" not in s:
             continue
-        diff = "baseline" if "pointing_diff" not in s else fmt_diff(
-            s["pointing_diff"], s["pointing_diff_low"], s["pointing_diff_high"])
+        diffs = ["baseline" if f"{k}_diff" not in s else fmt_diff(
+            s[f"{k}_diff"], s[f"{k}_diff_low"], s[f"{k}_diff_high"]) for k in ("pointing",
+                                                                               "energy")]
         rows.append([s["attention"], fmt_pct(s["test_acc"], s["test_acc_std"]),
-                     fmt_pct(s["pointing_game"], s["pointing_game_std"]), diff,
-                     fmt_pct(s["energy_in_box"], s["energy_in_box_std"]),
+                     fmt_pct(s["pointing_game"], s["pointing_game_std"]), diffs[0],
+                     fmt_pct(s["energy_in_box"], s["energy_in_box_std"]), diffs[1],
                      fmt_pct(s["chance"])])
     return headers, rows
 
