@@ -71,8 +71,8 @@ def test_fast_path_equals_plain_autograd(dims, pools, width, channels_last) -> N
         x = x.contiguous(memory_format=torch.channels_last)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     assert fast_path_enabled(x1)
-    y1 = pool_gate_scale(x1, gate, dims, pools, gate)
-    assert type(y1.grad_fn).__name__ == "_PoolGateScaleBackward"
+    y1 = pool_gate_scale(x1, gate, dims, pools)
+    assert type(y1.grad_fn).__name__ == "_ScaleByBackward"
     y2 = _plain(x2, gate, dims, pools)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     g = torch.randn_like(y1)
@@ -92,7 +92,7 @@ def test_gradcheck_fast_path(dims, pools, width) -> None:
     params = list(gate.parameters())
 
     def f(x, *ps):
-        return pool_gate_scale(x, gate, dims, pools, params)
+        return pool_gate_scale(x, gate, dims, pools)
 
     assert torch.autograd.gradcheck(f, (x, *params))
 
@@ -105,7 +105,7 @@ def test_max_gradient_is_split_among_ties_like_amax() -> None:
     x[1, 2, :2] = 7.0  # two tied maxima
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    y1 = pool_gate_scale(x1, gate, (2, 3), ("mean", "max"), gate)
+    y1 = pool_gate_scale(x1, gate, (2, 3), ("mean", "max"))
     y2 = _plain(x2, gate, (2, 3), ("mean", "max"))
     (gx1,) = torch.autograd.grad(y1, [x1], g)
     (gx2,) = torch.autograd.grad(y2, [x2], g)
@@ -116,21 +116,21 @@ def test_frozen_parameters_and_param_only_gradients() -> None:
     gate = _TinyGate(1, 6)
     gate.scale.requires_grad_(False)
     x = torch.randn(2, 6, 4, 4, dtype=torch.float64, requires_grad=True)
-    y = pool_gate_scale(x, gate, (2, 3), ("mean",), gate)
+    y = pool_gate_scale(x, gate, (2, 3), ("mean",))
     y.sum().backward()
     assert gate.scale.grad is None and gate.mix.grad is not None and x.grad is not None
     # x without grad: plain path, the parameters still get theirs.
     gate.mix.grad = None
     x0 = x.detach()
     assert not fast_path_enabled(x0)
-    pool_gate_scale(x0, gate, (2, 3), ("mean",), gate).sum().backward()
+    pool_gate_scale(x0, gate, (2, 3), ("mean",)).sum().backward()
     assert gate.mix.grad is not None
 
 
 def test_outer_graph_can_be_run_twice() -> None:
     gate = _TinyGate(2, 6)
     x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    y = pool_gate_scale(x, gate, (2, 3), ("mean", "max"), gate).square().sum()
+    y = pool_gate_scale(x, gate, (2, 3), ("mean", "max")).square().sum()
     (a,) = torch.autograd.grad(y, [x], retain_graph=True)
     (b,) = torch.autograd.grad(y, [x])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -142,12 +142,12 @@ def test_inplace_only_without_graph() -> None:
     with torch.no_grad():
         ref = x * gate(x.mean((2, 3), keepdim=True))
         buf = x.clone()
-        out = pool_gate_scale(buf, gate, (2, 3), ("mean",), gate, inplace=True)
+        out = pool_gate_scale(buf, gate, (2, 3), ("mean",), inplace=True)
     assert out.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     # Gradients enabled and the gate has parameters: never in place.
     buf = x.clone()
-    out = pool_gate_scale(buf, gate, (2, 3), ("mean",), gate, inplace=True)
+    out = pool_gate_scale(buf, gate, (2, 3), ("mean",), inplace=True)
     assert out.data_ptr() != buf.data_ptr()
     torch.testing.assert_close(buf, x, rtol=0, atol=0)
 
@@ -162,7 +162,7 @@ def test_compile_takes_the_plain_path_without_graph_breaks() -> None:
     gate = _TinyGate(2, 6)
 
     def f(x):
-        return pool_gate_scale(x, gate, (2, 3), ("mean", "max"), gate)
+        return pool_gate_scale(x, gate, (2, 3), ("mean", "max"))
 
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -231,7 +231,7 @@ def test_disable_fast_path_allows_double_backward() -> None:
     w = torch.randn(1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
 
     def f(x):
-        y = pool_gate_scale(x, gate, (2, 3), ("mean", "max"), gate)
+        y = pool_gate_scale(x, gate, (2, 3), ("mean", "max"))
         return conv2d_same(y, w).square().sum()
 
     with pytest.raises(RuntimeError, match="once_differentiable"):

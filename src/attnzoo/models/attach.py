@@ -133,7 +133,8 @@ def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = _apply(self, "attention", out)
     if self.downsample is not None:
         identity = self.downsample(x)
-    out = self.relu(out + identity)
+    out += identity  # in place, as torchvision's blocks
+    out = self.relu(out)
     return _apply(self, "attention_out", out)
 
 
@@ -146,7 +147,8 @@ def _tv_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = _apply(self, "attention", out)
     if self.downsample is not None:
         identity = self.downsample(x)
-    out = self.relu(out + identity)
+    out += identity  # in place, as torchvision's blocks
+    out = self.relu(out)
     return _apply(self, "attention_out", out)
 
 
@@ -163,7 +165,8 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
         x = self.drop_path(x)
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
-    x = self.act2(x + shortcut)
+    x += shortcut  # in place, as timm's blocks
+    x = self.act2(x)
     return _apply(self, "attention_out", x)
 
 
@@ -181,7 +184,8 @@ def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
         x = self.drop_path(x)
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
-    x = self.act3(x + shortcut)
+    x += shortcut  # in place, as timm's blocks
+    x = self.act3(x)
     return _apply(self, "attention_out", x)
 
 

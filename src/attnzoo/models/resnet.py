@@ -218,7 +218,8 @@ class SKBottleneck(nn.Module):
         out = _apply(self, "attention", out)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = self.relu(out + identity)
+        out += identity  # in place, as torchvision's blocks
+        out = self.relu(out)
         return _apply(self, "attention_out", out)
 
 

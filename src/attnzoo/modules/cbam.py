@@ -147,7 +147,7 @@ class ChannelGate(nn.Module):
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """``x * M_c(x)``; ``inplace=True`` lets it overwrite ``x`` when no graph is recorded."""
         check_input(type(self).__name__, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean", "max"), self, inplace=inplace)
+        return pool_gate_scale(x, self._gate, (2, 3), ("mean", "max"), inplace=inplace)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The channel gate ``M_c`` of shape ``(B, C, 1, 1)``."""
@@ -213,7 +213,7 @@ class SpatialGate(nn.Module):
     def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
         """``x * M_s(x)``; ``inplace=True`` lets it overwrite ``x`` when no graph is recorded."""
         check_input(type(self).__name__, x, self.channels)
-        return pool_gate_scale(x, self._gate, (1,), ("mean", "max"), self, inplace=inplace)
+        return pool_gate_scale(x, self._gate, (1,), ("mean", "max"), inplace=inplace)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The spatial gate ``M_s`` of shape ``(B, 1, H, W)``."""

@@ -118,7 +118,7 @@ class EfficientChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(_NAME, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean",), self)
+        return pool_gate_scale(x, self._gate, (2, 3), ("mean",))
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""
