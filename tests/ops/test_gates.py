@@ -18,6 +18,7 @@ from attnzoo.ops.gates import (
     pool_gate_scale,
     scale_channels,
     scale_spatial,
+    scale_twice,
 )
 
 
@@ -271,3 +272,16 @@ def test_fast_path_equals_plain_ops(name: str, preset: str) -> None:
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
+
+
+def test_scale_twice_is_the_product_and_in_place_only_without_graph() -> None:
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    a = torch.rand(2, 3, 1, 5, dtype=torch.float64)
+    b = torch.rand(2, 3, 4, 1, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(scale_twice(x, a, b), x * a * b, rtol=0, atol=0)
+    xr = x.clone().requires_grad_()
+    out = scale_twice(xr, a, b)
+    assert out.grad_fn is not None
+    (g,) = torch.autograd.grad(out.sum(), [xr])
+    torch.testing.assert_close(g, (a * b).expand_as(x), rtol=0, atol=1e-15)

@@ -61,6 +61,7 @@ __all__ = [
     "pool_gate_scale",
     "scale_channels",
     "scale_spatial",
+    "scale_twice",
     "pool",
     "conv2d_same",
     "conv1d_same",
@@ -110,6 +111,16 @@ def scale_channels(x: Tensor, s: Tensor) -> Tensor:
 def scale_spatial(x: Tensor, a: Tensor) -> Tensor:
     """``x * a`` for ``x`` ``(B, C, *spatial)`` and a spatial gate ``a`` ``(B, 1, *spatial)``."""
     return x * a
+
+
+def scale_twice(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x * a * b`` for two broadcast gates (CA's ``a_w`` and ``a_h``). When no autograd graph
+    is recorded (eager inference) the second product is taken in place on the first, so one
+    feature map is allocated instead of two."""
+    out = x * a
+    if _eager() and not (torch.is_grad_enabled() and out.requires_grad):
+        return out.mul_(b)
+    return out * b
 
 
 def pool_gate_scale(
