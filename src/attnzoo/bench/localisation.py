@@ -11,10 +11,10 @@ stage) is computed for the image's **true class** and scored with
   CAM's total mass inside the box, averaged over images.
 
 Both are stored as fractions and reported in percent, mean ± std over seeds, with the paired
-difference to ``none`` (same seeds) and the **chance level**: the mean share of the image the box covers, which is what
-both scores give for a map that carries no information (uniform, or maximum at a uniformly random
-place). The scores are cached per run in ``runs/<attention>/seed<k>/localisation.json`` (written
-atomically; a re-run reuses them).
+difference to ``none`` (same seeds) and the **chance level**: the mean share of the image the box
+covers, which is what both scores give for a map that carries no information (uniform, or maximum
+at a uniformly random place). The scores are cached per run in
+``runs/<attention>/seed<k>/localisation.json`` (written atomically; a re-run reuses them).
 
 Panels (PNG, see :func:`write_panels`): for a fixed set of test images (the first ``n``), the
 image with its box, then Grad-CAM of every attention side by side (one seed), and per attention
