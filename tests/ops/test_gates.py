@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.ops import gates
+from attnzoo.ops import gates as gates_mod
 from attnzoo.ops.gates import (
     conv1d_same,
     conv2d_same,
@@ -196,6 +197,17 @@ def test_conv2d_same_matches_conv2d_and_gradcheck(k, size) -> None:
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, [x, w], g), torch.autograd.grad(ref, [x, w], g)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert torch.autograd.gradcheck(conv2d_same, (x, w))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_conv2d_same_both_forward_kernels(dense, monkeypatch) -> None:
+    """Small maps take oneDNN's dense kernel, large ones the depthwise form: same values."""
+    monkeypatch.setattr(gates_mod, "_DENSE_MAX_PIXELS", 10**9 if dense else 0)
+    x = torch.randn(3, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    y = conv2d_same(x, w)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=3), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(conv2d_same, (x, w))
 
 
