@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.ops.validation import resolve_submodule
 from attnzoo.registry import create
 
 __all__ = [
@@ -508,15 +509,7 @@ def _dry_run(model: nn.Module, paths: list[str], example_input: Any) -> dict[str
 
 
 def _resolve_path(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        import difflib
-
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(path, names, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"attnzoo.attach: the model has no module {path!r}.{hint}") from None
+    return resolve_submodule("attnzoo.attach", model, path)
 
 
 def attach(

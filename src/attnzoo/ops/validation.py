@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "resolve_submodule",
     "check_positive_int",
     "check_positive_float",
     "check_odd_int",
@@ -92,3 +93,16 @@ def check_input(module: str, x: Any, channels: int, spatial_dims: int = 2) -> No
         raise ValueError(
             f"{module}: input must have channels={channels} in dim 1, got shape {tuple(x.shape)}"
         )
+
+
+def resolve_submodule(owner: str, model: Any, path: str) -> Any:
+    """``model.get_submodule(path)``, or a ``ValueError`` naming ``owner`` and the closest paths."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        import difflib
+
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{owner}: the model has no module {path!r}.{hint}") from None

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.ops.validation import resolve_submodule
+
 __all__ = ["CAM_METHODS", "cam", "default_target_layer"]
 
 #: method name (lower case) -> ``pytorch_grad_cam`` class name. FullGrad is left out: it ignores
@@ -110,16 +112,7 @@ def _resolve_layer(model: nn.Module, layer: LayerSpec | None) -> nn.Module:
                              "the model")
         return layer
     if isinstance(layer, str):
-        try:
-            return model.get_submodule(layer)
-        except AttributeError:
-            import difflib
-
-            names = [n for n, _ in model.named_modules() if n]
-            close = difflib.get_close_matches(layer, names, n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"attnzoo.viz.cam: the model has no module {layer!r}.{hint}") \
-                from None
+        return resolve_submodule("attnzoo.viz.cam", model, layer)
     raise TypeError("attnzoo.viz.cam: target_layer must be None, an nn.Module or a dotted path "
                     f"string; got {type(layer).__name__}")
 
