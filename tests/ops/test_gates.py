@@ -292,8 +292,16 @@ def test_scale_twice_is_the_product_and_in_place_only_without_graph() -> None:
     b = torch.rand(2, 3, 4, 1, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(scale_twice(x, a, b), x * a * b, rtol=0, atol=0)
-    xr = x.clone().requires_grad_()
-    out = scale_twice(xr, a, b)
-    assert out.grad_fn is not None
-    (g,) = torch.autograd.grad(out.sum(), [xr])
-    torch.testing.assert_close(g, (a * b).expand_as(x), rtol=0, atol=1e-15)
+    xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
+    out = scale_twice(xr, ar, br)
+    assert type(out.grad_fn).__name__ == "_ScaleTwiceBackward"
+    g = torch.randn_like(x)
+    got = torch.autograd.grad(out, [xr, ar, br], g)
+    x2, a2, b2 = (t.clone().requires_grad_() for t in (x, a, b))
+    want = torch.autograd.grad(x2 * a2 * b2, [x2, a2, b2], g)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(scale_twice, (xr, ar, br))
+    # only some inputs needing a gradient
+    (ga,) = torch.autograd.grad(scale_twice(x, ar, b), [ar], g)
+    torch.testing.assert_close(ga, (g * x * b).sum(2, keepdim=True), rtol=1e-12, atol=1e-13)

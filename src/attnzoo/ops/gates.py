@@ -115,13 +115,40 @@ def scale_spatial(x: Tensor, a: Tensor) -> Tensor:
 
 
 def scale_twice(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x * a * b`` for two broadcast gates (CA's ``a_w`` and ``a_h``). When no autograd graph
-    is recorded (eager inference) the second product is taken in place on the first, so one
-    feature map is allocated instead of two."""
-    out = x * a
-    if _eager() and not (torch.is_grad_enabled() and out.requires_grad):
-        return out.mul_(b)
-    return out * b
+    """``x * a * b`` for two broadcast gates (CA's ``a_w`` and ``a_h``).
+
+    Eager mode: the second product is taken in place on the first (one feature map allocated
+    instead of two); with a gradient to compute, a custom backward (:class:`_ScaleTwice`) that
+    saves ``x`` instead of the intermediate ``x * a`` and writes three feature-map tensors
+    instead of autograd's four. Under ``torch.compile``/export: plain ops.
+    """
+    if not _eager():
+        return x * a * b
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+        return _ScaleTwice.apply(x, a, b)
+    return (x * a).mul_(b)
+
+
+class _ScaleTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(x, a, b)
+        return (x * a).mul_(b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, a, b = ctx.saved_tensors
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            t = g * x
+            if ctx.needs_input_grad[1]:
+                grad_a = (t * b).sum_to_size(a.shape)
+            if ctx.needs_input_grad[2]:
+                grad_b = t.mul_(a).sum_to_size(b.shape)
+        if ctx.needs_input_grad[0]:
+            grad_x = (g * a).mul_(b)
+        return grad_x, grad_a, grad_b
 
 
 def pool_gate_scale(
