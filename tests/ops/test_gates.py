@@ -285,13 +285,14 @@ def test_fast_path_equals_plain_ops(name: str, preset: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-
-def test_scale_twice_is_the_product_and_in_place_only_without_graph() -> None:
+def test_scale_twice_values_and_custom_backward() -> None:
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     a = torch.rand(2, 3, 1, 5, dtype=torch.float64)
     b = torch.rand(2, 3, 4, 1, dtype=torch.float64)
+    x_before = x.clone()
     with torch.no_grad():
         torch.testing.assert_close(scale_twice(x, a, b), x * a * b, rtol=0, atol=0)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # in place on the product only
     xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
     out = scale_twice(xr, ar, br)
     assert type(out.grad_fn).__name__ == "_ScaleTwiceBackward"

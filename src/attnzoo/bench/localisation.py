@@ -177,15 +177,12 @@ def _predicted(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def _row_labels(pred: torch.Tensor, truth: torch.Tensor | None,
                 classes: Sequence[str] | None) -> list[str]:
-    def name(i: int) -> str:
-        return str(classes[i]) if classes is not None and i < len(classes) else str(i)
-
     out = []
     for k, p in enumerate(pred.tolist()):
-        text = f"pred {name(p)}"
+        text = f"pred {_cls(classes, p)}"
         if truth is not None:
             t = int(truth[k])
-            text += f" (true {name(t)})" if t != p else " ✓"
+            text += f" (true {_cls(classes, t)})" if t != p else " ✓"
         out.append(text)
     return out
 
