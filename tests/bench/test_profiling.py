@@ -96,3 +96,16 @@ def test_formats() -> None:
     assert table[0].split()[:3] == ["model", "attention", "params"] and len(table) == 4
     with pytest.raises(ValueError, match="format must be"):
         format_rows(rows, "xml")
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam", "gc"])
+def test_flops_count_the_plain_path_even_where_fused_kernels_run(attention, monkeypatch) -> None:
+    # The fused CPU kernels (CBAM's 7x7 conv, BatchNorm folded with SE/GC) are invisible to the
+    # counters, so counting must run the torch ops: same counts with the kernels forced off.
+    from attnzoo.ops import kernels
+
+    model = attnzoo.models.resnet18(attention=attention).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with_kernels = count_flops(model, x)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert count_flops(model, x) == with_kernels

@@ -138,12 +138,16 @@ class ElementwiseCounter(TorchDispatchMode):
 
 @torch.no_grad()
 def count_flops(model: nn.Module, x: Tensor) -> tuple[int, int]:
-    """``(flops, extra_flops)`` of one forward of ``model`` on ``x`` (see module docstring)."""
+    """``(flops, extra_flops)`` of one forward of ``model`` on ``x`` (see module docstring),
+    counted on the plain-torch path (the fused CPU kernels are disabled while counting: the
+    counters observe torch ops and would miss the kernels' work)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from attnzoo.ops import kernels
 
     counter = FlopCounterMode(display=False)
     extra = ElementwiseCounter()
-    with counter, extra:
+    with kernels.disabled(), counter, extra:  # the counters see torch ops only
         model(x)
     return int(counter.get_total_flops()), int(extra.total)
 

@@ -266,10 +266,12 @@ def profile_attention_model(model: nn.Module, input_shape: tuple[int, ...], *,
 def _fallback_profile(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from attnzoo.ops import kernels
+
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
-        with counter:
+        with kernels.disabled(), counter:  # the counter sees torch ops only
             model(x)
         flops = counter.get_total_flops()
         for _ in range(5):

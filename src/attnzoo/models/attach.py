@@ -55,7 +55,9 @@ has the 7 stages of its (t, c, n, s) table.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.ops.gates import eager
 from attnzoo.ops.validation import resolve_submodule
 from attnzoo.registry import create
 
@@ -121,17 +124,48 @@ def _slot(host: nn.Module, name: str) -> nn.Module | None:
     return getattr(host, name, None)
 
 
+def _norm_attention(host: nn.Module, norm: nn.Module, z: Tensor) -> Tensor:
+    """``_apply(host, "attention", norm(z))``: the block's last norm, then the attention slot
+    before the residual add. Modules with a ``forward_after_batchnorm(norm, z)`` method (SE,
+    ECA, GC) compute both themselves, fused into one op when they can
+    (:mod:`attnzoo.ops.fused_norm`)."""
+    module = _slot(host, "attention")
+    if module is not None and eager() and hasattr(module, "forward_after_batchnorm"):
+        return module.forward_after_batchnorm(norm, z)
+    return _apply(host, "attention", norm(z))
+
+
 def _apply(host: nn.Module, name: str, x: Tensor) -> Tensor:
     module = _slot(host, name)
-    return x if module is None else module(x)
+    if module is None:
+        return x
+    if (name == "attention" and eager() and _takes_inplace(type(module))
+            and _fresh_norm_output(x)):
+        return module(x, inplace=True)
+    return module(x)
+
+
+@functools.cache
+def _takes_inplace(cls: type) -> bool:
+    """Whether ``cls.forward`` accepts ``inplace=`` (SE, ECA, CBAM: may write into its input)."""
+    try:
+        return "inplace" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _fresh_norm_output(x: Tensor) -> bool:
+    """Whether the "before the residual add" input may be overwritten: no graph is recorded, or
+    ``x`` is straight out of a BatchNorm, whose backward does not need its output. (Attached
+    blocks then add the residual into the attention's output in place, as the originals do.)"""
+    return x.grad_fn is None or "BatchNormBackward" in type(x.grad_fn).__name__
 
 
 def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
     out = _apply(self, "attention_conv3x3", out)
-    out = self.bn2(self.conv2(out))
-    out = _apply(self, "attention", out)
+    out = _norm_attention(self, self.bn2, self.conv2(out))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -144,8 +178,7 @@ def _tv_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self.conv2(out)))
     out = _apply(self, "attention_conv3x3", out)
-    out = self.bn3(self.conv3(out))
-    out = _apply(self, "attention", out)
+    out = _norm_attention(self, self.bn3, self.conv3(out))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -158,10 +191,10 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
-    x = self.bn2(self.conv2(x))
-    if self.se is not None:
-        x = self.se(x)
-    x = _apply(self, "attention", x)
+    if self.se is None:
+        x = _norm_attention(self, self.bn2, self.conv2(x))
+    else:
+        x = _apply(self, "attention", self.se(self.bn2(self.conv2(x))))
     if self.drop_path is not None:
         x = self.drop_path(x)
     if self.downsample is not None:
@@ -177,10 +210,10 @@ def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
-    x = self.bn3(self.conv3(x))
-    if self.se is not None:
-        x = self.se(x)
-    x = _apply(self, "attention", x)
+    if self.se is None:
+        x = _norm_attention(self, self.bn3, self.conv3(x))
+    else:
+        x = _apply(self, "attention", self.se(self.bn3(self.conv3(x))))
     if self.drop_path is not None:
         x = self.drop_path(x)
     if self.downsample is not None:

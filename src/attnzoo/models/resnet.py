@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-from attnzoo.models.attach import _apply, attach, load_pretrained, register_block
+from attnzoo.models.attach import _apply, _norm_attention, attach, load_pretrained, register_block
 from attnzoo.registry import create
 
 __all__ = [
@@ -214,8 +214,7 @@ class SKBottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)
         out = _apply(self, "attention_conv3x3", out)
-        out = self.bn3(self.conv3(out))
-        out = _apply(self, "attention", out)
+        out = _norm_attention(self, self.bn3, self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity  # in place, as torchvision's blocks

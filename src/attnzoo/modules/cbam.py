@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnzoo.ops import kernels
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.gates import conv2d_same, pool_gate_scale
+from attnzoo.ops.gates import conv2d_same, eager, has_hooks, pool_gate_scale
 from attnzoo.ops.validation import (
     check_choice,
     check_input,
@@ -293,8 +294,12 @@ class CBAM(nn.Module):
                                    spatial_norm=spatial_norm, norm_momentum=norm_momentum,
                                    norm_weight_init=norm_weight_init)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
+        """``F''``. ``inplace=True``: at inference the result may be written into ``x`` (for
+        callers that own ``x``, such as an attached block's BatchNorm output)."""
         check_input("CBAM", x, self.channels)
+        if self.order == "channel-spatial" and self._fused_inference(x):
+            return self._forward_fused(x, inplace)
         # The second gate may overwrite the first one's output (our own intermediate) when no
         # autograd graph is recorded.
         if self.order == "channel-spatial":
@@ -304,6 +309,30 @@ class CBAM(nn.Module):
         s = self.channel.attention_map(x)
         a = self.spatial.attention_map(x)
         return x * s * a
+
+    def _fused_inference(self, x: Tensor) -> bool:
+        """Whether :meth:`_forward_fused` applies: eager mode, no graph to record, the kernels
+        usable for ``x``, and no hooks on the two gates (the fused path does not call them)."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return False
+        # Hooks on the two gates (the fused path calls only their ``_gate``; hooks on the
+        # sigmoids and the BatchNorm fire as usual) or global hooks would be skipped.
+        if has_hooks(self.channel, self.spatial, recurse=False):
+            return False
+        return eager() and kernels.usable(x)
+
+    def _forward_fused(self, x: Tensor, inplace: bool) -> Tensor:
+        """Channel-then-spatial CBAM in three passes over ``x`` instead of eight: the mean and
+        max over ``H, W`` together; the mean and max over ``C`` of ``x * M_c`` without writing
+        ``x * M_c``; then ``(x * M_c) * M_s`` in one multiply (:mod:`attnzoo.ops.kernels`)."""
+        s = self.channel._gate(*kernels.rows_mean_max(x))
+        if not kernels.usable(s):  # e.g. a bfloat16 gate under autocast
+            return self.spatial(x * s, inplace=True)
+        a = self.spatial._gate(*kernels.channel_mean_max_scaled(x, s))
+        if not kernels.usable(a):
+            return (x * s).mul_(a)
+        return kernels.scale_channel_spatial(x, s, a, out=x if inplace else None)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The spatial map ``M_s`` (``(B, 1, H, W)``) computed on the input it is applied to."""

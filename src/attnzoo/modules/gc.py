@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from attnzoo.ops import fused_norm, kernels
 from attnzoo.ops.divisible import make_divisible
 from attnzoo.ops.gates import fast_path_enabled
 from attnzoo.ops.validation import (
@@ -225,6 +226,18 @@ class GlobalContext(nn.Module):
             out = out + self.channel_add_conv(ctx)
         return out
 
+    def forward_after_batchnorm(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """``self(norm(z))``. With attention pooling and add fusion (the default), when
+        :func:`attnzoo.ops.fused_norm.fusable`, BatchNorm and the block run as one fused op
+        (:class:`_NormGlobalContextFunction`: the normalised map is never written; forward two
+        passes over ``z`` plus BatchNorm's, backward four); attached blocks call this."""
+        if (self.pooling == "att" and self.channel_mul_conv is None
+                and fused_norm.fusable(norm, self, z)):
+            check_input(_NAME, z, self.channels)
+            return _NormGlobalContextFunction.apply(z, norm, self, norm.weight, norm.bias,
+                                                    *self.parameters())
+        return self(norm(z))
+
     def transforms(self, ctx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The mul gate ``sigmoid(t_mul)`` and the add term ``t_add`` (``None`` when unused)."""
         scale = self.gate(self.channel_mul_conv(ctx)) if self.channel_mul_conv is not None else None
@@ -321,3 +334,101 @@ class _GlobalContextFunction(torch.autograd.Function):
             elif p is mod.conv_mask.bias:
                 param_grads[i] = grad_logits.sum().view_as(p)
         return (grad_x, None, *param_grads)
+
+
+class _NormGlobalContextFunction(torch.autograd.Function):
+    """``gc(bn(z))`` for a plain BatchNorm2d ``bn`` and a GC block with attention pooling and add
+    fusion, without materialising ``u = bn(z)``.
+
+    Per channel ``u = a * z + d`` (``a = gamma / sigma``, ``d = beta - a * mu``), so:
+    logits ``l[b, p] = sum_c (w_c a_c) z[b, c, p] + sum_c w_c d_c + bias`` (a weighted channel
+    sum of ``z``), pooling weights ``alpha = softmax_p(l)``, context
+    ``ctx = a * sum_p z alpha + d * sum_p alpha``, output ``y = a * z + (d + t(ctx))``: BatchNorm's
+    statistics pass, two passes for the logits and the context, one output pass.
+
+    Backward with ``g = dL/dy``: ``G1 = sum_p g``, ``G2 = sum_p g z`` (one pass); ``dL/dt = G1``
+    through the tiny transform graph gives ``k = dL/dctx``; ``dL/dalpha = sum_c (k a) z + sum_c k d``
+    (one pass) and ``lam = alpha * (dL/dalpha - <alpha, dL/dalpha>)`` (softmax backward);
+    ``sum_p z lam`` (one pass) gives the mask conv's gradient; with
+    ``du = g + k alpha + w lam`` (the gradient w.r.t. ``u``), BatchNorm's backward needs only the
+    per-row sums ``sum_p du`` and ``sum_p du (z - mu)``, which follow from the sums above, and
+    ``dL/dz = a g + R z + Q + (a k) alpha + (a w) lam`` is one final pass.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, norm: nn.BatchNorm2d, mod: GlobalContext,
+                gamma: torch.Tensor | None, beta: torch.Tensor | None,
+                *params: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        _, mu, var, batch = fused_norm.batch_statistics(norm, z)
+        sigma = (var + norm.eps).sqrt()
+        a = (gamma.view(1, c, 1, 1) if gamma is not None else 1.0) / sigma
+        d = (beta.view(1, c, 1, 1) if beta is not None else 0.0) - a * mu
+        w_mask = mod.conv_mask.weight.view(1, c, 1, 1)
+        coef = (w_mask * a).expand(b, c, 1, 1).contiguous()
+        offset = (w_mask * d).sum() + mod.conv_mask.bias
+        logits = kernels.channel_weighted_sum(z, coef) + offset
+        alpha = mod.context_softmax(logits.view(b, 1, h * w)).view(b, h * w).contiguous()
+        alpha_sum = alpha.sum(1).view(b, 1, 1, 1)
+        z_alpha = kernels.rows_dot_pixels(z, alpha)
+        context = a * z_alpha + d * alpha_sum
+        leaf = context.detach().requires_grad_()
+        with torch.enable_grad():
+            _, shift = mod.transforms(leaf)
+        y = kernels.rows_scale_shift(z, a.expand(b, c, 1, 1).contiguous(),
+                                     (d + shift.detach()).contiguous())
+        ctx.save_for_backward(z, alpha)
+        ctx.mod, ctx.params, ctx.leaf, ctx.shift, ctx.batch = mod, params, leaf, shift, batch
+        ctx.a, ctx.d, ctx.mu, ctx.sigma = a, d, mu, sigma
+        ctx.alpha_sum, ctx.z_alpha = alpha_sum, z_alpha
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        z, alpha = ctx.saved_tensors
+        mod, params, a, d, mu, sigma = ctx.mod, ctx.params, ctx.a, ctx.d, ctx.mu, ctx.sigma
+        b, c, h, w = z.shape
+        g = g.contiguous()
+        g_sum, g_dot = kernels.rows_sum_dot(g, z)
+        mask = (mod.conv_mask.weight, mod.conv_mask.bias)
+        wanted = [i for i, p in enumerate(params)
+                  if ctx.needs_input_grad[5 + i] and not any(p is m for m in mask)]
+        grads = torch.autograd.grad([ctx.shift], [ctx.leaf] + [params[i] for i in wanted],
+                                    [g_sum], allow_unused=True, retain_graph=True)
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for i, grad in zip(wanted, grads[1:]):
+            param_grads[i] = grad
+        k = grads[0] if grads[0] is not None else torch.zeros_like(ctx.leaf)
+        grad_alpha = kernels.channel_weighted_sum(z, (k * a).contiguous()) + (k * d).sum(
+            (1, 2, 3)).view(b, 1)
+        lam = (alpha * (grad_alpha - (grad_alpha * alpha).sum(1, keepdim=True))).contiguous()
+        lam_sum = lam.sum(1).view(b, 1, 1, 1)
+        z_lam = kernels.rows_dot_pixels(z, lam)
+        for i, p in enumerate(params):
+            if ctx.needs_input_grad[5 + i] and p is mask[0]:
+                param_grads[i] = (a * z_lam + d * lam_sum).sum(0).view_as(p)
+            elif ctx.needs_input_grad[5 + i] and p is mask[1]:
+                param_grads[i] = lam_sum.sum().view_as(p)
+        w_mask = mask[0].view(1, c, 1, 1)
+        du_sum = g_sum + k * ctx.alpha_sum + w_mask * lam_sum
+        du_dev = (g_dot - mu * g_sum) + k * (ctx.z_alpha - mu * ctx.alpha_sum) \
+            + w_mask * (z_lam - mu * lam_sum)
+        S = du_sum.sum(0, keepdim=True)
+        T = du_dev.sum(0, keepdim=True)
+        grad_gamma = (T / sigma).view(-1) if ctx.needs_input_grad[3] else None
+        grad_beta = S.view(-1) if ctx.needs_input_grad[4] else None
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            total = b * h * w
+            if ctx.batch:
+                R = -a * T / (total * sigma.square())
+                Q = -a * S / total - R * mu
+            else:
+                R = Q = torch.zeros_like(a)
+            rows = (b, c, 1, 1)
+            grad_z = kernels.rows_affine2_pixels(
+                g, z, a.expand(rows).contiguous(), R.expand(rows).contiguous(),
+                Q.expand(rows).contiguous(), (a * k).expand(rows).contiguous(),
+                (a * w_mask).expand(rows).contiguous(), alpha, lam)
+        return (grad_z, None, None, grad_gamma, grad_beta, *param_grads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnzoo.ops import fused_norm
 from attnzoo.ops.divisible import make_divisible
 from attnzoo.ops.gates import pool_gate_scale
 from attnzoo.ops.validation import check_input, check_positive_int
@@ -109,9 +110,22 @@ class SqueezeExcitation(nn.Module):
         z = F.relu(F.linear(pooled.flatten(1), self.fc1.weight, self.fc1.bias))
         return self.gate(F.linear(z, self.fc2.weight, self.fc2.bias).view(pooled.shape))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
+        """``x * s``. ``inplace=True``: the result may be written into ``x`` (for callers that own
+        ``x``, such as an attached block's BatchNorm output; saves a feature map)."""
         check_input(_NAME, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean",))
+        return pool_gate_scale(x, self._gate, (2, 3), ("mean",), inplace=inplace)
+
+    def forward_after_batchnorm(self, norm: nn.Module, z: Tensor) -> Tensor:
+        """``self(norm(z))``, where ``norm(z)`` may be overwritten (the caller owns it, as an
+        attached block owns its last BatchNorm's output). When
+        :func:`attnzoo.ops.fused_norm.fusable`, BatchNorm and this gate run as one fused op
+        (:func:`~attnzoo.ops.fused_norm.batchnorm_mean_gate`: BatchNorm's own two passes forward
+        and two backward, same result); attached blocks call this."""
+        if fused_norm.fusable(norm, self, z):
+            check_input(_NAME, z, self.channels)
+            return fused_norm.batchnorm_mean_gate(norm, z, self._gate)
+        return self(norm(z), inplace=True)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""

@@ -20,7 +20,11 @@ API (small on purpose):
   max's (over the indicator of the maxima) gradients are added into it in place;
   ``grad_s = sum_dims(g * x)``. No boolean masks, no materialised broadcast, no out-of-place
   accumulation by autograd, and no nested ``autograd.grad`` call (re-entering the autograd
-  engine from a backward cost ~0.3 ms per module inside ResNet-50). Otherwise (no grad,
+  engine from a backward cost ~0.3 ms per module inside ResNet-50). With a mean pool only (SE,
+  ECA) the multiply's backward computes ``grad_s`` alone and the pool's backward writes the whole
+  ``grad_x = g * s + gp / N`` in one pass (:func:`_mean_gate_scale`). The fused CPU kernels of
+  :mod:`attnzoo.ops.kernels` take over single passes where they apply (float32, contiguous):
+  mean and max pooled together, ``sum(g * x)`` without the product. Otherwise (no grad,
   ``torch.compile``, ONNX export, TorchScript) it runs plain ops (``mean``, ``amax``, ``*``),
   which trace cleanly and export with dynamic sizes.
 * :func:`scale_channels` ``(x, s)`` -> ``x * s`` for a ``(B, C, 1, ..., 1)`` gate and
@@ -56,9 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnzoo.ops import kernels
+
 __all__ = [
     "disable_fast_path",
+    "eager",
     "fast_path_enabled",
+    "has_hooks",
     "pool_gate_scale",
     "scale_channels",
     "scale_spatial",
@@ -102,6 +110,20 @@ def pool(x: Tensor, kind: str, dims: tuple[int, ...]) -> Tensor:
     if kind == "mean":
         return x.mean(dims, keepdim=True)
     return x.amax(dims, keepdim=True)
+
+
+def _pools(x: Tensor, dims: tuple[int, ...], pools: tuple[str, ...]) -> tuple[Tensor, ...]:
+    """``tuple(pool(x, kind, dims) for kind in pools)``; the mean and the max of a 4-D map over
+    its spatial dims or its channels come from one fused pass (:mod:`attnzoo.ops.kernels`) when
+    the kernels apply."""
+    if (sorted(pools) == ["max", "mean"] and x.dim() == 4 and dims in ((2, 3), (1,))
+            and _eager() and kernels.usable(x)):
+        if dims == (2, 3):
+            mean, mx = kernels.rows_mean_max(x)
+        else:
+            mean, mx = kernels.channel_mean_max_scaled(x, x.new_ones(x.shape[0], x.shape[1]))
+        return (mean, mx) if pools[0] == "mean" else (mx, mean)
+    return tuple(pool(x, kind, dims) for kind in pools)
 
 
 def scale_channels(x: Tensor, s: Tensor) -> Tensor:
@@ -187,15 +209,100 @@ def pool_gate_scale(
         if kind not in _POOLS:
             raise ValueError(f"pool_gate_scale: pools must be among {_POOLS}; got {kind!r}")
     if fast_path_enabled(x):
+        if pools == ("mean",):
+            return _mean_gate_scale(x, gate_fn, dims)
         link = _GradLink(needs_scratch="max" in pools)
         pooled = _Pool.apply(x, dims, pools, link)
         s = gate_fn(*pooled)
         return _ScaleBy.apply(x, s, dims, link)
-    s = gate_fn(*[pool(x, kind, dims) for kind in pools])
+    s = gate_fn(*_pools(x, dims, pools))
     recording = torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)
     if inplace and not recording and _eager():
         return x.mul_(s)
     return x * s
+
+
+def _mean_gate_scale(x: Tensor, gate_fn: Callable[..., Tensor], dims: tuple[int, ...]) -> Tensor:
+    """:func:`pool_gate_scale` with a mean pool only (SE, ECA), with a gradient to compute.
+
+    :class:`_MeanPool` and :class:`_ScaleDeferred` share a :class:`_DeferredGrad`: the multiply's
+    backward computes ``grad_s`` only (a row-wise dot product that writes no feature map when the
+    kernels apply) and hands ``g`` and ``s`` on; the pool's backward then writes the whole
+    ``grad_x = g * s + gp / N`` in one pass (a fused kernel, else ``torch.addcmul``): one feature
+    map written by the whole backward. The pooled tensor is also an (unused) input of the multiply, so that the
+    pool's backward always runs, and runs after it.
+
+    (Writing the product into ``x`` in training is not done: attached blocks add the residual
+    into the attention's output and apply ReLU in place, so neither ``x`` nor the product
+    survives until the backward.)
+    """
+    link = _DeferredGrad()
+    pooled = _MeanPool.apply(x, dims, link)
+    return _ScaleDeferred.apply(x, gate_fn(pooled), dims, link, pooled)
+
+
+class _DeferredGrad:
+    """``g`` and ``s`` from :class:`_ScaleDeferred`'s backward to :class:`_MeanPool`'s."""
+
+    __slots__ = ("g", "s")
+
+    def __init__(self) -> None:
+        self.g: Tensor | None = None
+        self.s: Tensor | None = None
+
+
+class _MeanPool(torch.autograd.Function):
+    """``x.mean(dims, keepdim=True)``; backward returns ``grad_x = g * s + gp / N`` with ``g``
+    and ``s`` handed over by :class:`_ScaleDeferred` (just ``gp / N`` broadcast without them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], link: _DeferredGrad) -> Tensor:
+        ctx.dims, ctx.shape, ctx.link = dims, x.shape, link
+        return x.mean(dims, keepdim=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gp: Tensor):
+        g, s = ctx.link.g, ctx.link.s
+        ctx.link.g = ctx.link.s = None
+        numel = 1
+        for d in ctx.dims:
+            numel *= ctx.shape[d]
+        term = gp / numel
+        if g is None:
+            return term.expand(ctx.shape).clone(), None, None
+        rows = ctx.shape[:2] + (1,) * (len(ctx.shape) - 2)
+        if (ctx.dims == tuple(range(2, len(ctx.shape))) and s.shape == rows
+                and term.shape == rows and kernels.usable(g, s, term)):
+            return kernels.rows_scale_shift(g, s, term), None, None
+        return torch.addcmul(term, g, s), None, None
+
+
+class _ScaleDeferred(torch.autograd.Function):
+    """``x * s``; backward: ``grad_s = sum_dims(g * x)`` (a fused row-wise dot product when the
+    kernels apply), ``grad_x`` left to :class:`_MeanPool`. ``pooled`` is an input only so that
+    the pool's backward runs after this one."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, dims: tuple[int, ...], link: _DeferredGrad,
+                pooled: Tensor) -> Tensor:
+        ctx.dims, ctx.link = dims, link
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, s = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            if ctx.dims == tuple(range(2, x.dim())) and kernels.usable(g, x):
+                grad_s = kernels.rows_dot(g, x)
+            else:
+                grad_s = (g * x).sum(ctx.dims, keepdim=True)
+        if ctx.needs_input_grad[0]:
+            ctx.link.g, ctx.link.s = g, s
+        return None, grad_s, None, None, None
 
 
 def _max_indicator(x: Tensor, m: Tensor, out: Tensor | None = None) -> Tensor:
@@ -245,7 +352,7 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dims: tuple[int, ...], pools: tuple[str, ...],
                 link: _GradLink):
-        pooled = tuple(pool(x, kind, dims) for kind in pools)
+        pooled = _pools(x, dims, pools)
         ctx.dims, ctx.pools, ctx.shape, ctx.link = dims, pools, x.shape, link
         ctx.save_for_backward(x if "max" in pools else None,
                               *[p if k == "max" else None for p, k in zip(pooled, pools)])
@@ -320,6 +427,24 @@ def _eager() -> bool:
     )
 
 
+#: public name: whether the eager-only fast paths may run (see :func:`_eager`)
+eager = _eager
+
+
+def has_hooks(*modules: torch.nn.Module, recurse: bool = True) -> bool:
+    """Forward or backward (pre-)hooks on any of ``modules`` (and their submodules if
+    ``recurse``), or global module hooks: a fused path that does not call those modules would
+    skip them, so it must not run."""
+    from torch.nn.modules import module as _module
+
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks
+               for module in modules for m in (module.modules() if recurse else (module,)))
+
+
 def conv2d_same(x: Tensor, weight: Tensor) -> Tensor:
     """``F.conv2d(x, weight, padding=k // 2)``: odd square kernel, one output channel, stride 1,
     no bias (CBAM's 7x7 ``2 -> 1`` spatial convolution), shapes ``(B, Cin, H, W)`` and
@@ -333,9 +458,24 @@ def conv2d_same(x: Tensor, weight: Tensor) -> Tensor:
     Under ``torch.compile``, ONNX export and TorchScript it is plain ``F.conv2d`` (the grouped
     form would bake the batch size into the ``groups`` attribute).
     """
-    if _eager():
+    if not _eager():
+        return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Conv2dSame.apply(x, weight)
-    return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+    return _conv2d_same_forward(x, weight)
+
+
+def _conv2d_same_forward(x: Tensor, weight: Tensor) -> Tensor:
+    """The forward of :func:`conv2d_same` in eager mode: the fused kernel when it applies, else
+    oneDNN's dense kernel for small maps and the depthwise form for large ones."""
+    b, c, h, w = x.shape
+    k = weight.shape[-1]
+    if w + k - 1 <= kernels.MAX_CONV_ROW and kernels.usable(x, weight):
+        return kernels.conv_same(x, weight)
+    if b * h * w < _DENSE_MAX_PIXELS:
+        return F.conv2d(x, weight, padding=k // 2)
+    per_map = weight.reshape(c, 1, k, k).repeat(b, 1, 1, 1)
+    return _depthwise(x, per_map, k // 2).sum(1, keepdim=True)
 
 
 def _depthwise(x: Tensor, kernels: Tensor, padding: int) -> Tensor:
@@ -355,12 +495,7 @@ class _Conv2dSame(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        b, c, h, w = x.shape
-        k = weight.shape[-1]
-        if b * h * w < _DENSE_MAX_PIXELS:
-            return F.conv2d(x, weight, padding=k // 2)
-        kernels = weight.reshape(c, 1, k, k).repeat(b, 1, 1, 1)
-        return _depthwise(x, kernels, k // 2).sum(1, keepdim=True)
+        return _conv2d_same_forward(x, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -1,0 +1,406 @@
+"""Fused CPU kernels for the gating modules, compiled on first use (optional, with a fallback).
+
+Plain torch ops make one pass over the feature map per op; the gating modules are
+memory-bound, so passes are their cost. ``_kernels.c`` (next to this file) holds a few loops that
+do in one pass what takes torch two or three: the mean and the max of every row together,
+row-wise dot products without materialising the product, CBAM's channel statistics of ``x * s``
+without writing ``x * s``, CBAM's two gates applied in one multiply, and CBAM's 7x7 ``2 -> 1``
+convolution without oneDNN's fixed costs.
+
+The source is plain C99 + OpenMP (no Python or torch headers), compiled once per machine with
+the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``) into a cache
+directory and loaded with :mod:`ctypes`; compiling takes about a second. The library links
+``libgomp.so.1`` by name, which resolves to the copy torch's Linux wheels already loaded (one
+OpenMP runtime, one thread pool), and every call passes ``torch.get_num_threads()``.
+
+If there is no compiler, compiling fails, or ``ATTNZOO_KERNELS=0`` is set, :func:`available`
+returns False and every module runs its plain-torch path (identical results up to float
+rounding; tests check both). The cache directory is ``$ATTNZOO_CACHE_DIR``, else
+``$XDG_CACHE_HOME/attnzoo``, else ``~/.cache/attnzoo``; the library file is named after a hash of
+the source, the compiler's version, the flags and the CPU (model and instruction-set flags, so a
+cache shared between machines never loads code built for another CPU), and written atomically
+(concurrent first uses are safe).
+
+The kernels take float32, contiguous (NCHW) CPU tensors; :func:`usable` tells whether a tensor
+qualifies. Callers fall back to torch ops for anything else (float64, channels_last, CUDA,
+autocast's bfloat16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "disabled",
+    "unavailable_reason",
+    "usable",
+    "rows_mean_max",
+    "rows_dot",
+    "rows_mean_m2",
+    "rows_sum_dot",
+    "rows_scale_shift",
+    "rows_affine2",
+    "rows_dot_pixels",
+    "channel_weighted_sum",
+    "rows_affine2_pixels",
+    "channel_mean_max_scaled",
+    "scale_channel_spatial",
+    "conv_same",
+]
+
+_SOURCE = Path(__file__).with_name("_kernels.c")
+_FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_log = logging.getLogger("attnzoo")
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None  # why the kernels are unavailable, once tried
+_tried = False
+
+#: widest padded row :func:`conv_same` takes (``W + k - 1``; ``AZ_MAX_ROW`` in ``_kernels.c``)
+MAX_CONV_ROW = 4096
+
+_L, _P, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "az_rows_mean_max": [_P, _L, _L, _P, _P, _I],
+    "az_rows_dot": [_P, _P, _L, _L, _P, _I],
+    "az_rows_mean_m2": [_P, _L, _L, _P, _P, _I],
+    "az_rows_sum_dot": [_P, _P, _L, _L, _P, _P, _I],
+    "az_rows_scale_shift": [_P, _P, _P, _L, _L, _P, _I],
+    "az_rows_affine2": [_P, _P, _P, _P, _P, _L, _L, _P, _I],
+    "az_rows_dot_pixels": [_P, _P, _L, _L, _L, _P, _I],
+    "az_channel_weighted_sum": [_P, _P, _L, _L, _L, _P, _I],
+    "az_rows_affine2_pixels": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
+    "az_channel_mean_max_scaled": [_P, _P, _L, _L, _L, _P, _P, _I],
+    "az_scale_channel_spatial": [_P, _P, _P, _L, _L, _L, _P, _I],
+    "az_conv_same": [_P, _P, _L, _L, _L, _L, _L, _P, _I],
+}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("ATTNZOO_CACHE_DIR"):
+        return Path(os.environ["ATTNZOO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attnzoo"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (``-march=native`` code is CPU-specific)."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    lines.append(line.strip())
+                elif not line.strip() and lines:
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return "\n".join(lines) or f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(cc: str) -> str:
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else cc
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> None:
+    """Compile ``_kernels.c`` into ``target`` atomically (a temp file, then ``os.replace``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"],
+                                capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip()[-2000:] or f"{cc} exited {result.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build_and_load() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found; set $CC)")
+    version = _compiler_version(cc)
+    errors = []
+    for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
+        key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(flags),
+                                        sys.platform, _cpu_identity()]).encode()).hexdigest()
+        target = _cache_dir() / f"kernels-{key[:16]}.so"
+        try:
+            if not target.exists():
+                _compile(cc, flags, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            errors.append(f"{' '.join(flags)}: {error}")
+            continue
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+        return lib
+    raise RuntimeError("compiling the kernels failed:\n" + "\n".join(errors))
+
+
+_disabled_depth = 0
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block :func:`available` is False, so every module runs its plain torch ops,
+    e.g. for tools that observe torch ops (FLOP counters, ``TorchDispatchMode``), which do not
+    see the kernels' work."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
+def available() -> bool:
+    """Whether the fused kernels are compiled and loaded (compiles them on the first call);
+    False inside :func:`disabled`."""
+    global _lib, _reason, _tried
+    if _disabled_depth:
+        return False
+    if not _tried:
+        _tried = True
+        if os.environ.get("ATTNZOO_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "disabled by ATTNZOO_KERNELS=0"
+        else:
+            try:
+                _lib = _build_and_load()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+                _reason = str(error)
+                _log.warning("attnzoo: fused CPU kernels unavailable, using plain torch ops "
+                             "(%s)", _reason.splitlines()[0])
+    return _lib is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (``None`` when the kernels are loaded or not yet tried)."""
+    return _reason
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when the kernels are available and every tensor is float32, contiguous, non-empty
+    and on the CPU."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               and t.numel() > 0 for t in tensors) and available()
+
+
+def _require(name: str, *tensors: Tensor) -> None:
+    """Raise unless the kernels are loaded and every tensor is float32, contiguous, non-empty
+    and on the CPU (the loops index raw memory: anything else would read wrong or
+    out-of-bounds data)."""
+    if not available():
+        raise RuntimeError(f"attnzoo.ops.kernels.{name}: the kernels are unavailable "
+                           f"({unavailable_reason()})")
+    for t in tensors:
+        if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                or t.numel() == 0):
+            raise ValueError(f"attnzoo.ops.kernels.{name}: tensors must be float32, contiguous "
+                             f"(NCHW), non-empty and on the CPU; got {t.dtype}, {t.device}, "
+                             f"shape {tuple(t.shape)}, strides {t.stride()}")
+
+
+def _require_numel(name: str, what: str, t: Tensor, numel: int) -> None:
+    if t.numel() != numel:
+        raise ValueError(f"attnzoo.ops.kernels.{name}: {what} must hold {numel} values; got "
+                         f"shape {tuple(t.shape)}")
+
+
+def _nt() -> int:
+    return torch.get_num_threads()
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def _rows(name: str, x: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """(rows ``B * C``, row length, shape of a per-row tensor) for ``x`` ``(B, C, *spatial)``."""
+    if x.dim() < 3:
+        raise ValueError(f"attnzoo.ops.kernels.{name}: expected (B, C, *spatial); got shape "
+                         f"{tuple(x.shape)}")
+    rows = x.shape[0] * x.shape[1]
+    return rows, x.numel() // max(rows, 1), x.shape[:2] + (1,) * (x.dim() - 2)
+
+
+def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"attnzoo.ops.kernels.{name}: both maps must have the same shape; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _image(name: str, x: Tensor) -> tuple[int, int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"attnzoo.ops.kernels.{name}: expected (B, C, H, W); got shape "
+                         f"{tuple(x.shape)}")
+    return tuple(x.shape)
+
+
+def rows_mean_max(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max over the spatial dims, one pass: ``x`` ``(B, C, *spatial)`` -> two
+    ``(B, C, 1, ..., 1)`` tensors (``x.mean(dims, keepdim=True)``, ``x.amax(...)``)."""
+    _require("rows_mean_max", x)
+    rows, n, shape = _rows("rows_mean_max", x)
+    mean, mx = x.new_empty(shape), x.new_empty(shape)
+    _lib.az_rows_mean_max(_ptr(x), rows, n, _ptr(mean), _ptr(mx), _nt())
+    return mean, mx
+
+
+def rows_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(spatial dims, keepdim=True)`` without materialising ``a * b``: ``a``, ``b``
+    ``(B, C, *spatial)`` of the same shape -> ``(B, C, 1, ..., 1)``."""
+    _require("rows_dot", a, b)
+    _same_shape("rows_dot", a, b)
+    rows, n, shape = _rows("rows_dot", a)
+    out = a.new_empty(shape)
+    _lib.az_rows_dot(_ptr(a), _ptr(b), rows, n, _ptr(out), _nt())
+    return out
+
+
+def rows_mean_m2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (sample, channel): the mean over the spatial dims and the sum of squared deviations
+    from it, one pass: ``x`` ``(B, C, *spatial)`` -> two ``(B, C, 1, ..., 1)`` tensors."""
+    _require("rows_mean_m2", x)
+    rows, n, shape = _rows("rows_mean_m2", x)
+    mean, m2 = x.new_empty(shape), x.new_empty(shape)
+    _lib.az_rows_mean_m2(_ptr(x), rows, n, _ptr(mean), _ptr(m2), _nt())
+    return mean, m2
+
+
+def rows_sum_dot(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``g.sum(spatial, keepdim=True)`` and ``(g * x).sum(spatial, keepdim=True)`` in one pass."""
+    _require("rows_sum_dot", g, x)
+    _same_shape("rows_sum_dot", g, x)
+    rows, n, shape = _rows("rows_sum_dot", g)
+    total, dot = g.new_empty(shape), g.new_empty(shape)
+    _lib.az_rows_sum_dot(_ptr(g), _ptr(x), rows, n, _ptr(total), _ptr(dot), _nt())
+    return total, dot
+
+
+def rows_scale_shift(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``a * x + b`` for a map ``x`` ``(B, C, *spatial)`` and per-row ``a``, ``b`` (contiguous,
+    ``B * C`` values each), one pass (``torch.addcmul`` with broadcast per-row operands is
+    several times slower on CPU)."""
+    _require("rows_scale_shift", x, a, b)
+    rows, n, _ = _rows("rows_scale_shift", x)
+    for what, t in (("a", a), ("b", b)):
+        _require_numel("rows_scale_shift", what, t, rows)
+    out = torch.empty_like(x)
+    _lib.az_rows_scale_shift(_ptr(x), _ptr(a), _ptr(b), rows, n, _ptr(out), _nt())
+    return out
+
+
+def rows_affine2(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``a * g + b * x + c`` for maps ``g``, ``x`` ``(B, C, *spatial)`` and per-row
+    coefficients ``a``, ``b``, ``c`` (contiguous, ``B * C`` values each), one pass."""
+    _require("rows_affine2", g, x, a, b, c)
+    _same_shape("rows_affine2", g, x)
+    rows, n, _ = _rows("rows_affine2", g)
+    for what, t in (("a", a), ("b", b), ("c", c)):
+        _require_numel("rows_affine2", what, t, rows)
+    out = torch.empty_like(g)
+    _lib.az_rows_affine2(_ptr(g), _ptr(x), _ptr(a), _ptr(b), _ptr(c), rows, n, _ptr(out), _nt())
+    return out
+
+
+def rows_dot_pixels(x: Tensor, v: Tensor) -> Tensor:
+    """``(x * v[:, None]).sum((2, 3))`` without the product: ``x`` ``(B, C, H, W)``, ``v``
+    ``(B, H * W)`` (contiguous) -> ``(B, C, 1, 1)``."""
+    _require("rows_dot_pixels", x, v)
+    b, c, h, w = _image("rows_dot_pixels", x)
+    _require_numel("rows_dot_pixels", "v", v, b * h * w)
+    out = x.new_empty(b, c, 1, 1)
+    _lib.az_rows_dot_pixels(_ptr(x), _ptr(v), b, c, h * w, _ptr(out), _nt())
+    return out
+
+
+def channel_weighted_sum(x: Tensor, w: Tensor) -> Tensor:
+    """``(x * w).sum(1)`` for ``x`` ``(B, C, H, W)`` and per-sample channel weights ``w``
+    (``B * C`` contiguous values) -> ``(B, H * W)``."""
+    _require("channel_weighted_sum", x, w)
+    b, c, h, width = _image("channel_weighted_sum", x)
+    _require_numel("channel_weighted_sum", "w", w, b * c)
+    out = x.new_empty(b, h * width)
+    _lib.az_channel_weighted_sum(_ptr(x), _ptr(w), b, c, h * width, _ptr(out), _nt())
+    return out
+
+
+def rows_affine2_pixels(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, u: Tensor,
+                        v: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
+    """``a * g + b * x + c + u * e1 + v * e2`` for maps ``g``, ``x`` ``(B, C, H, W)``, per-row
+    coefficients ``a, b, c, u, v`` (``B * C`` contiguous values each) and per-sample pixel
+    vectors ``e1``, ``e2`` (``(B, H * W)`` contiguous), one pass."""
+    name = "rows_affine2_pixels"
+    _require(name, g, x, a, b, c, u, v, e1, e2)
+    _same_shape(name, g, x)
+    bs, ch, h, w = _image(name, g)
+    for what, t in (("a", a), ("b", b), ("c", c), ("u", u), ("v", v)):
+        _require_numel(name, what, t, bs * ch)
+    for what, t in (("e1", e1), ("e2", e2)):
+        _require_numel(name, what, t, bs * h * w)
+    out = torch.empty_like(g)
+    _lib.az_rows_affine2_pixels(_ptr(g), _ptr(x), _ptr(a), _ptr(b), _ptr(c), _ptr(u), _ptr(v),
+                                _ptr(e1), _ptr(e2), bs, ch, h * w, _ptr(out), _nt())
+    return out
+
+
+def channel_mean_max_scaled(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x * s).mean(1, keepdim=True)`` and ``(x * s).amax(1, keepdim=True)`` without writing
+    ``x * s``: ``x`` ``(B, C, H, W)``, channel gate ``s`` ``(B, C, 1, 1)`` -> two ``(B, 1, H, W)``."""
+    _require("channel_mean_max_scaled", x, s)
+    b, c, h, w = _image("channel_mean_max_scaled", x)
+    _require_numel("channel_mean_max_scaled", "s", s, b * c)
+    mean, mx = x.new_empty(b, 1, h, w), x.new_empty(b, 1, h, w)
+    _lib.az_channel_mean_max_scaled(_ptr(x), _ptr(s), b, c, h * w, _ptr(mean), _ptr(mx), _nt())
+    return mean, mx
+
+
+def scale_channel_spatial(x: Tensor, s: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(x * s) * a`` in one pass: ``x`` ``(B, C, H, W)``, ``s`` ``(B, C, 1, 1)``, ``a``
+    ``(B, 1, H, W)`` -> ``(B, C, H, W)``, written into ``out`` if given (``x`` itself is fine:
+    every element is read before it is written)."""
+    out = torch.empty_like(x) if out is None else out
+    _require("scale_channel_spatial", x, s, a, out)
+    b, c, h, w = _image("scale_channel_spatial", x)
+    _same_shape("scale_channel_spatial", x, out)
+    _require_numel("scale_channel_spatial", "s", s, b * c)
+    _require_numel("scale_channel_spatial", "a", a, b * h * w)
+    _lib.az_scale_channel_spatial(_ptr(x), _ptr(s), _ptr(a), b, c, h * w, _ptr(out), _nt())
+    return out
+
+
+def conv_same(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv2d(x, weight, padding=k // 2)`` for one output channel, odd ``k``, no bias:
+    ``x`` ``(B, Cin, H, W)``, ``weight`` ``(1, Cin, k, k)`` -> ``(B, 1, H, W)``."""
+    _require("conv_same", x, weight)
+    b, cin, h, w = _image("conv_same", x)
+    k = weight.shape[-1]
+    if w + k - 1 > MAX_CONV_ROW or k % 2 == 0 or weight.shape != (1, cin, k, k):
+        raise ValueError(f"attnzoo.ops.kernels.conv_same: weight must be (1, {cin}, k, k) with k "
+                         f"odd and W + k - 1 <= {MAX_CONV_ROW}; got weight "
+                         f"{tuple(weight.shape)} for input {tuple(x.shape)}")
+    out = x.new_empty(b, 1, h, w)
+    _lib.az_conv_same(_ptr(x), _ptr(weight), b, cin, h, w, k, _ptr(out), _nt())
+    return out
