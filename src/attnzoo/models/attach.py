@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.ops.gates import eager
+from attnzoo.ops.gates import eager, has_hooks
 from attnzoo.ops.validation import resolve_submodule
 from attnzoo.registry import create
 
@@ -140,7 +140,7 @@ def _apply(host: nn.Module, name: str, x: Tensor) -> Tensor:
     if module is None:
         return x
     if (name == "attention" and eager() and _takes_inplace(type(module))
-            and _fresh_norm_output(x)):
+            and _fresh_norm_output(x) and not has_hooks(module)):
         return module(x, inplace=True)
     return module(x)
 
@@ -157,7 +157,8 @@ def _takes_inplace(cls: type) -> bool:
 def _fresh_norm_output(x: Tensor) -> bool:
     """Whether the "before the residual add" input may be overwritten: no graph is recorded, or
     ``x`` is straight out of a BatchNorm, whose backward does not need its output. (Attached
-    blocks then add the residual into the attention's output in place, as the originals do.)"""
+    blocks then add the residual into the attention's output in place, as the originals do.)
+    Never when the module has hooks, which may keep a reference to their input."""
     return x.grad_fn is None or "BatchNormBackward" in type(x.grad_fn).__name__
 
 

@@ -11,7 +11,7 @@ import math
 from torch import Tensor, nn
 
 from attnzoo.ops import fused_norm
-from attnzoo.ops.gates import conv1d_same, pool_gate_scale
+from attnzoo.ops.gates import conv1d_same, has_hooks, pool_gate_scale
 from attnzoo.ops.validation import (
     check_input,
     check_odd_int,
@@ -132,7 +132,7 @@ class EfficientChannelAttention(nn.Module):
         if fused_norm.fusable(norm, self, z):
             check_input(_NAME, z, self.channels)
             return fused_norm.batchnorm_mean_gate(norm, z, self._gate)
-        return self(norm(z), inplace=True)
+        return self(norm(z), inplace=not has_hooks(self))  # hooks may keep the input
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""
