@@ -1,4 +1,5 @@
-"""BatchNorm + mean-pooled gate (SE, ECA) fused: same values, gradients and running statistics as
+"""Fused training paths: BatchNorm + gate (SE, ECA, GC) and CBAM. Same values, gradients and running
+statistics as
 ``gate(bn(z))`` with stock BatchNorm and the gate's plain-torch path."""
 
 from __future__ import annotations
@@ -245,3 +246,86 @@ def test_identity_init_and_other_modules_are_not_fused(monkeypatch) -> None:
     attnzoo.attach(block, "cbam")
     block(torch.randn(2, 64, 6, 6))
     assert calls == []
+
+
+# ---- CBAM's fused training path (attnzoo.modules.cbam._CBAMScale and friends) ---------------
+def _cbam_stock(module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype):
+    module = copy.deepcopy(module).to(dtype)
+    x = x.detach().to(dtype).requires_grad_()
+    with kernels.disabled(), disable_fast_path():
+        y = module(x)
+    y.backward(g.to(dtype))
+    return y, x.grad, [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("preset", [None, "timm", "yolov4-tiny"])
+# (4, 32, 1, 1): a 1x1 map gives the spatial BatchNorm one value per sample; with only two
+# samples its gradient amplifies a 1-ulp difference in the 7x7 conv's output (our kernel vs
+# oneDNN's) to ~1e-5 of the conv weight's gradient on any path that uses the kernel.
+@pytest.mark.parametrize("shape", [(2, 16, 9, 11), (4, 64, 14, 14), (4, 32, 1, 1), (3, 8, 5, 1)])
+@pytest.mark.parametrize("relu", [False, True])  # ReLU'd inputs: ties at 0 in both max pools
+def test_cbam_fused_training_is_as_accurate_as_stock(preset, shape, relu) -> None:
+    torch.manual_seed(0)
+    module = attnzoo.create("cbam", shape[1], **({"preset": preset} if preset else {}))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(shape)
+    if relu:
+        x = torch.relu(x)
+    g = torch.randn(shape)
+    # Stock float32 on the exact inputs and on inputs and upstream gradients perturbed at
+    # rounding level: where a tiny spatial BatchNorm amplifies rounding (1x1 maps: two values
+    # per channel), every float32 summation order lands somewhere in that spread.
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        return t * (1 + 2.0 ** -24 * torch.randn(t.shape))
+
+    variants = [(x, g), (jitter(x), g), (x, jitter(g)), (jitter(x), jitter(g))]
+    stock = [_cbam_stock(module, xv, gv, torch.float32) for xv, gv in variants]
+    y64, gx64, gp64 = _cbam_stock(module, x, g, torch.float64)
+    fused = copy.deepcopy(module)
+    xf = x.clone().requires_grad_()
+    y = fused(xf)
+    assert type(y.grad_fn).__name__ == "_CBAMScaleBackward"  # the fused path ran
+    y.backward(g)
+    _as_accurate(y.detach(), tuple(v[0].detach() for v in stock), y64.detach(), "output")
+    _as_accurate(xf.grad, tuple(v[1] for v in stock), gx64, "grad x")
+    for i, ((name, p), q64) in enumerate(zip(fused.named_parameters(), gp64)):
+        _as_accurate(p.grad, tuple(v[2][i] for v in stock), q64, f"grad {name}")
+    for (name, b), b64 in zip(fused.named_buffers(), copy.deepcopy(module).double().buffers()):
+        assert b.shape == b64.shape, name
+
+
+def test_cbam_fused_training_ties_split_like_amax() -> None:
+    # whole rows and pixels of equal values: every tie gets an equal share, as amax's backward
+    module = attnzoo.create("cbam", 4, spatial_norm=False)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    x = torch.zeros(2, 4, 3, 3)
+    x[0, 1] = 2.0
+    x[1, :, 1, 1] = 1.5
+    g = torch.randn(2, 4, 3, 3)
+    xf = x.clone().requires_grad_()
+    y = module(xf)
+    assert type(y.grad_fn).__name__ == "_CBAMScaleBackward"
+    y.backward(g)
+    _, gx64, gp64 = _cbam_stock(module, x, g, torch.float64)
+    torch.testing.assert_close(xf.grad, gx64.float(), rtol=1e-5, atol=1e-6)
+    for p, q in zip(module.parameters(), gp64):
+        torch.testing.assert_close(p.grad, q.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_cbam_fused_training_is_skipped_for_gate_hooks_and_autocast() -> None:
+    module = attnzoo.create("cbam", 8)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    assert type(module(x).grad_fn).__name__ == "_CBAMScaleBackward"
+    handle = module.spatial.register_forward_hook(lambda *a: None)
+    try:
+        assert type(module(x).grad_fn).__name__ != "_CBAMScaleBackward"
+    finally:
+        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(module(x).grad_fn).__name__ != "_CBAMScaleBackward"
+    with disable_fast_path():
+        assert type(module(x).grad_fn).__name__ != "_CBAMScaleBackward"

@@ -1070,6 +1070,11 @@ _VALID: dict[str, tuple[tuple[int, ...], ...]] = {  # the shapes of the position
     "channel_mean_max_scaled": (_MAP, (_B, _C, 1, 1)),
     "scale_channel_spatial": (_MAP, (_B, _C, 1, 1), (_B, 1, _H, _W), _MAP),  # the last: out
     "conv_same": (_MAP, (1, _C, 3, 3)),
+    "cbam_grad_spatial": (_MAP, _MAP, (_B, _C, 1, 1), (_B, 1, _H, _W)),
+    "cbam_grad_channel": (_MAP, _MAP, (_B, _C, 1, 1)) + ((_B, 1, _H, _W),) * 4
+    + ((_B, _C, 1, 1),),
+    "cbam_grad_input": (_MAP, _MAP, (_B, _C, 1, 1)) + ((_B, 1, _H, _W),) * 4
+    + ((_B, _C, 1, 1),) * 3,
 }
 
 
@@ -1085,7 +1090,7 @@ def _names_error(name: str) -> str:
 def test_validation_covers_every_kernel():
     public = set(kernels.__all__) - {"available", "disabled", "unavailable_reason", "usable"}
     assert set(_VALID) == public
-    assert len(_SIZED) == 17  # the coefficients, gates and pixel vectors of all kernels
+    assert len(_SIZED) == 33  # the coefficients, gates and pixel vectors of all kernels
 
 
 _LAYOUTS = {
@@ -1302,3 +1307,47 @@ def test_has_hooks_sees_backward_hooks():
     finally:
         handle.remove()
     assert not gates.has_hooks(root)
+
+
+
+# ---- CBAM's backward kernels vs float64 formulas ---------------------------------------------
+def _cbam_case(shape, seed=0, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    x = torch.randn(shape, generator=gen)
+    if ties:  # ReLU'd: pixels whose channels are all 0 tie, and rows of zeros tie
+        x = torch.relu(x)
+        x[0, 0] = 0.0
+        x[:, :, 0, 0] = 0.0
+    s = torch.rand(b, c, 1, 1, generator=gen) + 0.1
+    g = torch.randn(shape, generator=gen)
+    a = torch.rand(b, 1, h, w, generator=gen)
+    v = x * s
+    M = v.amax(1, keepdim=True)
+    mrow = x.amax((2, 3), keepdim=True)
+    return x, s, g, a, v, M, mrow, gen
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (3, 16, 1, 1), (2, 3, 40, 30)], ids=str)
+@pytest.mark.parametrize("ties", [False, True])
+def test_cbam_backward_kernels(lib, shape, ties):
+    x, s, g, a, v, M, mrow, gen = _cbam_case(shape, ties=ties)
+    b, c, h, w = shape
+    x64, s64, g64, a64 = x.double(), s.double(), g.double(), a.double()
+    hit = (v == M).double()  # the ties, exactly as the kernel compares (v computed alike)
+    grad_a, cnt = kernels.cbam_grad_spatial(g, x, s, M)
+    torch.testing.assert_close(grad_a.double(), (s64 * g64 * x64).sum(1, keepdim=True),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(cnt, hit.sum(1, keepdim=True).float())
+    gm_c = torch.randn(b, 1, h, w, generator=gen) / c
+    share = torch.randn(b, 1, h, w, generator=gen) / cnt
+    dv = g64 * a64 + gm_c.double() + hit * share.double()
+    grad_s, rowcnt = kernels.cbam_grad_channel(g, x, s, a, gm_c, M, share, mrow)
+    torch.testing.assert_close(grad_s.double(), (x64 * dv).sum((2, 3), keepdim=True),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(rowcnt, (x == mrow).sum((2, 3), keepdim=True).float())
+    gmean_p = torch.randn(b, c, 1, 1, generator=gen) / (h * w)
+    gmax_share = torch.randn(b, c, 1, 1, generator=gen) / rowcnt
+    got = kernels.cbam_grad_input(g, x, s, a, gm_c, M, share, mrow, gmean_p, gmax_share)
+    want = dv * s64 + gmean_p.double() + (x == mrow).double() * gmax_share.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -300,6 +300,8 @@ class CBAM(nn.Module):
         check_input("CBAM", x, self.channels)
         if self.order == "channel-spatial" and self._fused_inference(x):
             return self._forward_fused(x, inplace)
+        if self.order == "channel-spatial" and self._fused_training(x):
+            return self._forward_fused_training(x)
         # The second gate may overwrite the first one's output (our own intermediate) when no
         # autograd graph is recorded.
         if self.order == "channel-spatial":
@@ -334,6 +336,29 @@ class CBAM(nn.Module):
             return (x * s).mul_(a)
         return kernels.scale_channel_spatial(x, s, a, out=x if inplace else None)
 
+    def _fused_training(self, x: Tensor) -> bool:
+        """Whether :meth:`_forward_fused_training` applies: a graph to record, eager mode, no
+        autocast, float32 parameters, the kernels usable for ``x``, no hooks on the two gates."""
+        if not eager() or torch.is_autocast_enabled(x.device.type):
+            return False
+        if any(p.dtype != torch.float32 for p in self.parameters()):
+            return False
+        if has_hooks(self.channel, self.spatial, recurse=False):
+            return False
+        return kernels.usable(x)
+
+    def _forward_fused_training(self, x: Tensor) -> Tensor:
+        """Channel-then-spatial CBAM with a graph: the same three forward passes as
+        :meth:`_forward_fused` (``x * M_c`` is never written) and a backward of three passes
+        over ``(g, x)`` (:class:`_CBAMScale`, :class:`_CBAMSpatialPools`,
+        :class:`_CBAMChannelPools`); the two gate networks stay ordinary autograd."""
+        link = _CBAMLink()
+        pooled_c = _CBAMChannelPools.apply(x, link)
+        s = self.channel._gate(*pooled_c)
+        pooled_s = _CBAMSpatialPools.apply(x, s, link)
+        a = self.spatial._gate(*pooled_s)
+        return _CBAMScale.apply(x, s, a, link, *pooled_c, *pooled_s)
+
     def attention_map(self, x: Tensor) -> Tensor:
         """The spatial map ``M_s`` (``(B, 1, H, W)``) computed on the input it is applied to."""
         check_input("CBAM", x, self.channels)
@@ -343,3 +368,82 @@ class CBAM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, order={self.order!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CBAM's fused training path: y = (x * s) * a with s = M_c(x), a = M_s(x * s); v = x * s is never
+# stored. Backward, with g = dL/dy (ties of the max pools split evenly, as amax's backward):
+#   grad_a[b, p] = sum_c s g x                              (_CBAMScale, one pass over g, x)
+#   dL/dv = g a + gm / C + [v == M] gM / cnt                (gm, gM: the spatial pools' grads)
+#   grad_s[b, c] = sum_p x dL/dv                            (_CBAMSpatialPools, one pass)
+#   grad_x = dL/dv s + gmean / HW + [x == mrow] gmax / rowcnt   (_CBAMChannelPools, one pass)
+# The gate networks between them are ordinary autograd; each pooled tensor is also an (unused)
+# input of the next function, so the backwards run in this order.
+class _CBAMLink:
+    """What the three functions' backwards hand each other."""
+
+    __slots__ = ("M", "a", "cnt", "g", "gm_c", "mrow", "rowcnt", "s", "share")
+
+
+class _CBAMChannelPools(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, link: _CBAMLink):
+        mean, mx = kernels.rows_mean_max(x)
+        link.mrow = mx
+        ctx.link = link
+        ctx.save_for_backward(x)
+        return mean, mx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gmean: Tensor, gmax: Tensor):
+        (x,) = ctx.saved_tensors
+        link = ctx.link
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            hw = x.shape[2] * x.shape[3]
+            grad_x = kernels.cbam_grad_input(
+                link.g, x, link.s, link.a, link.gm_c, link.M, link.share, link.mrow,
+                (gmean / hw).contiguous(), (gmax / link.rowcnt).contiguous())
+        for name in _CBAMLink.__slots__:
+            setattr(link, name, None)
+        return grad_x, None
+
+
+class _CBAMSpatialPools(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, link: _CBAMLink):
+        mean, mx = kernels.channel_mean_max_scaled(x, s)
+        link.M, link.s = mx, s
+        ctx.link = link
+        ctx.save_for_backward(x)
+        return mean, mx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gm: Tensor, gM: Tensor):
+        (x,) = ctx.saved_tensors
+        link = ctx.link
+        link.gm_c = (gm / x.shape[1]).contiguous()
+        link.share = (gM / link.cnt).contiguous()  # used only where v == M, so cnt >= 1 there
+        grad_s, link.rowcnt = kernels.cbam_grad_channel(link.g, x, link.s, link.a, link.gm_c,
+                                                         link.M, link.share, link.mrow)
+        return None, grad_s, None
+
+
+class _CBAMScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, a: Tensor, link: _CBAMLink, *pooled: Tensor):
+        ctx.link = link
+        ctx.save_for_backward(x, s, a)
+        return kernels.scale_channel_spatial(x, s, a)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, s, a = ctx.saved_tensors
+        link = ctx.link
+        g = g.contiguous()
+        grad_a, link.cnt = kernels.cbam_grad_spatial(g, x, s, link.M)
+        link.g, link.a = g, a
+        return (None, None, grad_a, None) + (None,) * 4

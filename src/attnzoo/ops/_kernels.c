@@ -223,6 +223,89 @@ void az_rows_affine2_pixels(const float* g, const float* x, const float* a, cons
   }
 }
 
+/* ---- CBAM's backward (channel gate s, then spatial gate a; y = (x * s) * a) ----
+ * v = x * s (the channel gate's output, never stored); M[b, p] = max_c v (saved by the forward);
+ * mrow[r] = max_p x[r, :] (the channel gate's max pool). Ties split evenly, as amax's backward. */
+
+/* Per pixel: grad_a[b, p] = sum_c s g x and cnt[b, p] = #{c : x * s == M}. */
+void az_cbam_grad_spatial(const float* g, const float* x, const float* s, const float* M, long B,
+                          long C, long P, float* grad_a, float* cnt, int nt) {
+  const long blocks = (P + AZ_PIXEL_BLOCK - 1) / AZ_PIXEL_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
+  for (long t = 0; t < B * blocks; ++t) {
+    const long b = t / blocks, p0 = (t % blocks) * AZ_PIXEL_BLOCK;
+    const long len = p0 + AZ_PIXEL_BLOCK <= P ? AZ_PIXEL_BLOCK : P - p0;
+    float acc[AZ_PIXEL_BLOCK], n[AZ_PIXEL_BLOCK];
+    const float* mb = M + b * P + p0;
+    for (long i = 0; i < len; ++i) acc[i] = n[i] = 0.f;
+    for (long c = 0; c < C; ++c) {
+      const float* gr = g + (b * C + c) * P + p0;
+      const float* xr = x + (b * C + c) * P + p0;
+      const float sc = s[b * C + c];
+#pragma omp simd
+      for (long i = 0; i < len; ++i) {
+        const float v = xr[i] * sc;
+        acc[i] += gr[i] * v;
+        n[i] += v == mb[i] ? 1.f : 0.f;
+      }
+    }
+    for (long i = 0; i < len; ++i) {
+      grad_a[b * P + p0 + i] = acc[i];
+      cnt[b * P + p0 + i] = n[i];
+    }
+  }
+}
+
+/* The gradient w.r.t. v = x * s: g * a + gm / C + [v == M] * gM / cnt (all per pixel). */
+static inline float cbam_grad_v(float g, float v, float a, float gm_c, float M, float share) {
+  return g * a + gm_c + (v == M ? share : 0.f);
+}
+
+/* Per row r = (b, c): grad_s[r] = sum_p x * dL/dv and rowcnt[r] = #{p : x == mrow[r]}.
+ * gm_c = gm / C and share = gM / cnt are per-pixel vectors prepared by the caller. */
+void az_cbam_grad_channel(const float* g, const float* x, const float* s, const float* a,
+                          const float* gm_c, const float* M, const float* share,
+                          const float* mrow, long B, long C, long P, float* grad_s,
+                          float* rowcnt, int nt) {
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
+  for (long r = 0; r < B * C; ++r) {
+    const long off = (r / C) * P;
+    const float* gr = g + r * P;
+    const float* xr = x + r * P;
+    const float sc = s[r], m = mrow[r];
+    float acc = 0.f, n = 0.f;
+#pragma omp simd reduction(+ : acc, n)
+    for (long i = 0; i < P; ++i) {
+      const float v = xr[i] * sc;
+      acc += xr[i] * cbam_grad_v(gr[i], v, a[off + i], gm_c[off + i], M[off + i], share[off + i]);
+      n += xr[i] == m ? 1.f : 0.f;
+    }
+    grad_s[r] = acc;
+    rowcnt[r] = n;
+  }
+}
+
+/* grad_x = dL/dv * s + gmean[r] / P + [x == mrow[r]] * gmax_share[r] (gmax_share = gmax / rowcnt). */
+void az_cbam_grad_input(const float* g, const float* x, const float* s, const float* a,
+                        const float* gm_c, const float* M, const float* share,
+                        const float* mrow, const float* gmean_p, const float* gmax_share,
+                        long B, long C, long P, float* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
+  for (long r = 0; r < B * C; ++r) {
+    const long off = (r / C) * P;
+    const float* gr = g + r * P;
+    const float* xr = x + r * P;
+    const float sc = s[r], m = mrow[r], base = gmean_p[r], top = gmax_share[r];
+    float* o = out + r * P;
+#pragma omp simd
+    for (long i = 0; i < P; ++i) {
+      const float v = xr[i] * sc;
+      const float gv = cbam_grad_v(gr[i], v, a[off + i], gm_c[off + i], M[off + i], share[off + i]);
+      o[i] = gv * sc + base + (xr[i] == m ? top : 0.f);
+    }
+  }
+}
+
 /* out[b, c, p] = (x[b, c, p] * s[b, c]) * a[b, p]: a channel gate and a spatial gate, one pass. */
 void az_scale_channel_spatial(const float* x, const float* s, const float* a, long B, long C,
                               long P, float* out, int nt) {

@@ -58,6 +58,9 @@ __all__ = [
     "rows_dot_pixels",
     "channel_weighted_sum",
     "rows_affine2_pixels",
+    "cbam_grad_spatial",
+    "cbam_grad_channel",
+    "cbam_grad_input",
     "channel_mean_max_scaled",
     "scale_channel_spatial",
     "conv_same",
@@ -86,6 +89,9 @@ _SIGNATURES = {
     "az_rows_dot_pixels": [_P, _P, _L, _L, _L, _P, _I],
     "az_channel_weighted_sum": [_P, _P, _L, _L, _L, _P, _I],
     "az_rows_affine2_pixels": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
+    "az_cbam_grad_spatial": [_P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
+    "az_cbam_grad_channel": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
+    "az_cbam_grad_input": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
     "az_channel_mean_max_scaled": [_P, _P, _L, _L, _L, _P, _P, _I],
     "az_scale_channel_spatial": [_P, _P, _P, _L, _L, _L, _P, _I],
     "az_conv_same": [_P, _P, _L, _L, _L, _L, _L, _P, _I],
@@ -403,4 +409,57 @@ def conv_same(x: Tensor, weight: Tensor) -> Tensor:
                          f"{tuple(weight.shape)} for input {tuple(x.shape)}")
     out = x.new_empty(b, 1, h, w)
     _lib.az_conv_same(_ptr(x), _ptr(weight), b, cin, h, w, k, _ptr(out), _nt())
+    return out
+
+
+# ---- CBAM's backward: y = (x * s) * a, v = x * s never stored ----------------------------------
+def _cbam_check(name: str, x: Tensor, g: Tensor, s: Tensor,
+                pixel: dict[str, Tensor], row: dict[str, Tensor]) -> tuple[int, int, int]:
+    _require(name, x, g, s, *pixel.values(), *row.values())
+    _same_shape(name, g, x)
+    b, c, h, w = _image(name, x)
+    _require_numel(name, "s", s, b * c)
+    for what, t in pixel.items():
+        _require_numel(name, what, t, b * h * w)
+    for what, t in row.items():
+        _require_numel(name, what, t, b * c)
+    return b, c, h * w
+
+
+def cbam_grad_spatial(g: Tensor, x: Tensor, s: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pixel: ``grad_a = sum_c s * g * x`` and the number of channels where ``x * s`` equals
+    its maximum ``M`` over channels (the forward's spatial max pool); ``(B, 1, H, W)`` each."""
+    b, c, p = _cbam_check("cbam_grad_spatial", x, g, s, {"M": M}, {})
+    grad_a, cnt = x.new_empty(b, 1, *x.shape[2:]), x.new_empty(b, 1, *x.shape[2:])
+    _lib.az_cbam_grad_spatial(_ptr(g), _ptr(x), _ptr(s), _ptr(M), b, c, p, _ptr(grad_a),
+                              _ptr(cnt), _nt())
+    return grad_a, cnt
+
+
+def cbam_grad_channel(g: Tensor, x: Tensor, s: Tensor, a: Tensor, gm_c: Tensor, M: Tensor,
+                      share: Tensor, mrow: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: ``grad_s = sum_p x * dL/dv`` with ``dL/dv = g * a + gm_c + [x * s == M] * share``
+    (``gm_c`` = the spatial mean pool's gradient / C, ``share`` = the spatial max pool's gradient
+    / tie count, per pixel) and the number of pixels where ``x`` equals its row maximum
+    ``mrow``; ``(B, C, 1, 1)`` each."""
+    b, c, p = _cbam_check("cbam_grad_channel", x, g, s,
+                          {"a": a, "gm_c": gm_c, "M": M, "share": share}, {"mrow": mrow})
+    grad_s, rowcnt = x.new_empty(b, c, 1, 1), x.new_empty(b, c, 1, 1)
+    _lib.az_cbam_grad_channel(_ptr(g), _ptr(x), _ptr(s), _ptr(a), _ptr(gm_c), _ptr(M),
+                              _ptr(share), _ptr(mrow), b, c, p, _ptr(grad_s), _ptr(rowcnt), _nt())
+    return grad_s, rowcnt
+
+
+def cbam_grad_input(g: Tensor, x: Tensor, s: Tensor, a: Tensor, gm_c: Tensor, M: Tensor,
+                    share: Tensor, mrow: Tensor, gmean_p: Tensor, gmax_share: Tensor) -> Tensor:
+    """``grad_x = dL/dv * s + gmean_p + [x == mrow] * gmax_share`` (``gmean_p`` = the channel
+    mean pool's gradient / (H * W), ``gmax_share`` = the channel max pool's gradient / tie count,
+    per row), one pass."""
+    b, c, p = _cbam_check("cbam_grad_input", x, g, s,
+                          {"a": a, "gm_c": gm_c, "M": M, "share": share},
+                          {"mrow": mrow, "gmean_p": gmean_p, "gmax_share": gmax_share})
+    out = torch.empty_like(x)
+    _lib.az_cbam_grad_input(_ptr(g), _ptr(x), _ptr(s), _ptr(a), _ptr(gm_c), _ptr(M), _ptr(share),
+                            _ptr(mrow), _ptr(gmean_p), _ptr(gmax_share), b, c, p, _ptr(out),
+                            _nt())
     return out
