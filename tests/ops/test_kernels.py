@@ -1351,3 +1351,25 @@ def test_cbam_backward_kernels(lib, shape, ties):
     got = kernels.cbam_grad_input(g, x, s, a, gm_c, M, share, mrow, gmean_p, gmax_share)
     want = dv * s64 + gmean_p.double() + (x == mrow).double() * gmax_share.double()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+
+def test_a_compiler_without_openmp_still_builds_serial_kernels(tmp_path):
+    """A compiler that rejects -fopenmp (Apple clang) gets the serial build, not the fallback."""
+    real_cc = shutil.which(os.environ.get("CC", "cc"))
+    if real_cc is None:
+        assert not kernels.available()  # no compiler here at all: nothing to wrap
+        return
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text("#!/bin/sh\n"
+                       'for a in "$@"; do [ "$a" = "-fopenmp" ] && exit 1; done\n'
+                       f'exec {real_cc} "$@"\n')
+    wrapper.chmod(0o755)
+    cache = tmp_path / "cache"
+    report = _run_child({"CC": str(wrapper), "ATTNZOO_CACHE_DIR": str(cache),
+                         "ATTNZOO_KERNELS": None})
+    assert report["available"] and report["reason"] is None
+    assert report["records"] == []  # no warning: the kernels are there, on one thread
+    built = list(cache.glob("kernels-*.so"))
+    assert len(built) == 1
+    assert b"libgomp" not in built[0].read_bytes()  # the serial build: no OpenMP runtime linked

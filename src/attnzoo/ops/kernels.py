@@ -8,8 +8,8 @@ without writing ``x * s``, CBAM's two gates applied in one multiply, and CBAM's 
 convolution without oneDNN's fixed costs.
 
 The source is plain C99 + OpenMP (no Python or torch headers), compiled once per machine with
-the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``) into a cache
-directory and loaded with :mod:`ctypes`; compiling takes about a second. The library links
+the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``, else without
+``-march=native``, else without OpenMP: one thread) into a cache directory and loaded with :mod:`ctypes`; compiling takes about a second. The library links
 ``libgomp.so.1`` by name, which resolves to the copy torch's Linux wheels already loaded (one
 OpenMP runtime, one thread pool), and every call passes ``torch.get_num_threads()``.
 
@@ -69,6 +69,9 @@ __all__ = [
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 _FLAGS_PORTABLE = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+#: last resort for compilers without OpenMP (e.g. Apple clang): the pragmas are ignored and the
+#: loops run on one thread
+_FLAGS_SERIAL = ["-O3", "-shared", "-fPIC", "-std=c99"]
 _log = logging.getLogger("attnzoo")
 
 _lib: ctypes.CDLL | None = None
@@ -147,7 +150,7 @@ def _build_and_load() -> ctypes.CDLL:
         raise RuntimeError(f"no C compiler ({cc!r} not found; set $CC)")
     version = _compiler_version(cc)
     errors = []
-    for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
+    for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE, _FLAGS_SERIAL):
         key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(flags),
                                         sys.platform, _cpu_identity()]).encode()).hexdigest()
         target = _cache_dir() / f"kernels-{key[:16]}.so"
