@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from attnzoo.ops import fused_norm
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.gates import has_hooks, pool_gate_scale
+from attnzoo.ops.gates import pool_gate_scale
 from attnzoo.ops.validation import check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -122,10 +122,7 @@ class SqueezeExcitation(nn.Module):
         :func:`attnzoo.ops.fused_norm.fusable`, BatchNorm and this gate run as one fused op
         (:func:`~attnzoo.ops.fused_norm.batchnorm_mean_gate`: BatchNorm's own two passes forward
         and two backward, same result); attached blocks call this."""
-        if fused_norm.fusable(norm, self, z):
-            check_input(_NAME, z, self.channels)
-            return fused_norm.batchnorm_mean_gate(norm, z, self._gate)
-        return self(norm(z), inplace=not has_hooks(self))  # hooks may keep the input
+        return fused_norm.mean_gate_after_batchnorm(self, _NAME, norm, z)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""

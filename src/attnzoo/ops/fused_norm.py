@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from attnzoo.ops import kernels
 from attnzoo.ops.gates import eager, has_hooks
+from attnzoo.ops.validation import check_input
 
-__all__ = ["batch_statistics", "batchnorm_mean_gate", "fusable"]
+__all__ = ["batch_statistics", "batchnorm_mean_gate", "fusable", "mean_gate_after_batchnorm"]
 
 
 def fusable(norm: nn.Module, gate_module: nn.Module, z: Tensor) -> bool:
@@ -97,7 +98,7 @@ def batch_statistics(norm: nn.BatchNorm2d, z: Tensor) -> tuple[Tensor, Tensor, T
 class _Shared:
     """What the two autograd functions below pass each other."""
 
-    __slots__ = ("a", "beta", "mu", "sigma", "row_mean", "batch", "g", "s", "G1", "G2")
+    __slots__ = ("G1", "G2", "a", "batch", "beta", "g", "mu", "row_mean", "s", "sigma")
 
 
 def batchnorm_mean_gate(norm: nn.BatchNorm2d, z: Tensor,
@@ -114,6 +115,18 @@ def batchnorm_mean_gate(norm: nn.BatchNorm2d, z: Tensor,
     pooled = _NormPool.apply(z, gamma, beta, shared)
     s = gate_fn(pooled)
     return _NormScale.apply(z, s, pooled, shared)
+
+
+def mean_gate_after_batchnorm(module: nn.Module, name: str, norm: nn.Module,
+                              z: Tensor) -> Tensor:
+    """``module(norm(z))`` for a mean-pooled gate module (SE, ECA: ``channels``, ``_gate``,
+    ``forward(x, inplace=)``), where the caller owns ``norm(z)``: fused with the BatchNorm when
+    :func:`fusable`, else the two modules one after the other, the gate writing into the
+    BatchNorm's output at inference unless it has hooks (which may keep their input)."""
+    if fusable(norm, module, z):
+        check_input(name, z, module.channels)
+        return batchnorm_mean_gate(norm, z, module._gate)
+    return module(norm(z), inplace=not has_hooks(module))
 
 
 class _NormPool(torch.autograd.Function):
