@@ -11,9 +11,9 @@ its own library's plain ResNet-50.
 
 Protocol: CPU, 2 threads, batch 8, 160x160 inputs. A train step is forward + backward + an SGD
 update (no momentum, so no optimizer state); inference is an eval-mode forward under
-``torch.no_grad()``. Variants are interleaved round by round: every round times every variant
-once, in a rotated order, each immediately after its own library's plain ResNet-50, so that
-machine-load drifts hit both sides of a pair alike. The added cost is the median over rounds of
+``torch.no_grad()`` (the median of three per round). Variants are interleaved round by round:
+every round times every variant once, in a rotated order, each immediately after its own
+library's plain ResNet-50, so that machine-load drifts hit both sides of a pair alike. The added cost is the median over rounds of
 the paired ratio variant / plain, minus 1; the time columns are medians over rounds.
 Target (issue 4): our added train-step cost at most half of timm's for SE, CBAM, ECA and GC.
 
@@ -94,12 +94,17 @@ def time_once(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+#: forwards timed per round for the inference column (their median): one forward is a few times
+#: shorter than a train step and its added cost a few ms, so a single one is mostly noise
+INFER_REPEATS = 3
+
+
 def _time_variant(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     model.train()
     train = time_once(lambda: train_step(model, x, target))
     model.eval()
     with torch.no_grad():
-        infer = time_once(lambda: model(x))
+        infer = statistics.median(time_once(lambda: model(x)) for _ in range(INFER_REPEATS))
     return {"train": train, "infer": infer}
 
 
@@ -177,7 +182,8 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         f"- CPU: {_cpu_name()} ({os.cpu_count()} logical cores), torch threads: "
         f"{torch.get_num_threads()}",
         f"- batch {args.batch_size}, {args.size}x{args.size}, float32, contiguous; train step ="
-        " forward + backward + SGD update; inference = eval forward under no_grad",
+        " forward + backward + SGD update; inference = eval forward under no_grad (median of "
+        f"{INFER_REPEATS} per round)",
         "- every attention in every bottleneck before the residual add; ours with the official "
         "defaults (GC: add fusion, ratio 1/8 as timm's 'gca'); timm via "
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
