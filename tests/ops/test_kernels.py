@@ -101,6 +101,18 @@ def _assert_same_nonfinite(got: torch.Tensor, expected: torch.Tensor) -> torch.T
     return torch.isfinite(expected)
 
 
+def _at_one_and_two_threads(run):
+    """``run()`` with 1 and then 2 torch threads; the thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        return one, run()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _randn(shape, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen) * scale
@@ -742,14 +754,7 @@ def test_results_independent_of_thread_count(lib):
                 *kernels.channel_mean_max_scaled(x, s), kernels.scale_channel_spatial(x, s, a),
                 kernels.conv_same(maps, w)]
 
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(previous)
+    one, two = _at_one_and_two_threads(run)
     names = ["rows mean", "rows max", "rows_dot", "channel mean", "channel max", "scale", "conv"]
     for name, u, v in zip(names, one, two):
         assert torch.equal(u, v), name
@@ -1033,14 +1038,7 @@ def test_new_kernels_independent_of_thread_count(lib):
                 kernels.rows_dot_pixels(x, e1), kernels.channel_weighted_sum(x, coefs[3]),
                 kernels.rows_affine2_pixels(x, y, *coefs, e1, e2)]
 
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(previous)
+    one, two = _at_one_and_two_threads(run)
     names = ["m2 mean", "m2", "sum", "dot", "scale_shift", "affine2", "dot_pixels",
              "channel_weighted_sum", "affine2_pixels"]
     assert len(one) == len(names)
