@@ -1,26 +1,37 @@
-"""What attention costs inside ResNet-50: train-step and inference time, ours vs timm's.
+"""What attention costs inside ResNet-50: plain, fast switch, compiled, and timm, side by side.
 
 For each attention X in SE, CBAM, ECA and GC, the script times ResNet-50 + X against plain
 ResNet-50, for our builders (``attnzoo.models.resnet50(attention=X)``, the official module
-defaults, a module in every bottleneck before the residual add) and, side by side in the same
-run, for timm's ResNet-50 with the same attention through its own hook
+defaults, a module in every bottleneck before the residual add) and, in the same run, for timm's
+ResNet-50 with the same attention through its own hook
 (``timm.create_model("resnet50", block_args=dict(attn_layer=...))`` with 'se', 'cbam', 'eca' and
 'gca' = global context with add fusion and ratio 1/8; our GC uses the same ratio 1/8 and add
-fusion here). Both plain networks are timed too, and every variant's added cost is relative to
-its own library's plain ResNet-50.
+fusion here). Variants of each network:
+
+- ``ours/X``: plain eager (the default); ``ours/X+fast``: built and run with the
+  :mod:`attnzoo.fast` switch on (CBAM and ECA have fast paths; for SE and GC the switch changes
+  nothing, so it is not timed twice);
+- ``ours/X+compile`` and ``timm/X+compile``: the whole network under ``torch.compile`` (with
+  ``--compile``; compiling ResNet-50 takes minutes on two cores);
+- ``timm/X``: timm eager.
+
+Every variant's added cost is relative to its own plain ResNet-50 (same library, same mode:
+compiled variants against the compiled plain network).
 
 Protocol: CPU, 2 threads, batch 8, 160x160 inputs. A train step is forward + backward + an SGD
 update (no momentum, so no optimizer state); inference is an eval-mode forward under
 ``torch.no_grad()`` (the median of three per round). Variants are interleaved round by round:
 every round times every variant once, in a rotated order, each immediately after its own
-library's plain ResNet-50, so that machine-load drifts hit both sides of a pair alike. The added cost is the median over rounds of
-the paired ratio variant / plain, minus 1; the time columns are medians over rounds.
-Target (issue 4): our added train-step cost at most half of timm's for SE, CBAM, ECA and GC.
+baseline, so that machine-load drifts hit both sides of a pair alike. The added cost is the median
+over rounds of the paired ratio variant / baseline, minus 1; the time columns are medians over
+rounds. Target: with the switch on, our added train-step cost at most half of timm's eager one for
+SE, CBAM, ECA and GC.
 
 Usage::
 
-    python benchmarks/network_overhead.py            # full run, 20 rounds (~4 min, 2 quiet cores)
-    python benchmarks/network_overhead.py --quick    # 3 rounds: a smoke run (~1 min), noisy
+    python benchmarks/network_overhead.py              # 20 rounds, eager variants
+    python benchmarks/network_overhead.py --compile    # + the compiled networks
+    python benchmarks/network_overhead.py --quick      # 3 rounds: a smoke run, noisy
 
 Writes ``benchmarks/results/network_overhead.md`` (atomically) unless ``--no-write``.
 """
@@ -61,21 +72,43 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def build_variants(attentions: tuple[str, ...]) -> dict[str, Callable[[], nn.Module]]:
+#: attentions with a fast path (attnzoo.fast); for the others the switch changes nothing
+FAST = ("cbam", "eca")
+
+
+def build_variants(attentions: tuple[str, ...], compile_: bool
+                   ) -> tuple[dict[str, Callable[[], nn.Module]], list[tuple[str, str]]]:
+    """Model makers by variant name, and the (variant, baseline) pairs to time."""
     import timm
 
+    from attnzoo import fast
     from attnzoo.models import resnet50
 
-    variants: dict[str, Callable[[], nn.Module]] = {
-        "ours/none": lambda: resnet50(),
-        "timm/none": lambda: timm.create_model("resnet50", pretrained=False),
-    }
+    def ours(name: str | None, accelerated: bool = False) -> nn.Module:
+        with fast.enabled(accelerated):
+            return resnet50() if name is None else resnet50(attention=name,
+                                                            **OUR_KWARGS.get(name, {}))
+
+    def theirs(name: str | None) -> nn.Module:
+        extra = {} if name is None else {"block_args": dict(attn_layer=TIMM_NAMES[name])}
+        return timm.create_model("resnet50", pretrained=False, **extra)
+
+    makers: dict[str, Callable[[], nn.Module]] = {"ours/none": lambda: ours(None),
+                                                   "timm/none": lambda: theirs(None)}
+    pairs = []
     for name in attentions:
-        variants[f"ours/{name}"] = lambda name=name: resnet50(attention=name,
-                                                              **OUR_KWARGS.get(name, {}))
-        variants[f"timm/{name}"] = lambda name=name: timm.create_model(
-            "resnet50", pretrained=False, block_args=dict(attn_layer=TIMM_NAMES[name]))
-    return variants
+        makers[f"ours/{name}"] = lambda name=name: ours(name)
+        makers[f"timm/{name}"] = lambda name=name: theirs(name)
+        pairs += [(f"ours/{name}", "ours/none"), (f"timm/{name}", "timm/none")]
+        if name in FAST:
+            makers[f"ours/{name}+fast"] = lambda name=name: ours(name, accelerated=True)
+            pairs.append((f"ours/{name}+fast", "ours/none"))
+    if compile_:
+        for key in list(makers):
+            if not key.endswith("+fast"):
+                makers[f"{key}+compile"] = lambda key=key: torch.compile(makers[key]())
+        pairs += [(f"{v}+compile", f"{b}+compile") for v, b in pairs if not v.endswith("+fast")]
+    return makers, pairs
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float = 1e-4) -> None:
@@ -99,42 +132,49 @@ def time_once(fn: Callable[[], None]) -> float:
 INFER_REPEATS = 3
 
 
-def _time_variant(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    model.train()
-    train = time_once(lambda: train_step(model, x, target))
-    model.eval()
-    with torch.no_grad():
-        infer = statistics.median(time_once(lambda: model(x)) for _ in range(INFER_REPEATS))
+def _time_variant(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                  switch: bool) -> dict[str, float]:
+    from attnzoo import fast
+
+    with fast.enabled(switch):
+        model.train()
+        train = time_once(lambda: train_step(model, x, target))
+        model.eval()
+        with torch.no_grad():
+            infer = statistics.median(time_once(lambda: model(x)) for _ in range(INFER_REPEATS))
     return {"train": train, "infer": infer}
 
 
-def measure(rounds: int, batch: int, size: int, attentions: tuple[str, ...],
+def measure(rounds: int, batch: int, size: int, attentions: tuple[str, ...], compile_: bool,
             log: Callable[[str], None]) -> dict:
-    """Time every variant once per round, each right after its library's plain ResNet-50.
+    """Time every pair once per round: the variant right after its baseline.
 
     Returns ``{"times": {variant: {"train": [...], "infer": [...]}}, "ratios": {variant:
-    {"train": [...], "infer": [...]}}}`` where a ratio is variant / plain of the same pair.
+    {"train": [...], "infer": [...]}}}`` where a ratio is variant / baseline of the same round.
     """
     torch.manual_seed(0)
-    makers = build_variants(attentions)
-    models = {name: make() for name, make in makers.items()}
+    makers, pairs = build_variants(attentions, compile_)
+    models = {}
+    for name, make in makers.items():
+        models[name] = make()
+        log(f"built {name}")
     x = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 1000, (batch,))
     times: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in models}
-    ratios: dict[str, dict[str, list[float]]] = {
-        n: {"train": [], "infer": []} for n in models if not n.endswith("/none")}
-    for model in models.values():  # warm-up: one train step and one inference per model
-        _time_variant(model, x, target)
-    pairs = [(lib, a) for a in attentions for lib in ("ours", "timm")]
+    ratios: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v, _ in pairs}
+    for name, model in models.items():  # warm-up (and compilation): two of each
+        for _ in range(2):
+            _time_variant(model, x, target, name.endswith("+fast"))
+        log(f"warmed up {name}")
     for r in range(rounds):
         order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
-        for lib, a in order:
-            base = _time_variant(models[f"{lib}/none"], x, target)
-            this = _time_variant(models[f"{lib}/{a}"], x, target)
+        for variant, baseline in order:
+            base = _time_variant(models[baseline], x, target, False)
+            this = _time_variant(models[variant], x, target, variant.endswith("+fast"))
             for k in ("train", "infer"):
-                times[f"{lib}/none"][k].append(base[k])
-                times[f"{lib}/{a}"][k].append(this[k])
-                ratios[f"{lib}/{a}"][k].append(this[k] / base[k])
+                times[baseline][k].append(base[k])
+                times[variant][k].append(this[k])
+                ratios[variant][k].append(this[k] / base[k])
         log(f"round {r + 1}/{rounds} done")
     return {"times": times, "ratios": ratios}
 
@@ -152,17 +192,19 @@ def summarise(measured: dict, attentions: tuple[str, ...]) -> dict:
     med = {n: {k: statistics.median(v) * 1e3 for k, v in t.items()} for n, t in times.items()}
     added = {n: {k: statistics.median(v) - 1.0 for k, v in r.items()}
              for n, r in pair_ratios.items()}
-    added.update({n: {"train": 0.0, "infer": 0.0} for n in times if n.endswith("/none")})
     ratios = {}
     for a in attentions:
-        ratios[a] = {}
-        for k in ("train", "infer"):
-            theirs = added[f"timm/{a}"][k]
-            ours = added[f"ours/{a}"][k]
-            ratios[a][k] = ours / theirs if theirs > 0 else float("nan")
+        ours = added.get(f"ours/{a}+fast", added[f"ours/{a}"])
+        theirs = added[f"timm/{a}"]
+        ratios[a] = {k: ours[k] / theirs[k] if theirs[k] > 0 else float("nan")
+                     for k in ("train", "infer")}
     # how steady was the machine? spread of the plain networks' train-step times over rounds
-    spread = {n: _iqr_ratio(t["train"]) for n, t in times.items() if n.endswith("/none")}
+    spread = {n: _iqr_ratio(t["train"]) for n, t in times.items() if "/none" in n}
     return {"median_ms": med, "added": added, "ratio": ratios, "spread": spread}
+
+
+def _pct(added: dict, key: str, what: str) -> str:
+    return f"{added[key][what]:+.1%}" if key in added else "—"
 
 
 def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
@@ -173,7 +215,7 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
 
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Attention overhead inside ResNet-50: attnzoo vs timm",
+        "# Attention overhead inside ResNet-50: plain, fast switch, compiled, timm",
         "",
         f"- date: {now}; wall time {wall / 60:.1f} min; rounds: {args.rounds}"
         f"{' (--quick)' if args.quick else ''}",
@@ -187,38 +229,52 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "- every attention in every bottleneck before the residual add; ours with the official "
         "defaults (GC: add fusion, ratio 1/8 as timm's 'gca'); timm via "
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
-        "- variants interleaved round by round, each timed right after its library's plain "
-        "ResNet-50; added = median over rounds of the paired ratio variant / plain, minus 1; "
-        "times are medians over rounds",
+        "- +fast: built and run with `attnzoo.fast` switched on (CBAM, ECA; SE and GC have no fast "
+        "path: their +fast equals plain); +compile: `torch.compile` of the whole network, "
+        "against the compiled plain ResNet-50 of the same library",
+        "- variants interleaved round by round, each timed right after its baseline; added = "
+        "median over rounds of the paired ratio variant / baseline, minus 1; times are medians "
+        "over rounds",
         "- steadiness: plain ResNet-50 train step, upper / lower quartile over rounds: "
         + ", ".join(f"{n} {v:.2f}x" for n, v in summary["spread"].items()),
         *([""] + ["**The machine was busy during this run (the plain ResNet-50's quartiles differ "
-                  "by more than 10 %): the added costs below are not reliable. Re-run on a "
-                  "quiet machine.**"] if max(summary["spread"].values()) > 1.1 else []),
+                  "by more than 10 %): the added costs below are noisy. Re-run on a quiet "
+                  "machine.**"] if max(summary["spread"].values()) > 1.1 else []),
         "",
-        "## Median times",
+        "## Added train-step cost (inference in brackets)",
         "",
-        "| variant | train step ms | added | inference ms | added |",
-        "|---|---:|---:|---:|---:|",
+        "| attention | ours plain | ours +fast | ours +compile | timm | timm +compile |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    med, added = summary["median_ms"], summary["added"]
-    for n in med:
-        lines.append(f"| {n} | {med[n]['train']:.1f} | {added[n]['train']:+.1%} | "
-                     f"{med[n]['infer']:.1f} | {added[n]['infer']:+.1%} |")
+    added = summary["added"]
+    for a in summary["ratio"]:
+        cells = []
+        for key in (f"ours/{a}", f"ours/{a}+fast", f"ours/{a}+compile", f"timm/{a}",
+                    f"timm/{a}+compile"):
+            if key.endswith("+fast") and key not in added:
+                cells.append("= plain")
+            elif key.endswith("+compile") and key not in added:
+                cells.append("not run")
+            else:
+                cells.append(f"{_pct(added, key, 'train')} ({_pct(added, key, 'infer')})")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Ours / timm (added cost ratio; target: train step <= 0.5)",
+        "## Target: with the switch on, our added train-step cost <= 0.5 x timm eager's",
         "",
-        "| attention | train: ours added | timm added | ratio | met | inference: ours added "
-        "| timm added | ratio |",
-        "|---|---:|---:|---:|:---:|---:|---:|---:|",
+        "| attention | ours (switch on) | timm eager | ratio | met |",
+        "|---|---:|---:|---:|:---:|",
     ]
     for a, r in summary["ratio"].items():
+        key = f"ours/{a}+fast" if f"ours/{a}+fast" in added else f"ours/{a}"
         met = "yes" if r["train"] == r["train"] and r["train"] <= 0.5 else "no"
-        lines.append(
-            f"| {a} | {added['ours/' + a]['train']:+.1%} | {added['timm/' + a]['train']:+.1%} | "
-            f"{r['train']:.2f} | {met} | {added['ours/' + a]['infer']:+.1%} | "
-            f"{added['timm/' + a]['infer']:+.1%} | {r['infer']:.2f} |")
+        lines.append(f"| {a} | {_pct(added, key, 'train')} | {_pct(added, f'timm/{a}', 'train')} "
+                     f"| {r['train']:.2f} | {met} |")
+    lines += ["", "## Median times (ms)", "", "| variant | train step | inference |",
+              "|---|---:|---:|"]
+    med = summary["median_ms"]
+    for n in med:
+        lines.append(f"| {n} | {med[n]['train']:.1f} | {med[n]['infer']:.1f} |")
     command = " ".join(["python benchmarks/network_overhead.py", *sys.argv[1:]])
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
@@ -243,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the networks under torch.compile (slow to compile)")
     parser.add_argument("--attention", default=",".join(ATTENTIONS),
                         help="subset of se,cbam,eca,gc (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -255,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown attention(s) {sorted(unknown)}; choose from {ATTENTIONS}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    times = measure(args.rounds, args.batch_size, args.size, attentions,
+    times = measure(args.rounds, args.batch_size, args.size, attentions, args.compile,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     text = render(summarise(times, attentions), args, time.perf_counter() - start)
     print(text)

@@ -61,3 +61,18 @@ def example_input(name: str, batch: int, spatial: tuple[int, ...], *, channels: 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def forward_backward_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rtol: float = 1e-6,
+                          atol: float = 1e-6, grad_rtol: float = 1e-5,
+                          grad_atol: float = 1e-6) -> None:
+    """Run ``a`` and ``b`` on copies of ``x``, backpropagate the same random gradient through
+    both, and assert equal outputs and input gradients (the parameters' ``.grad`` are left set
+    for the caller to compare)."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = a(x1), b(x2)
+    torch.testing.assert_close(y1, y2, rtol=rtol, atol=atol)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=grad_rtol, atol=grad_atol)

@@ -10,41 +10,48 @@ Public entry points::
     attnzoo.viz.cam(model, images)             # Grad-CAM (needs attnzoo[viz])
     attnzoo.viz.attention_maps(model, images)  # what every attention module computed
 
-``attnzoo.viz``, ``attnzoo.bench`` and ``attnzoo.detection`` are imported on first use, so that
-``import attnzoo`` needs only torch and torchvision.
+Everything is imported on first use (PEP 562): ``import attnzoo`` itself imports no third-party
+package, so the command line answers ``--help`` without loading torch. The first access to a
+public name (``attnzoo.create``, ``attnzoo.SqueezeExcitation``...) imports torch, torchvision
+and every attention module (which registers them).
 """
 
 from __future__ import annotations
 
-from attnzoo import modules  # noqa: F401  (registers every module)
-from attnzoo.modules import *  # noqa: F401,F403
-from attnzoo.models.attach import attach, attached, detach, load_pretrained
-from attnzoo.registry import FAMILIES, ModuleInfo, available, create, get, info, register
+import importlib
+import importlib.util
+from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("viz", "bench", "detection", "models")
+#: public name -> the module that defines it
+_API = {
+    **dict.fromkeys(("FAMILIES", "ModuleInfo", "available", "create", "get", "info",
+                     "register"), "attnzoo.registry"),
+    **dict.fromkeys(("attach", "attached", "detach", "load_pretrained"),
+                    "attnzoo.models.attach"),
+}
 
 
-def __getattr__(name: str):  # PEP 562: attnzoo.viz etc. without importing them up front
-    if name in _LAZY_SUBMODULES:
-        import importlib
+def _modules() -> Any:
+    return importlib.import_module("attnzoo.modules")  # registers every module
 
-        return importlib.import_module(f"attnzoo.{name}")
-    raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")
 
-__all__ = [
-    "FAMILIES",
-    "ModuleInfo",
-    "attach",
-    "attached",
-    "available",
-    "detach",
-    "load_pretrained",
-    "create",
-    "get",
-    "info",
-    "register",
-    "__version__",
-    *modules.__all__,
-]
+def __getattr__(name: str) -> Any:
+    if name == "__all__":
+        value: Any = sorted(_API) + ["__version__", *_modules().__all__]
+    elif name in _API:
+        _modules()
+        value = getattr(importlib.import_module(_API[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"attnzoo.{name}") is not None:
+        return importlib.import_module(f"attnzoo.{name}")  # attnzoo.viz, attnzoo.bench...
+    elif not name.startswith("_") and name in _modules().__all__:
+        value = getattr(_modules(), name)  # the module classes: attnzoo.SqueezeExcitation...
+    else:
+        raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

@@ -1,7 +1,11 @@
-"""The ``attnzoo`` command line: thin wrappers that parse, call the library, and print.
+"""The ``attnzoo`` command line (also ``python -m attnzoo``): thin wrappers that parse, call the
+library, and print.
 
-Subcommands: ``list`` (the module table), ``info NAME`` (metadata and docstring summary).
-Each subcommand is added by an ``_add_<name>`` function and handled by a ``_cmd_<name>`` one.
+Subcommands: ``list`` (the module table), ``info NAME`` (metadata and docstring summary),
+``profile``, ``bench`` and ``cam``. Each subcommand is added by an ``_add_<name>`` function and
+handled by a ``_cmd_<name>`` one. Building the parser imports no third-party package (torch,
+Lightning and matplotlib are imported by the commands that need them), so ``--help`` is quick.
+Exit codes: see :func:`main`.
 """
 
 from __future__ import annotations
@@ -132,18 +136,23 @@ def _devices(text: str) -> int | str | list[int]:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from attnzoo.bench.run import DEFAULT_ATTENTIONS, DEFAULT_MODEL
+    from attnzoo.specs import DEFAULT_ATTENTIONS, DEFAULT_MODEL
 
     p = sub.add_parser(
         "bench", help="train a backbone with each attention over seeds and report accuracy",
         description="Train the same backbone with each attention module, several seeds each, "
         "and write a report (results.json/.csv, report.md, report.html) with top-1 mean ± std, "
-        "the paired difference to 'none' with a 95%% CI, params, FLOPs and CPU latency. "
+        "the paired difference to the baseline with a 95% CI, params, FLOPs and CPU latency. "
         "Re-running the same command with the same --out resumes and skips finished runs.")
     p.add_argument("--attention", default=",".join(DEFAULT_ATTENTIONS),
                    help="comma-separated registry names with optional kwargs, e.g. "
                    "'none,se,cbam:reduction=8,eca' ('none' is the baseline; default: %(default)s)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone builder (default: %(default)s)")
+    p.add_argument("--baseline", default=None, metavar="NAME",
+                   help="the attention the differences are computed against, one of "
+                   "--attention (default: 'none' when listed; else no differences)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone builder from "
+                   "attnzoo.models.BUILDERS, optionally with builder arguments as name:key=value "
+                   "(see 'attnzoo profile --help'; default: %(default)s)")
     p.add_argument("--data", default="digits", help="'digits' (built-in cluttered digits), a "
                    "folder of class sub-folders, or cifar10:/path / cifar100:/path with the "
                    "extracted python archives (never downloads; default: %(default)s)")
@@ -156,9 +165,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
     p.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=None,
-                   help="built-in data: training images (default 3000); others: use the first N")
-    p.add_argument("--n-test", type=int, default=None,
-                   help="built-in data: test images (default 1000); others: use the first N")
+                   help="built-in data: training images (default 3000); others: a "
+                   "stratified subset of N (the same share of every class)")
+    p.add_argument("--n-test", type=int, default=None, help="built-in data: test images "
+                   "(default 1000); others: a stratified subset of N")
     p.add_argument("--image-size", type=int, default=32, help="image folders: resize to this")
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto... (default: %(default)s)")
     p.add_argument("--devices", type=_devices, default=1, help="number or list of devices, or "
@@ -172,6 +182,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="also show what Lightning and the "
+                   "profiler print (device info, tips, traces); hidden by default")
     p.add_argument("--no-profile", action="store_true", help="skip params/FLOPs/latency")
     p.add_argument("--no-localise", action="store_true", help="skip the Grad-CAM panels and "
                    "the localisation scores (pointing game, energy in box)")
@@ -185,7 +197,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench_command(args: argparse.Namespace) -> str:
     import shlex
 
-    parts = ["attnzoo", "bench", "--attention", args.attention, "--model", args.model,
+    parts = ["attnzoo", "bench", "--attention", args.attention,
+             *(["--baseline", args.baseline] if args.baseline else []), "--model", args.model,
              "--data", args.data, "--epochs", str(args.epochs),
              "--seeds", ",".join(str(s) for s in args.seeds), "--batch-size", str(args.batch_size),
              "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--out", args.out]
@@ -221,19 +234,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         accelerator=args.accelerator, precision=args.precision, image_size=args.image_size,
         n_train=args.n_train, n_test=args.n_test, num_workers=args.num_workers,
-        progress=not args.no_progress, profile=not args.no_profile,
+        progress=not args.no_progress, verbose=args.verbose, profile=not args.no_profile,
         localise=not args.no_localise, cam_method=args.cam_method,
-        panel_images=args.panel_images, command=_bench_command(args))
+        panel_images=args.panel_images, baseline=args.baseline, command=_bench_command(args))
     if not result.summary:  # a DDP worker (rank > 0): rank 0 reports
         return 0
     headers, rows = result.table()
-    print()
+    # stdout holds the results table only; progress and these notes go to stderr
     _print_table(headers, rows, title=f"attnzoo bench: top-1 on {args.data} "
                  f"({len(args.seeds)} seeds, {args.epochs} epochs)")
     reused = f", {len(result.skipped)} finished runs reused" if result.skipped else ""
-    print(f"\nwall time {result.wall_seconds:.1f} s{reused}")
-    print(f"report: {result.report_html}")
-    print(f"        {result.report_md}")
+    print(f"wall time {result.wall_seconds:.1f} s{reused}\nreport: {result.report_html}\n"
+          f"        {result.report_md}", file=sys.stderr)
     return 0
 
 
@@ -247,9 +259,15 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         "multiply-add) plus the elementwise/normalisation/pooling FLOPs that counter ignores, "
         "median CPU latency of one eval forward, and peak activation memory.")
     p.add_argument("--model", default="resnet50",
-                   help="builder name from attnzoo.models (default: %(default)s)")
+                   help="builder name from attnzoo.models.BUILDERS (the same names as "
+                   "'attnzoo bench --model': cifar_resnet8, resnet18, resnet50, mobilenet_v2...), "
+                   "optionally with builder arguments, e.g. "
+                   "\"cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}\" "
+                   "(default: %(default)s)")
     p.add_argument("--attention", default="none,se,cbam,eca,gc",
-                   help="comma-separated registry names, 'none' = plain (default: %(default)s)")
+                   help="comma-separated registry names with optional kwargs, as for "
+                   "'attnzoo bench', e.g. 'none,se,cbam:reduction=8'; 'none' = plain "
+                   "(default: %(default)s)")
     p.add_argument("--input-size", type=_positive_int, default=224, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="(default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=2,
@@ -265,9 +283,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from attnzoo.bench import profiling
 
-    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     rows = profiling.profile(
-        args.model, attentions, input_size=args.input_size, batch_size=args.batch_size,
+        args.model, [args.attention], input_size=args.input_size, batch_size=args.batch_size,
         threads=args.threads, latency=not args.no_latency, memory=not args.no_memory,
         min_run_time=args.min_run_time)
     if args.format == "table":
@@ -332,12 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code: 0 done, 2 bad usage or input (argparse's
+    own errors, ``ValueError``/``TypeError``, a missing optional dependency), 1 a failure while
+    working (the traceback is printed), 130 interrupted."""
+    args = build_parser().parse_args(argv)  # usage errors exit with 2 here
     try:
         return _COMMANDS[args.command][1](args)
     except (ValueError, TypeError, ImportError) as err:
         print(f"attnzoo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"attnzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (report any failure as exit code 1)
+        import traceback
+
+        traceback.print_exc()
+        print(f"attnzoo {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

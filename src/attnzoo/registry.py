@@ -18,9 +18,10 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported by the modules themselves, not by the registry
+    from torch import nn
 
 __all__ = [
     "FAMILIES",

@@ -15,6 +15,8 @@ from attnzoo.bench.data import (
     load_data,
     load_image_folder,
     make_cluttered_digits,
+    stratified_counts,
+    stratified_indices,
 )
 
 
@@ -203,3 +205,111 @@ def test_sampler_shards_cover_everything() -> None:
     test = [SeededSampler(11, shuffle=False, rank=r, world_size=2) for r in range(2)]
     got = list(test[0]) + list(test[1])
     assert sorted(got) == list(range(11))  # every test image exactly once, no padding
+
+
+# ---------------------------------------------------------------------------------------------
+# stratified subsets (--n-train / --n-test on folders and CIFAR)
+SHAPES = ("circle", "square", "triangle")
+
+
+def _class_sorted_folder(root: Path, n_train: int = 12, n_test: int = 6) -> Path:
+    """train/ and test/ with 3 classes, PNG and JPEG; each class a distinct colour."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(SHAPES):
+            for k in range(n):
+                colour = tuple(200 if i == c else 20 + k for i in range(3))
+                ext = "png" if k % 2 else "jpg"
+                _png(root / split / name / f"{k:02d}.{ext}", colour, size=(8, 8))
+    return root
+
+
+def test_n_train_on_a_class_sorted_folder_keeps_every_class(tmp_path: Path) -> None:
+    root = _class_sorted_folder(tmp_path)
+    data = load_data(str(root), image_size=8, n_train=12, n_test=9)
+    assert len(data.train) == 12 and len(data.test) == 9
+    assert data.class_counts == {"train": dict.fromkeys(SHAPES, 4),
+                                 "test": dict.fromkeys(SHAPES, 3)}
+    # the labels match the images (class c is the image whose channel c is bright)
+    back = data.denormalise(data.train.images)
+    assert torch.equal(back.mean(dim=(2, 3)).argmax(1), data.train.labels)
+    assert "stratified" in data.description and "12 of 36 train" in data.description
+
+
+def test_stratified_subset_is_proportional_and_seeded(tmp_path: Path) -> None:
+    root = tmp_path / "uneven"
+    for name, n in (("a", 10), ("b", 20), ("c", 30)):
+        for k in range(n):
+            _png(root / name / f"{k}.png", (k * 8, 0, 0), size=(4, 4))
+    # no train/test sub-folders: the 20 % test split is drawn first (2 / 4 / 6 images)
+    data = load_data(str(root), image_size=4, n_train=24, seed=5)
+    assert data.class_counts["train"] == {"a": 4, "b": 8, "c": 12}
+    assert data.class_counts["test"] == {"a": 2, "b": 4, "c": 6}
+    again = load_data(str(root), image_size=4, n_train=24, seed=5)
+    other = load_data(str(root), image_size=4, n_train=24, seed=6)
+    assert torch.equal(data.train.images, again.train.images)
+    assert not torch.equal(data.train.images, other.train.images)
+    # n larger than the split: everything, and the description says nothing was cut
+    full = load_data(str(root), image_size=4, n_train=1000)
+    assert len(full.train) == 48 and "stratified subsets" not in full.description
+
+
+def test_stratified_counts_largest_remainder() -> None:
+    assert stratified_counts([40, 40, 40], 40) == [14, 13, 13]
+    assert stratified_counts([10, 20, 30], 7) == [1, 2, 4]
+    assert stratified_counts([5, 5], 100) == [5, 5]
+    for n in range(0, 61):
+        counts = stratified_counts([10, 20, 30], n)
+        assert sum(counts) == n and all(0 <= k <= s for k, s in zip(counts, [10, 20, 30]))
+
+
+def test_a_class_left_with_no_image_is_named(tmp_path: Path) -> None:
+    root = _class_sorted_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"--n-train=2 .*leaves 'triangle' with no image; use "
+                                         r"--n-train >= 3"):
+        load_data(str(root), image_size=8, n_train=2)
+    with pytest.raises(ValueError, match=r"--n-test=1 .*'square', 'triangle'"):
+        load_data(str(root), image_size=8, n_test=1)
+    labels = [0] * 98 + [1] * 2
+    with pytest.raises(ValueError, match=r"leaves 'rare' .*use n >= 26"):
+        stratified_indices(labels, 10, seed=0, classes=["common", "rare"])
+    with pytest.raises(ValueError, match="'rare'"):  # 25 x 2 % = 0.5: the tie goes to 'common'
+        stratified_indices(labels, 25, seed=0, classes=["common", "rare"])
+    kept = stratified_indices(labels, 26, seed=0, classes=["common", "rare"])
+    assert len(kept) == 26 and (np.asarray(labels)[kept] == 1).sum() == 1
+
+
+def test_cli_rejects_an_empty_class_before_training(tmp_path: Path, capsys) -> None:
+    from attnzoo.cli import main
+
+    root = _class_sorted_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["bench", "--data", str(root), "--attention", "none", "--n-train", "2",
+                 "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress",
+                 "--no-localise"])
+    assert code == 2
+    assert "'triangle' with no image" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+def test_cifar_subsets_are_stratified(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = np.sort(np.arange(20) % 10)  # class-sorted files
+        entry = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                 "labels": labels.tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    data = load_data(f"cifar10:{tmp_path}", n_train=30, n_test=10)
+    assert list(data.class_counts["train"].values()) == [3] * 10
+    assert list(data.class_counts["test"].values()) == [1] * 10
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path: Path) -> None:
+    for name, n in (("many", 6), ("single", 1)):
+        for k in range(n):
+            _png(tmp_path / name / f"{k}.png", (k * 30, 0, 0), size=(4, 4))
+    with pytest.raises(ValueError, match=r"too few images of 'single' .*test split would have "
+                                         r"none"):
+        load_data(str(tmp_path), image_size=4)

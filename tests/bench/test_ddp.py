@@ -25,11 +25,13 @@ def test_two_process_ddp_accuracy_is_over_the_whole_test_set(tmp_path: Path) -> 
     cmd = [sys.executable, "-m", "attnzoo.cli", "bench", "--attention", "none,se",
            "--seeds", "1", "--epochs", "2", "--batch-size", "16", "--n-train", "96",
            "--n-test", str(N_TEST), "--out", str(out), "--no-progress", "--no-profile",
-           "--threads", "1", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+           "--threads", "1", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+           "--verbose"]  # Lightning's own messages show the second process
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONHASHSEED": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in done.stderr  # really two processes
+    assert done.stdout.count("attnzoo bench: top-1") == 1  # the table, from rank 0 only
     payload = json.loads((out / "results.json").read_text())
     data = load_data("digits", n_train=96, n_test=N_TEST)
     for run in payload["runs"]:

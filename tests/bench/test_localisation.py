@@ -127,7 +127,9 @@ def test_report_has_the_table_and_the_panels(bench) -> None:
     md = (out / "report.md").read_text()
     assert "## Where the network looks" in md
     assert "pointing game %" in md and "chance %" in md
-    for name in ("cam_compare", "maps_none", "maps_cbam"):
+    # none has no spatial map: its Grad-CAM is in the comparison only (no maps_none panel)
+    assert not (out / "figures" / "maps_none.png").exists()
+    for name in ("cam_compare", "maps_cbam"):
         path = out / "figures" / f"{name}.png"
         assert path.read_bytes().startswith(PNG), name
         assert f"figures/{name}.png" in md
@@ -136,8 +138,9 @@ def test_report_has_the_table_and_the_panels(bench) -> None:
     headers, rows = result.table()
     assert "pointing game %" in headers and "energy in box %" in headers
     html = (out / "report.html").read_text()
-    # accuracy, curves, samples (profile=False: no trade-off plots) + the 3 panels
-    assert html.count("data:image/png;base64,") == 3 + 3
+    # forest, confusion, accuracy, curves, samples (profile=False: no trade-off plots) + the
+    # comparison panel and cbam's attention maps
+    assert html.count("data:image/png;base64,") == 5 + 2
 
 
 def test_no_localise_skips_scores_and_panels(tmp_path: Path) -> None:
@@ -171,7 +174,7 @@ def test_cam_cli_on_a_bench_folder_puts_attentions_side_by_side(bench, tmp_path,
     assert code == 0
     printed = capsys.readouterr().out.split()
     names = sorted(Path(p).name for p in printed)
-    assert names == ["cam_compare.png", "maps_cbam.png", "maps_none.png"]
+    assert names == ["cam_compare.png", "maps_cbam.png"]  # none: no spatial map to show
     for p in printed:
         _valid_png(Path(p))
 

@@ -131,8 +131,9 @@ def test_results_json_csv_and_report(tiny_bench) -> None:
         png = (out / "figures" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
     html = (out / "report.html").read_text()
-    # 5 standard figures + the Grad-CAM panels (comparison, one per attention)
-    assert html.count("data:image/png;base64,") == 5 + 3
+    # 7 standard figures (forest, confusion, accuracy, 2 trade-offs, curves, samples) + the
+    # Grad-CAM comparison (neither none nor se has a spatial map panel)
+    assert html.count("data:image/png;base64,") == 7 + 1
     assert "src=\"http" not in html and "href=" not in html  # self-contained
 
 
@@ -202,7 +203,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 
     done = subprocess.run(_cli(cut_out), check=True, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert "1 finished runs reused" in done.stdout
+    assert "1 finished runs reused" in done.stderr  # stdout holds the results table only
     assert (cut_out / "runs" / "none" / "seed0" / "result.json").read_text() == none_result
     ref = json.loads((ref_out / "results.json").read_text())
     cut = json.loads((cut_out / "results.json").read_text())

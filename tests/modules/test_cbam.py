@@ -21,6 +21,14 @@ EPS = 1e-5
 
 
 # ---- plain, slow reference formulas ------------------------------------------------------
+def _hvp(fn, x, params, seed=9):
+    """Gradients of ``<d<fn(x), g>/dx, v>`` w.r.t. ``x`` and ``params`` (double backward)."""
+    gen = torch.Generator().manual_seed(seed)
+    g, v = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    (gx,) = torch.autograd.grad((fn(x) * g).sum(), x, create_graph=True)
+    return torch.autograd.grad((gx * v).sum(), [x, *params], allow_unused=True)
+
+
 def channel_map_ref(x, w1, b1, w2, b2):
     """sigmoid(MLP(avg) + MLP(max)) with one shared MLP; returns (B, C, 1, 1)."""
     b, c, h, w = x.shape
@@ -89,12 +97,12 @@ VARIANTS = {
     "official": {},
     "timm": {"divisor": 1, "mlp_bias": False, "pool_order": "mean-max", "norm_momentum": 0.1,
              "norm_weight_init": 1.0},
-    "yolov4-tiny (doc 002)": {"reduction": 8, "mlp_bias": False, "pool_order": "mean-max",
-                              "spatial_norm": False, "kernel_size": 7},
-    "doc 000": {"mlp_bias": False, "pool_order": "max-mean", "spatial_norm": False},
-    "doc 001/003": {"mlp_bias": False, "pool_order": "mean-max", "spatial_norm": False},
-    "doc 003 kernel 3": {"mlp_bias": False, "pool_order": "mean-max", "spatial_norm": False,
-                         "kernel_size": 3},
+    "yolov4-tiny": {"reduction": 8, "mlp_bias": False, "pool_order": "mean-max",
+                    "spatial_norm": False, "kernel_size": 7},
+    "CBAMLayer ports": {"mlp_bias": False, "pool_order": "max-mean", "spatial_norm": False},
+    "two-class ports": {"mlp_bias": False, "pool_order": "mean-max", "spatial_norm": False},
+    "two-class ports, kernel 3": {"mlp_bias": False, "pool_order": "mean-max",
+                                  "spatial_norm": False, "kernel_size": 3},
     "spatial-channel": {"order": "spatial-channel"},
     "parallel": {"order": "parallel"},
     "parallel no bn": {"order": "parallel", "spatial_norm": False, "kernel_size": 5},
@@ -147,6 +155,37 @@ def test_spatial_gate_alone_matches_reference(kwargs, training) -> None:
     _check_against(m, lambda t: spatial_ref(m, t, training), x, training)
 
 
+@pytest.mark.parametrize("variant", ["official", "timm", "yolov4-tiny", "parallel"])
+@pytest.mark.parametrize("training", [False, True])
+def test_second_order_gradients_match_reference(variant, training) -> None:
+    m = randomize_(CBAM(8, reduction=2, kernel_size=3, **{
+        k: v for k, v in VARIANTS[variant].items() if k not in ("reduction", "kernel_size")
+    })).double().train(training)
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = list(m.parameters())
+    got = _hvp(m, x, params)
+    want = _hvp(lambda t: cbam_ref(m, t, training), x, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("preset", [None, "timm", "yolov4-tiny"])
+def test_bfloat16_autocast_training_with_bfloat16_input(preset) -> None:
+    """Inside an autocast network the input is already bfloat16: the 7x7 conv must cope."""
+    m = randomize_(attnzoo.create("cbam", 32, preset=preset)).train()
+    ref = randomize_(attnzoo.create("cbam", 32, preset=preset)).train()
+    x = torch.randn(2, 32, 9, 7)
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(xb)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    want = ref(xb.detach().float())  # same weights, float32, on the same rounded input
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_orders_differ_from_each_other() -> None:
     base = randomize_(CBAM(32, reduction=4)).double().eval()
     x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
@@ -181,7 +220,7 @@ def test_running_stats_update_with_momentum() -> None:
     with torch.no_grad():
         mx, avg = x.max(1, keepdim=True).values, x.mean(1, keepdim=True)
         logits = conv2d_ref(torch.cat([mx, avg], 1), m.conv.weight)
-    m(x).sum().backward()  # the fast (custom autograd) path
+    m(x).sum().backward()
     # BatchNorm's running variance uses the unbiased batch variance.
     torch.testing.assert_close(m.bn.running_mean, 0.99 * rm + 0.01 * logits.mean())
     torch.testing.assert_close(m.bn.running_var, 0.99 * rv + 0.01 * logits.var(unbiased=True))
@@ -334,7 +373,7 @@ def test_gate_hooks_capture_the_applied_maps() -> None:
     torch.testing.assert_close(m.attention_map(x), seen["s"])
 
 
-def test_yolov4_tiny_preset_is_document_002() -> None:
+def test_yolov4_tiny_preset_is_bubbliiiing_cbam_block() -> None:
     # cbam_block(channel, ratio=8, kernel_size=7): bias-free 1x1 convs C -> C // 8 -> C,
     # [avg, max], 7x7 conv without bias and without BatchNorm.
     m = attnzoo.create("cbam", 256, preset="yolov4-tiny")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.modules.coord import CoordinateAttention, ca_param_count
-from conftest import randomize_
+from conftest import forward_backward_pair, randomize_
 
 DOUBLE_TOL = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -27,13 +27,18 @@ def _conv1x1(conv, v):
     return out if conv.bias is None else out + conv.bias[None, :, None]
 
 
-def ca_ref(m: CoordinateAttention, x):
+def ca_ref(m: CoordinateAttention, x, training=False):
     _b, _c, h, w = x.shape
     z_h = x.sum(3) / w  # (B, C, H): average over the width
     z_w = x.sum(2) / h  # (B, C, W): average over the height
     y = _conv1x1(m.conv1, torch.cat([z_h, z_w], 2))  # (B, mip, H + W)
     bn = m.bn1
-    y = (y - bn.running_mean[:, None]) / torch.sqrt(bn.running_var[:, None] + bn.eps)
+    if training:  # batch statistics over B and the H + W strip positions (biased variance)
+        mean = y.mean((0, 2))
+        var = ((y - mean[:, None]) ** 2).mean((0, 2))
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    y = (y - mean[:, None]) / torch.sqrt(var[:, None] + bn.eps)
     y = h_swish_ref(y * bn.weight[:, None] + bn.bias[:, None])
     a_h = 1 / (1 + torch.exp(-_conv1x1(m.conv_h, y[:, :, :h])))  # (B, C, H)
     a_w = 1 / (1 + torch.exp(-_conv1x1(m.conv_w, y[:, :, h:])))  # (B, C, W)
@@ -49,15 +54,35 @@ def _grads(out, inputs, seed=3):
 @pytest.mark.parametrize("kwargs", [{}, {"bias": False, "reduction": 24, "divisor": 8},
                                     {"mip": 5}, {"reduction": 4, "min_mip": 2}])
 @pytest.mark.parametrize("spatial", [(1, 1), (7, 7), (4, 9)])
-def test_matches_reference_formula_forward_and_backward(kwargs, spatial):
-    m = randomize_(CoordinateAttention(40, **kwargs), seed=1).double().eval()
+@pytest.mark.parametrize("train", [False, True])
+def test_matches_reference_formula_forward_and_backward(kwargs, spatial, train):
+    m = randomize_(CoordinateAttention(40, **kwargs), seed=1).double().train(train)
     x = torch.randn(2, 40, *spatial, dtype=torch.float64, requires_grad=True)
     params = list(m.parameters())
+    ref = ca_ref(m, x, training=train)[0]
     out = m(x)
-    ref = ca_ref(m, x)[0]
     torch.testing.assert_close(out, ref, **DOUBLE_TOL)
     for got, exp in zip(_grads(out, [x, *params]), _grads(ref, [x, *params])):
         torch.testing.assert_close(got, exp, **DOUBLE_TOL)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_second_order_gradients_match_reference(train):
+    """Hessian-vector products w.r.t. the input equal the reference formula's (x enters the
+    output both directly and through the two gates)."""
+    m = randomize_(CoordinateAttention(12, mip=4), seed=5).double().train(train)
+    x = torch.randn(2, 12, 4, 5, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(9)
+    g, v = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def hvp(fn):
+        (gx,) = torch.autograd.grad((fn(x) * g).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), [x, *m.parameters()])
+
+    got = hvp(m)
+    want = hvp(lambda t: ca_ref(m, t, training=train)[0])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **DOUBLE_TOL)
 
 
 def test_hardswish_is_the_official_h_swish():
@@ -103,9 +128,9 @@ def test_matches_timm_coord_attn(channels, train):
     ours = randomize_(attnzoo.create("ca", channels, preset="timm"), seed=4).train(train)
     theirs = coord_attn(channels).train(train)
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, channels, 7, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+    forward_backward_pair(ours, theirs, torch.randn(2, channels, 7, 10))
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_timm_preset_hidden_width_matches_timm():

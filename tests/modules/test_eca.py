@@ -30,6 +30,14 @@ def eca_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x * s[:, :, None, None]
 
 
+def _hvp(fn, x, params, seed=9):
+    """Gradients of ``<d<fn(x), g>/dx, v>`` w.r.t. ``x`` and ``params`` (double backward)."""
+    gen = torch.Generator().manual_seed(seed)
+    g, v = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    (gx,) = torch.autograd.grad((fn(x) * g).sum(), x, create_graph=True)
+    return torch.autograd.grad((gx * v).sum(), [x, *params], allow_unused=True)
+
+
 def test_kernel_table() -> None:
     # The table documented in eca_kernel_size (gamma=2, b=1).
     table = {1: 1, 4: 1, 7: 1, 8: 3, 16: 3, 32: 3, 64: 3, 128: 5, 256: 5, 512: 5, 1024: 5,
@@ -76,8 +84,19 @@ def test_matches_reference_forward_and_gradients(kwargs, channels_last) -> None:
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_yolov4_tiny_preset_is_the_document_rule() -> None:
-    # Document 002 (eca_block): int(abs((log(C, 2) + b) / gamma)), +1 when even.
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_second_order_gradients_match_reference(kernel_size) -> None:
+    m = randomize_(EfficientChannelAttention(10, kernel_size=kernel_size)).double()
+    x = torch.randn(2, 10, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = m.conv.weight
+    got = _hvp(m, x, [w])
+    want = _hvp(lambda t: eca_reference(t, w.view(-1)), x, [w])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_yolov4_tiny_preset_is_the_adaptive_rule() -> None:
+    # bubbliiiing/yolov4-tiny-pytorch (eca_block): int(abs((log(C, 2) + b) / gamma)), +1 if even.
     for c in [128, 256, 512, 1000, 3]:
         t = int(abs((math.log(c, 2) + 1) / 2))
         assert attnzoo.create("eca", c, preset="yolov4-tiny").kernel_size == (t if t % 2 else t + 1)

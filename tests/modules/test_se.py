@@ -22,6 +22,14 @@ def se_reference(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     return out
 
 
+def _hvp(fn, x, params, seed=9):
+    """Gradients of ``<d<fn(x), g>/dx, v>`` w.r.t. ``x`` and ``params`` (double backward)."""
+    gen = torch.Generator().manual_seed(seed)
+    g, v = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    (gx,) = torch.autograd.grad((fn(x) * g).sum(), x, create_graph=True)
+    return torch.autograd.grad((gx * v).sum(), [x, *params], allow_unused=True)
+
+
 def _weights(m: SqueezeExcitation):
     return m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias
 
@@ -29,7 +37,7 @@ def _weights(m: SqueezeExcitation):
 VARIANTS = [
     ("official", {}),
     ("timm", {"divisor": 8}),
-    ("yolov4-tiny/documents", {"bias": False}),
+    ("yolov4-tiny", {"bias": False}),
     ("reduction 4", {"reduction": 4}),
 ]
 
@@ -55,6 +63,17 @@ def test_matches_reference_forward_and_gradients(label, kwargs, channels_last) -
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("label", "kwargs"), VARIANTS)
+def test_second_order_gradients_match_reference(label, kwargs) -> None:
+    m = randomize_(SqueezeExcitation(12, **{"reduction": 4, **kwargs})).double()
+    x = torch.randn(2, 12, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = [p for p in _weights(m) if p is not None]
+    got = _hvp(m, x, params)
+    want = _hvp(lambda t: se_reference(t, *_weights(m)), x, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 8, 15, 16, 64, 100])

@@ -52,7 +52,8 @@ def softmax_ref(v, dim):
 
 
 def sk_ref(m: SelectiveKernel, x, *, keep_3x3, split_input, norm_act, stride=1):
-    """SKNet Split/Fuse/Select written out; geometry from the paper / documents, not the module."""
+    """SKNet Split/Fuse/Select written out; geometry from the paper and the common SKConv port,
+    not the module."""
     n_br, c_out = m.num_branches, m.out_channels
     chunks = x.chunk(n_br, 1) if split_input else [x] * n_br
     feats = []
@@ -70,7 +71,7 @@ def sk_ref(m: SelectiveKernel, x, *, keep_3x3, split_input, norm_act, stride=1):
         z = z + m.fc_reduce.bias
     if norm_act:
         z = torch.clamp_min(bn_eval_ref(z, m.bn), 0)
-    # one FC per branch (the documents' ``fcs``): rows [i C_out, (i + 1) C_out) of fc_select
+    # one FC per branch (the common port's ``fcs``): rows [i C_out, (i + 1) C_out) of fc_select
     w_sel = m.fc_select.weight[:, :, 0, 0]
     logits = []
     for i in range(n_br):
@@ -88,7 +89,7 @@ VARIANTS = [
     ({}, 64, {"keep_3x3": True, "split_input": False, "norm_act": True}),
     ({"branches": 3, "groups": 8}, 32, {"keep_3x3": True, "split_input": False, "norm_act": True}),
     ({"branches": 1, "groups": 4}, 16, {"keep_3x3": True, "split_input": False, "norm_act": True}),
-    # the documents' SKConv
+    # the common PyTorch SKConv
     ({"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False}, 64,
      {"keep_3x3": False, "split_input": False, "norm_act": False}),
     ({"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False,
@@ -140,8 +141,8 @@ def test_official_geometry_and_defaults():
     assert m.fc_reduce.bias is None and m.fc_select.bias is None
     assert m.attn_channels == 32  # d = max(128 / 16, 32), as conv2_x/B_fc1 in sknet50.prototxt
     assert SelectiveKernel(1024).attn_channels == 64
-    assert SelectiveKernel(1016, groups=8).attn_channels == 63  # int(1016 / 16), as the documents
-    docs = attnzoo.create("sk", 64, preset="documents")
+    assert SelectiveKernel(1016, groups=8).attn_channels == 63  # int(1016 / 16), as the common port
+    docs = attnzoo.create("sk", 64, preset="skconv")
     assert [p[0].kernel_size for p in docs.paths] == [(3, 3), (5, 5)]
     assert [p[0].padding for p in docs.paths] == [(1, 1), (2, 2)]
 

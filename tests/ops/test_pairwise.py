@@ -164,3 +164,40 @@ def test_relu_sum_onnx_dynamic_two_sizes(tmp_path) -> None:
         got = session.run(None, dict(zip(names, (a.numpy(), b.numpy(), v.numpy()))))[0]
         torch.testing.assert_close(torch.from_numpy(got), relu_sum_attention(a, b, v),
                                    atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# second derivatives
+def test_softmax_attention_float64_is_twice_differentiable() -> None:
+    """Float64 with gradients recorded: the explicit formula (the fused kernel has no derivative
+    of its backward)."""
+    q, k, v = rand(2, 7, 3, seed=1), rand(2, 5, 3, seed=2), rand(2, 5, 4, seed=3)
+    assert torch.autograd.gradgradcheck(lambda *t: softmax_attention(*t, scale=0.7), (q, k, v),
+                                        fast_mode=True)
+
+
+def test_softmax_attention_float32_training_stays_fused() -> None:
+    """Ordinary training (float32, forward and backward) never builds the N x M matrix."""
+    n = 2048
+    q, k, v = (torch.randn(2, n, 4, requires_grad=True) for _ in range(3))
+    with LargestTensor() as spy:
+        softmax_attention(q, k, v).square().sum().backward()
+    assert spy.numel < 2 * n * n // 64, f"{spy.op} produced {spy.numel} elements"
+
+
+def test_float32_double_backward_under_math_sdpa_kernel() -> None:
+    """The documented route for float32 gradient penalties: PyTorch's math SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def penalty_grads(q, k, v):
+        y = softmax_attention(q, k, v)
+        (g,) = torch.autograd.grad(y.sin().sum(), q, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), (q, k, v))
+
+    q64, k64, v64 = rand(2, 9, 3, seed=1), rand(2, 6, 3, seed=2), rand(2, 6, 5, seed=3)
+    expected = penalty_grads(q64, k64, v64)
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    with sdpa_kernel(SDPBackend.MATH):
+        got = penalty_grads(q, k, v)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e.float(), rtol=1e-4, atol=1e-5)

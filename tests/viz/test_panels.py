@@ -72,6 +72,8 @@ def test_overwrite_is_atomic_and_failure_leaves_old_file(tmp_path, monkeypatch):
     ({"columns": {"m": torch.rand(2, 8, 8) - 0.5}}, "columns\\['m'\\] must lie in"),
     ({"boxes": torch.tensor([[0, 0, 9, 4]] * 2)}, "boxes"),
     ({"row_labels": ["only one"]}, "row_labels"),
+    ({"cell_labels": {"m": ["one"]}}, "cell_labels\\['m'\\] must name a column"),
+    ({"cell_labels": {"other": ["a", "b"]}}, "cell_labels\\['other'\\]"),
 ])
 def test_validation(tmp_path, kwargs, match):
     args = {"images": torch.rand(2, 3, 8, 8), "columns": {"m": torch.rand(2, 4, 4)}}
@@ -80,6 +82,18 @@ def test_validation(tmp_path, kwargs, match):
         save_panel(tmp_path / "x.png", args.pop("images"), args.pop("columns"), title="t",
                    **args)
     assert not os.listdir(tmp_path)
+
+
+def test_images_as_columns_transposes_the_grid(tmp_path):
+    images, maps = torch.rand(6, 3, 16, 16), {"a": torch.rand(6, 4, 4), "b": torch.rand(6, 4, 4)}
+    rows = save_panel(tmp_path / "rows.png", images, maps, title="t")
+    cols = save_panel(tmp_path / "cols.png", images, maps, title="t", images_as_columns=True,
+                      row_labels=[f"true {i}" for i in range(6)],
+                      cell_labels={"a": [f"pred {i}" for i in range(6)]})
+    with Image.open(rows) as r, Image.open(cols) as c:
+        # 6 images x 3 cells: tall as rows, wide as columns (2-inch cells at 100 dpi)
+        assert r.size[1] > 1100 and r.size[0] < 700
+        assert c.size[0] > 1100 and c.size[1] < 700
 
 
 def test_tiny_rounding_outside_unit_range_is_clamped(tmp_path):

@@ -32,6 +32,11 @@ and ``test`` (or ``val``) sub-folders, those are used; otherwise a stratified
 resized to ``image_size``; the folder is checked before training (missing, empty, non-image or
 unreadable files are named in the error).
 
+``n_train``/``n_test`` on a folder or CIFAR keep *stratified* subsets: each class keeps the same
+share of its images (largest-remainder rounding), drawn at random from ``seed``; a class that
+would keep no image is an error naming it. :attr:`BenchData.class_counts` holds the images per
+class actually used.
+
 ``--data cifar10:/path`` / ``cifar100:/path``: the official "python version" archives extracted
 under ``/path`` (``cifar-10-batches-py/`` or ``cifar-100-python/``). attnzoo never downloads.
 """
@@ -58,6 +63,8 @@ __all__ = [
     "load_data",
     "load_image_folder",
     "make_cluttered_digits",
+    "stratified_counts",
+    "stratified_indices",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -91,9 +98,15 @@ class TensorImageSet(Dataset):
         return self.images[index], self.labels[index]
 
     def subset(self, n: int) -> TensorImageSet:
-        """The first ``n`` items (used to make tiny benches)."""
-        boxes = None if self.boxes is None else self.boxes[:n]
-        return TensorImageSet(self.images[:n], self.labels[:n], boxes)
+        """The first ``n`` items (see :func:`stratified_indices` for a subset keeping every
+        class)."""
+        return self.select(np.arange(min(n, len(self))))
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> TensorImageSet:
+        """The items at ``indices``, in that order."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        boxes = None if self.boxes is None else self.boxes[idx]
+        return TensorImageSet(self.images[idx], self.labels[idx], boxes)
 
 
 @dataclass
@@ -112,6 +125,15 @@ class BenchData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class actually used: ``{"train": {class: n}, "test": {class: n}}``."""
+        def count(split: TensorImageSet) -> dict[str, int]:
+            n = torch.bincount(split.labels, minlength=len(self.classes)).tolist()
+            return dict(zip(self.classes, n))
+
+        return {"train": count(self.train), "test": count(self.test)}
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -176,6 +198,74 @@ class SeededSampler(Sampler[int]):
         if not self.shuffle:
             return len(range(self.rank, self.n, self.world_size))
         return -(-self.n // self.world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# stratified subsets
+def stratified_counts(class_sizes: Sequence[int], n: int) -> list[int]:
+    """Images per class in a stratified subset of ``n`` of them: each class's share
+    ``n * size / total`` rounded down, the remaining images going to the largest remainders
+    (ties to the lower class index). ``n >= total`` takes everything."""
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    if n >= total:
+        return sizes.tolist()
+    quota = sizes * n
+    counts = quota // total
+    left = n - int(counts.sum())
+    order = np.lexsort((np.arange(len(sizes)), -(quota % total)))  # largest remainder first
+    counts[order[:left]] += 1
+    return counts.tolist()
+
+
+def stratified_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int, *,
+                       seed: int | Sequence[int], classes: Sequence[str],
+                       what: str = "n") -> np.ndarray:
+    """Sorted indices of a stratified subset of ``n`` items: :func:`stratified_counts` per class,
+    each class's items drawn at random with ``numpy.random.default_rng(seed)``.
+
+    Raises ``ValueError`` naming the classes that would be left with no item (and the smallest
+    ``n`` that keeps them all), ``what`` being the argument's name in the message.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    sizes = np.bincount(labels, minlength=len(classes))
+    counts = stratified_counts(sizes, n)
+    lost = [c for c, k, size in zip(classes, counts, sizes) if k == 0 and size > 0]
+    if lost:
+        need = next(m for m in range(n, int(sizes.sum()) + 1)
+                    if all(k > 0 for k, size in zip(stratified_counts(sizes, m), sizes) if size))
+        shown = ", ".join(map(repr, lost[:10])) + (f" and {len(lost) - 10} more"
+                                                   if len(lost) > 10 else "")
+        raise ValueError(
+            f"bench data: {what}={n} keeps the same share of each of the {len(classes)} classes "
+            f"of {int(sizes.sum())} images, which leaves {shown} with no image; use {what} >= "
+            f"{need} (or leave it unset to use every image)")
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in enumerate(counts)]
+    return np.sort(np.concatenate(picked))
+
+
+def _subset(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int | None, *, seed: int,
+            split: str, classes: Sequence[str]) -> np.ndarray | None:
+    """Indices of the stratified ``n_train``/``n_test`` subset of a split; ``None`` = all."""
+    if n is None or n >= len(labels):
+        return None
+    salt = {"train": 1, "test": 2}[split]  # independent draws for the two splits
+    return stratified_indices(labels, n, seed=(seed, salt), classes=classes, what=f"--n-{split}")
+
+
+def _take(items: list[tuple[Path, int]], n: int | None, *, seed: int, split: str,
+          classes: Sequence[str]) -> list[tuple[Path, int]]:
+    keep = _subset([k for _, k in items], n, seed=seed, split=split, classes=classes)
+    return items if keep is None else [items[i] for i in keep]
+
+
+def _subset_note(data: BenchData, totals: tuple[int, int]) -> str:
+    """``"; stratified subsets of 40 of 120 train and 20 of 36 test images (...)"`` or ``""``."""
+    used = [(len(data.train), totals[0], "train"), (len(data.test), totals[1], "test")]
+    cut = [f"{k} of {t} {split}" for k, t, split in used if k < t]
+    return (f"; stratified subsets of {' and '.join(cut)} images (same share of each class)"
+            if cut else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,17 +528,27 @@ def scan_image_folder(path: str | os.PathLike) -> dict[str, tuple[list[str], lis
 
 
 def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
-                      test_fraction: float = 0.2, seed: int = 0) -> BenchData:
-    """Load an ImageFolder-style directory into memory (see the module docstring)."""
+                      test_fraction: float = 0.2, seed: int = 0, n_train: int | None = None,
+                      n_test: int | None = None) -> BenchData:
+    """Load an ImageFolder-style directory into memory (see the module docstring).
+
+    ``n_train``/``n_test`` keep stratified subsets of the splits (:func:`stratified_indices`,
+    drawn with ``seed``) before any image is decoded; the normalisation statistics are those of
+    the training images used.
+    """
     scanned = scan_image_folder(path)
     if "all" in scanned:
         classes, items = scanned["all"]
         labels = np.array([k for _, k in items])
         rng = np.random.default_rng(seed)
         train_idx, test_idx = _split_sources(labels, test_fraction, rng)
-        if len(test_idx) == 0 or len(train_idx) == 0:
-            raise ValueError(f"bench data: {path} has too few images ({len(items)}) to split "
-                             f"into train and test with test_fraction={test_fraction}")
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            empty = [c for k, c in enumerate(classes) if not (labels[idx] == k).any()]
+            if empty:
+                raise ValueError(
+                    f"bench data: {path} has too few images of {', '.join(map(repr, empty))} "
+                    f"to split them into train and test with test_fraction={test_fraction}: the "
+                    f"{split} split would have none; add images or use train/ and test/ folders")
         train_items = [items[i] for i in train_idx]
         test_items = [items[i] for i in test_idx]
         how = f"stratified {test_fraction:.0%} test split (seed {seed})"
@@ -456,6 +556,9 @@ def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
         classes, train_items = scanned["train"]
         test_items = scanned["test"][1]
         how = "the folder's own train/test split"
+    totals = (len(train_items), len(test_items))
+    train_items = _take(train_items, n_train, seed=seed, split="train", classes=classes)
+    test_items = _take(test_items, n_test, seed=seed, split="test", classes=classes)
     x_train, bad_train = _read_images(train_items, image_size)
     x_test, bad_test = _read_images(test_items, image_size)
     _raise_unreadable(sorted(bad_train + bad_test))
@@ -466,9 +569,11 @@ def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
     y_test = torch.tensor([k for _, k in test_items], dtype=torch.int64)
     desc = (f"image folder {path}: {len(classes)} classes, {len(train_items)} train / "
             f"{len(test_items)} test images resized to {image_size}x{image_size} ({how})")
-    return BenchData(name=str(path), train=TensorImageSet(xf_train, y_train),
+    data = BenchData(name=str(path), train=TensorImageSet(xf_train, y_train),
                      test=TensorImageSet(xf_test, y_test), classes=classes, description=desc,
                      mean=mean, std=std)
+    data.description += _subset_note(data, totals)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,17 +669,24 @@ def load_data(spec: str = "digits", *, image_size: int = 32, seed: int = 0,
               n_train: int | None = None, n_test: int | None = None) -> BenchData:
     """Load ``--data``: ``digits`` (built-in), a folder path, or ``cifar10:/p``/``cifar100:/p``.
 
-    ``n_train``/``n_test`` set the built-in data's sizes, and cut the others to their first items
-    (for quick trials).
+    ``n_train``/``n_test`` set the built-in data's sizes; for the others they keep stratified
+    subsets (the same share of each class, drawn with ``seed``; a class that would be left with
+    no image is a ``ValueError`` naming it). :attr:`BenchData.class_counts` gives the images per
+    class actually used.
     """
     kind, path = parse_data_spec(spec)
     if kind == "digits":
         kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
         return load_digits_data(seed=seed, **kw)
-    data = (load_image_folder(path, image_size=image_size, seed=seed) if kind == "folder"
-            else load_cifar(kind, path))  # type: ignore[arg-type]
-    if n_train is not None:
-        data.train = data.train.subset(n_train)
-    if n_test is not None:
-        data.test = data.test.subset(n_test)
+    if kind == "folder":
+        return load_image_folder(path, image_size=image_size, seed=seed,  # type: ignore[arg-type]
+                                 n_train=n_train, n_test=n_test)
+    data = load_cifar(kind, path)  # type: ignore[arg-type]
+    totals = (len(data.train), len(data.test))
+    for split, n in (("train", n_train), ("test", n_test)):
+        part = getattr(data, split)
+        keep = _subset(part.labels, n, seed=seed, split=split, classes=data.classes)
+        if keep is not None:
+            setattr(data, split, part.select(keep))
+    data.description += _subset_note(data, totals)
     return data

@@ -11,14 +11,15 @@ stage) is computed for the image's **true class** and scored with
   CAM's total mass inside the box, averaged over images.
 
 Both are stored as fractions and reported in percent, mean ± std over seeds, with the paired
-difference to ``none`` (same seeds) and the **chance level**: the mean share of the image the box
-covers, which is what both scores give for a map that carries no information (uniform, or maximum
-at a uniformly random place). The scores are cached per run in
-``runs/<attention>/seed<k>/localisation.json`` (written atomically; a re-run reuses them).
+difference to the baseline (``none`` unless another is named; same seeds) and the **chance
+level**: the mean share of the image the box covers, which is what both scores give for a map
+that carries no information (uniform, or maximum at a uniformly random place). The scores are
+cached per run in ``runs/<attention>/seed<k>/localisation.json`` (written atomically; a re-run
+reuses them).
 
-Panels (PNG, see :func:`write_panels`): for a fixed set of test images (the first ``n``), the
-image with its box, then Grad-CAM of every attention side by side (one seed), and per attention
-the image, its Grad-CAM and the spatial maps its attention modules computed
+Panels (PNG, see :func:`write_panels`): for a fixed set of test images drawn from every class
+in turn, the image (with its box, where the data has boxes), then Grad-CAM of every attention
+side by side (one seed), and for the attentions that compute spatial maps, those maps
 (``attnzoo.viz.attention_maps``). Panels use the **predicted** class, as a user asking "why did
 it say 7?" would; the localisation score uses the true class.
 """
@@ -44,7 +45,7 @@ __all__ = [
     "score_localisation",
     "summarize_localisation",
     "make_cam_panels",
-    "report_section",
+    "report_sections",
     "write_panels",
 ]
 
@@ -139,7 +140,7 @@ def localise_run(run_dir: str | os.PathLike, data: Any, *, method: str = "gradca
 
 def summarize_localisation(labels: Sequence[str], seeds: Sequence[int],
                            per_run: Mapping[tuple[str, int], dict], *,
-                           baseline: str = "none") -> list[dict[str, Any]]:
+                           baseline: str | None = "none") -> list[dict[str, Any]]:
     """Per attention: mean ± std over seeds of both scores, the chance level, and the paired
     differences of both scores to ``baseline`` (95 % CI over the shared seeds)."""
     base = {s: per_run[(baseline, s)] for s in seeds if (baseline, s) in per_run}
@@ -191,16 +192,18 @@ def write_panels(models: Mapping[str, nn.Module], images: torch.Tensor, display:
                  out_dir: str | os.PathLike, *, labels: torch.Tensor | None = None,
                  boxes: torch.Tensor | None = None, classes: Sequence[str] | None = None,
                  method: str = "gradcam", note: str = "") -> list[Path]:
-    """Write the comparison panel and one attention-map panel per model; return the PNG paths.
+    """Write the comparison panel and the attention-map panels; return the PNG paths.
 
     Args:
         models: label -> trained model (the label is shown in the titles; ``none`` = baseline).
         images: ``(B, C, H, W)`` normalised network inputs; ``display`` the same images in
             ``[0, 1]`` (RGB) for the pictures.
-        out_dir: where the PNGs go: ``cam_compare.png`` (Grad-CAM of every model side by side,
-            written when there are two models or more) and ``maps_<label>.png`` per model
-            (image | Grad-CAM | the spatial attention maps of its modules).
-        labels: true classes (shown next to the predictions); ``boxes``: drawn on every image.
+        out_dir: where the PNGs go. With two models or more: ``cam_compare.png`` (one column per
+            image; the image, then the CAM of every model, each cell labelled with that model's
+            prediction) and ``maps_<label>.png`` for each model whose attention modules compute
+            a spatial map (the image, then those maps; the CAM is in the comparison). With one
+            model: ``maps_<label>.png`` with the image, its CAM and its spatial maps.
+        labels: true classes (shown above each image); ``boxes``: drawn on every image.
         method: the ``attnzoo.viz.cam`` method.
         note: appended to the titles (e.g. ``"seed 0"``).
     """
@@ -209,31 +212,43 @@ def write_panels(models: Mapping[str, nn.Module], images: torch.Tensor, display:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f", {note}" if note else ""
+    title = _method_title(method)
+    truth = None if labels is None else [f"true {_cls(classes, int(t))}" for t in labels]
     written = []
     cams = {}
     for label, model in models.items():
         pred = _predicted(model, images)
         cams[label] = (viz.cam(model, images, method=method, targets=pred), pred)
-    if len(models) > 1:
+    compare = len(models) > 1
+    if compare:
         path = out_dir / "cam_compare.png"
         viz.save_panel(path, display, {label: c for label, (c, _) in cams.items()},
-                       title=f"{_method_title(method)} for the predicted class, per attention "
-                             f"(same images, side by side){suffix}", boxes=boxes,
-                       row_labels=None if labels is None else [f"true {_cls(classes, int(t))}"
-                                                               for t in labels])
+                       title=f"{title} for the predicted class, per attention (same images; "
+                             f"under each: the prediction){suffix}", boxes=boxes,
+                       row_labels=truth, images_as_columns=True,
+                       cell_labels={label: _cell_labels(pred, labels, classes)
+                                    for label, (_, pred) in cams.items()})
         written.append(path)
     for label, model in models.items():
         cam, pred = cams[label]
-        columns = {_method_title(method): cam}
-        columns.update(viz.panel_columns_for(model, images, cam=False))
+        maps = viz.panel_columns_for(model, images, cam=False)
+        if compare and not maps:
+            continue  # nothing the comparison panel does not show already
+        columns = maps if compare else {title: cam, **maps}
+        what = " | ".join([title] * (not compare) + ["spatial attention maps"] * bool(maps))
         path = out_dir / f"maps_{_safe(label)}.png"
-        extra = "" if len(columns) > 1 else " (this network has no spatial attention map)"
-        viz.save_panel(path, display, columns,
-                       title=f"{label}: image | {_method_title(method)} | spatial attention "
-                             f"maps{extra}{suffix}", boxes=boxes,
-                       row_labels=_row_labels(pred, labels, classes))
+        viz.save_panel(path, display, columns, title=f"{label}: image | {what}{suffix}",
+                       boxes=boxes, row_labels=_row_labels(pred, labels, classes),
+                       images_as_columns=True)
         written.append(path)
     return written
+
+
+def _cell_labels(pred: torch.Tensor, truth: torch.Tensor | None,
+                 classes: Sequence[str] | None) -> list[str]:
+    marks = [""] * len(pred) if truth is None else [
+        " ✓" if int(p) == int(t) else " ✗" for p, t in zip(pred, truth)]
+    return [f"pred {_cls(classes, int(p))}{m}" for p, m in zip(pred, marks)]
 
 
 def _cls(classes: Sequence[str] | None, i: int) -> str:
@@ -255,64 +270,89 @@ LOCALISATION_TEXT = (
     "inside the digit's box. **Energy in box**: share of the map's total mass inside the box, "
     "averaged over images. Both over all test images, mean ± std over seeds. **Chance** is the "
     "mean share of the image the box covers: what a map without information scores on both. "
-    "Δ is the paired difference to `none` over the same seeds, with its 95 % CI. Target "
+    "Δ is the paired difference to the baseline over the same seeds, with its 95 % CI. Target "
     "layer: the network's last stage; its maps are coarse (4×4 on the default 32×32 "
     "ResNet-8), so a hit means the right cell, not the right pixel.")
 
 
-def localisation_table(summary: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """Rows of the report's localisation table from the bench summary."""
+def localisation_table(summary: Sequence[dict], baseline: str | None = "none"
+                       ) -> tuple[list[str], list[list[str]]]:
+    """Rows of the report's localisation table from the bench summary (no Δ columns without a
+    ``baseline``)."""
     from attnzoo.bench.report import fmt_diff, fmt_pct
 
-    headers = ["attention", "top-1 %", "pointing game %", "Δ pointing vs none [95% CI]",
-               "energy in box %", "Δ energy vs none [95% CI]", "chance %"]
+    def delta(s: dict, k: str) -> list[str]:
+        if baseline is None:
+            return []
+        if f"{k}_diff" in s:
+            return [fmt_diff(s[f"{k}_diff"], s[f"{k}_diff_low"], s[f"{k}_diff_high"])]
+        return ["baseline" if s["attention"] == baseline else "n/a"]
+
+    d = [] if baseline is None else [f"Δ pointing vs {baseline} [95% CI]"]
+    e = [] if baseline is None else [f"Δ energy vs {baseline} [95% CI]"]
+    headers = ["attention", "top-1 %", "pointing game %", *d, "energy in box %", *e, "chance %"]
     rows = []
     for s in summary:
         if "pointing_game" not in s:
             continue
-        diffs = ["baseline" if f"{k}_diff" not in s else fmt_diff(
-            s[f"{k}_diff"], s[f"{k}_diff_low"], s[f"{k}_diff_high"]) for k in ("pointing",
-                                                                               "energy")]
         rows.append([s["attention"], fmt_pct(s["test_acc"], s["test_acc_std"]),
-                     fmt_pct(s["pointing_game"], s["pointing_game_std"]), diffs[0],
-                     fmt_pct(s["energy_in_box"], s["energy_in_box_std"]), diffs[1],
+                     fmt_pct(s["pointing_game"], s["pointing_game_std"]), *delta(s, "pointing"),
+                     fmt_pct(s["energy_in_box"], s["energy_in_box_std"]), *delta(s, "energy"),
                      fmt_pct(s["chance"])])
     return headers, rows
 
 
-def report_section(result: Any, data: Any, plan: Sequence[tuple[Any, int, Path]],
-                   seeds: Sequence[int], method: str, n_images: int) -> Any:
-    """The report section "Where the network looks": the localisation table and the panels of
-    the first ``n_images`` test images (seed ``min(seeds)``), written under ``figures/``."""
-    from attnzoo.bench.report import Figure, Section, Table, Text
+def report_sections(result: Any, data: Any, plan: Sequence[tuple[Any, int, Path]],
+                    seeds: Sequence[int], method: str, n_images: int) -> list[Any]:
+    """The report's "Where the network looks" (the localisation table on data with boxes, and
+    the CAM comparison panel) and, collapsed, "Attention maps per module" (the panels of the
+    attentions that compute spatial maps). The panels show ``n_images`` test images drawn from
+    every class in turn (:func:`~attnzoo.bench.report.sample_per_class`), seed ``min(seeds)``;
+    their PNGs are written under ``figures/``."""
+    from attnzoo.bench.report import Figure, Section, Table, Text, sample_per_class
     from attnzoo.bench.run import load_run_model
 
+    title = _method_title(method)
     blocks: list[Any] = []
-    headers, rows = localisation_table(result.summary)
+    headers, rows = localisation_table(result.summary, getattr(result, "baseline", "none"))
     if rows:
-        blocks += [Table(headers, rows), Text(LOCALISATION_TEXT.format(
-            method=_method_title(method)))]
+        blocks += [Table(headers, rows), Text(LOCALISATION_TEXT.format(method=title))]
     seed = min(seeds)
     models = {spec.label: load_run_model(run_dir)[0] for spec, s, run_dir in plan if s == seed}
-    n = min(n_images, len(data.test))
-    images = data.test.images[:n]
-    boxes = None if data.test.boxes is None else data.test.boxes[:n]
+    idx = sample_per_class(data.test.labels, n_images)
+    images = data.test.images[idx]
+    boxes = None if data.test.boxes is None else data.test.boxes[idx]
     paths = write_panels(models, images, data.denormalise(images), Path(result.out) / "figures",
-                         labels=data.test.labels[:n], boxes=boxes, classes=data.classes,
+                         labels=data.test.labels[idx], boxes=boxes, classes=data.classes,
                          method=method, note=f"seed {seed}")
+    box_note = " (red box: the digit)" if boxes is not None else ""
+    compare = [p for p in paths if p.name == "cam_compare.png"]
+    maps = [p for p in paths if p.name != "cam_compare.png"]
     blocks.append(Text(
-        f"Panels: the first {n} test images, seed {seed}, {_method_title(method)} for the "
-        "predicted class. In the per-attention panels the attention columns are the spatial "
-        "maps of the last (up to 4) attention modules that compute one, in depth order, each "
-        "min-max scaled per image and upsampled onto the image; channel-only modules (SE, ECA) "
-        "have none."))
-    for path in paths:
-        caption = (f"{_method_title(method)} of every attention for the same test images "
-                   "(red box: the digit)." if path.name == "cam_compare.png" else
-                   f"{path.stem[len('maps_'):]}: image | {_method_title(method)} | spatial "
-                   "attention maps.")
-        blocks.append(Figure(path.name, path.read_bytes(), caption))
-    return Section("Where the network looks", blocks)
+        f"{len(idx)} test images drawn from every class in turn, seed {seed}, {title} for the "
+        "predicted class; under each image the network's prediction (✓ right, ✗ wrong)."))
+    if compare:
+        blocks.append(Figure(compare[0].name, compare[0].read_bytes(),
+                             f"{title} of every attention for the same test images{box_note}."))
+        shown = []
+    else:  # one network: its panel (image | CAM | maps) is the picture
+        shown, maps = maps, []
+    for path in shown:
+        blocks.append(Figure(path.name, path.read_bytes(),
+                             f"{path.stem[len('maps_'):]}: image | {title} | spatial attention "
+                             f"maps{box_note}."))
+    sections = [Section("Where the network looks", blocks)]
+    without = [lab for lab in models if f"maps_{_safe(lab)}.png" not in {p.name for p in maps}]
+    if maps:
+        sections.append(Section("Attention maps per module", [Text(
+            "The spatial maps of the last (up to 4) attention modules that compute one, in depth "
+            "order, each min-max scaled per image and upsampled onto the image, for the images "
+            f"above{box_note}."
+            + (f" {', '.join(f'`{lab}`' for lab in without)}: no spatial map (no attention, or "
+               "channel-only modules such as SE and ECA)." if without else ""))]
+            + [Figure(p.name, p.read_bytes(), f"{p.stem[len('maps_'):]}: spatial attention "
+                      "maps.") for p in maps], collapsed=True))
+    return sections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +417,8 @@ def make_cam_panels(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
             attention's run of ``seed`` (default: the lowest) goes side by side.
         out: folder for the PNGs (see :func:`write_panels`).
         images: a folder of image files (resized to the run's image size, normalised with the
-            run's statistics); else ``data`` (a ``--data`` spec, default the run's own data) whose
-            first ``n`` test images are used, with their labels and boxes.
+            run's statistics); else ``data`` (a ``--data`` spec, default the run's own data): ``n``
+            of its test images drawn from every class in turn, with their labels and boxes.
         n: number of images (rows).
         method: the ``attnzoo.viz.cam`` method.
     """
@@ -406,18 +446,26 @@ def make_cam_panels(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         inputs = (display - m) / s
         shown = ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
         note = f"images from {Path(images).name}/ ({shown})"
+        classes = cfg.get("classes")  # rows say "pred <class name>"
     else:
         spec = data or cfg["data"]
         same = spec == cfg["data"]
         bench_data = load_data(spec, image_size=cfg["image_size"], seed=cfg["data_seed"],
                                n_train=cfg.get("n_train") if same else None,
                                n_test=cfg.get("n_test") if same else None)
-        k = min(n, len(bench_data.test))
-        inputs = bench_data.test.images[:k]
+        trained = cfg.get("num_classes")
+        if trained is not None and bench_data.num_classes != trained:
+            raise ValueError(f"cam: --data {spec} has {bench_data.num_classes} classes "
+                             f"({', '.join(map(str, bench_data.classes))}) but the checkpoint "
+                             f"was trained on {trained}; give data with the same classes")
+        from attnzoo.bench.report import sample_per_class
+
+        idx = sample_per_class(bench_data.test.labels, n)
+        inputs = bench_data.test.images[idx]
         display = bench_data.denormalise(inputs)
-        labels, classes = bench_data.test.labels[:k], bench_data.classes
-        boxes = None if bench_data.test.boxes is None else bench_data.test.boxes[:k]
-        note = f"first {k} test images of {spec}"
+        labels, classes = bench_data.test.labels[idx], bench_data.classes
+        boxes = None if bench_data.test.boxes is None else bench_data.test.boxes[idx]
+        note = f"{len(idx)} test images of {spec}, from every class in turn"
     if len(dirs) > 1:
         note = f"seed {cfg['seed']}, {note}"
     return write_panels(models, inputs, display, out, labels=labels, boxes=boxes,

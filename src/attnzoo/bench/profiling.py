@@ -139,15 +139,15 @@ class ElementwiseCounter(TorchDispatchMode):
 @torch.no_grad()
 def count_flops(model: nn.Module, x: Tensor) -> tuple[int, int]:
     """``(flops, extra_flops)`` of one forward of ``model`` on ``x`` (see module docstring),
-    counted on the plain-torch path (the fused CPU kernels are disabled while counting: the
-    counters observe torch ops and would miss the kernels' work)."""
+    counted on the plain-torch path (:mod:`attnzoo.fast` is switched off while counting: its
+    custom ops report their matmuls and convolutions, but not the elementwise work inside)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attnzoo.ops import kernels
+    from attnzoo import fast
 
     counter = FlopCounterMode(display=False)
     extra = ElementwiseCounter()
-    with kernels.disabled(), counter, extra:  # the counters see torch ops only
+    with fast.enabled(False), counter, extra:
         model(x)
     return int(counter.get_total_flops()), int(extra.total)
 
@@ -236,8 +236,12 @@ def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = (
             input_size: int = 224, batch_size: int = 1, threads: int | None = 2,
             latency: bool = True, memory: bool = True, min_run_time: float = 1.0,
             **builder_kwargs: Any) -> list[ProfileRow]:
-    """Profile a builder (``"resnet50"`` or any :data:`attnzoo.models.BUILDERS` entry, or a
-    callable ``builder(attention=...)``) with each attention (``"none"`` = plain network).
+    """Profile a builder with each attention (``"none"`` = the plain network).
+
+    ``model`` is a name of :data:`attnzoo.models.BUILDERS` (``"resnet50"``, ``"cifar_resnet8"``,
+    optionally with ``:key=value`` builder arguments) or a callable ``builder(attention=...)``;
+    ``attentions`` are registry names with optional arguments (``"cbam:reduction=8"``), the syntax
+    of ``attnzoo bench`` (:mod:`attnzoo.specs`).
 
     Returns one :class:`ProfileRow` per attention, in order; ``params_delta`` is relative to
     the first row. ``profile(module, x)`` (an ``nn.Module`` and an input tensor) profiles that
@@ -245,39 +249,34 @@ def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = (
     ``torch.set_num_threads`` for the measurements (restored
     afterwards); ``builder_kwargs`` go to the builder (``num_classes``, ``stages``...).
     """
-    from attnzoo.models import BUILDERS
+    from attnzoo.models import resolve_builder
+    from attnzoo.specs import BASELINE, parse_attentions, validate_attentions
 
     if isinstance(model, nn.Module):  # profile(module, x): one built model, no memory column
         if not isinstance(attentions, Tensor):
             raise TypeError("attnzoo.bench.profile: profile(module, x) needs an input tensor x")
         return profile_model(model, attentions, name=type(model).__name__, memory=False,
                              min_run_time=min_run_time)  # type: ignore[return-value]
-    if isinstance(model, str):
-        if model not in BUILDERS:
-            import difflib
-
-            close = difflib.get_close_matches(model, list(BUILDERS), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"attnzoo.bench.profile: unknown model {model!r}.{hint} "
-                             f"Available: {', '.join(BUILDERS)}")
-        name, builder = model, BUILDERS[model]
-    else:
-        name, builder = getattr(model, "__name__", "model"), model
+    name, builder = resolve_builder(model, prog="attnzoo.bench.profile")
+    specs = parse_attentions([str(a) for a in attentions], prog="attnzoo.bench.profile")
+    validate_attentions(specs, prog="attnzoo.bench.profile")
     for key, value in (("input_size", input_size), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"attnzoo.bench.profile: {key} must be a positive integer, "
                              f"got {value!r}")
+    plain_kwargs = {k: v for k, v in builder_kwargs.items() if k in ("num_classes",
+                                                                      "model_kwargs")}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     rows: list[ProfileRow] = []
     try:
-        for attention in attentions:
-            attn = None if attention in (None, "none", "") else attention
-            net = builder(attention=attn, **builder_kwargs) if attn is not None else builder(
-                **{k: v for k, v in builder_kwargs.items() if k in ("num_classes",
-                                                                    "model_kwargs")})
-            row = profile_model(net, name=name, attention=attn or "none", input_size=input_size,
+        for spec in specs:
+            if spec.name == BASELINE:
+                net = builder(**plain_kwargs)
+            else:
+                net = builder(attention=spec.name, **{**builder_kwargs, **dict(spec.kwargs)})
+            row = profile_model(net, name=name, attention=spec.label, input_size=input_size,
                                 batch_size=batch_size, latency=latency, memory=memory,
                                 min_run_time=min_run_time,
                                 baseline_params=rows[0].params if rows else None)

@@ -33,14 +33,23 @@ __all__ = [
     "Text",
     "atomic_write_bytes",
     "atomic_write_text",
+    "build_sections",
+    "chance_level",
     "fmt_diff",
     "fmt_pct",
+    "how_to_read",
+    "mean_ci",
+    "near_chance",
     "plot_accuracy",
+    "plot_confusion",
     "plot_curves",
+    "plot_forest",
     "plot_samples",
     "plot_tradeoff",
+    "pooled_confusions",
     "render_html",
     "render_markdown",
+    "sample_per_class",
     "write_json",
     "write_report",
     "write_results_csv",
@@ -60,8 +69,9 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
                                        allow_nan=True) + "\n")
 
 
-CSV_COLUMNS = ("row", "attention", "seed", "n_seeds", "test_acc", "test_acc_std", "diff_vs_none",
-               "diff_low", "diff_high", "verdict", "test_n", "train_acc", "train_loss",
+CSV_COLUMNS = ("row", "attention", "seed", "n_seeds", "test_acc", "test_acc_std", "baseline",
+               "diff_vs_baseline", "diff_low", "diff_high", "verdict", "test_n", "train_acc",
+               "train_loss",
                "params", "flops", "extra_flops", "latency_ms", "peak_mb", "train_seconds")
 
 
@@ -82,9 +92,11 @@ def write_results_csv(path: str | os.PathLike, runs: Sequence[dict],
 # report structure
 @dataclass
 class Text:
-    """A paragraph of Markdown-ish text (``**bold**`` and ``code`` pass through to HTML)."""
+    """A paragraph of Markdown-ish text (``**bold**`` and ``code`` pass through to HTML);
+    ``note`` highlights it (a warning the reader must not miss)."""
 
     text: str
+    note: bool = False
 
 
 @dataclass
@@ -113,9 +125,12 @@ Block = Text | Table | Figure | Code
 
 @dataclass
 class Section:
+    """A titled list of blocks; ``collapsed`` sections render closed (``<details>``) in HTML."""
+
     title: str
     blocks: list[Block] = field(default_factory=list)
     level: int = 2
+    collapsed: bool = False
 
 
 def _md_cell(v: Any) -> str:
@@ -128,7 +143,7 @@ def render_markdown(title: str, sections: Sequence[Section], figures_dir: str = 
         out += [f"{'#' * sec.level} {sec.title}", ""]
         for b in sec.blocks:
             if isinstance(b, Text):
-                out += [b.text, ""]
+                out += [("> " if b.note else "") + b.text, ""]
             elif isinstance(b, Code):
                 out += ["```", b.text.rstrip("\n"), "```", ""]
             elif isinstance(b, Table):
@@ -163,6 +178,8 @@ table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border:1px solid #ccc;p
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 pre{background:#f6f6f6;padding:.7em;overflow-x:auto}code{background:#f3f3f3;padding:0 .2em}
 figure{margin:1em 0}figcaption{color:#555;font-size:.9em}img{max-width:100%}
+details{margin:.4em 0}summary{cursor:pointer}summary>h2,summary>h3{display:inline}
+.note{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em}
 """
 
 
@@ -172,7 +189,8 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
              f"<h1>{html.escape(title)}</h1>"]
     for sec in sections:
         lvl = min(max(sec.level, 2), 6)
-        parts.append(f"<h{lvl}>{html.escape(sec.title)}</h{lvl}>")
+        heading = f"<h{lvl}>{html.escape(sec.title)}</h{lvl}>"
+        parts.append(f"<details><summary>{heading}</summary>" if sec.collapsed else heading)
         for b in sec.blocks:
             if isinstance(b, Text):
                 lines = b.text.split("\n")
@@ -180,7 +198,8 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
                     items = "".join(f"<li>{_inline(ln[2:])}</li>" for ln in lines if ln.strip())
                     parts.append(f"<ul>{items}</ul>")
                 else:
-                    parts.append(f"<p>{_inline(b.text)}</p>")
+                    cls = ' class="note"' if b.note else ""
+                    parts.append(f"<p{cls}>{_inline(b.text)}</p>")
             elif isinstance(b, Code):
                 parts.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
             elif isinstance(b, Table):
@@ -197,6 +216,8 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
                 cap = f"<figcaption>{_inline(b.caption)}</figcaption>" if b.caption else ""
                 parts.append(f"<figure><img alt=\"{alt}\" src=\"data:image/png;base64,{data}\">"
                              f"{cap}</figure>")
+        if sec.collapsed:
+            parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -344,46 +365,347 @@ def plot_samples(images: Any, labels: Sequence[int], classes: Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------
+# the answer: chance level, confidence intervals, per-class accuracy, the forest plot
+#: a top-1 within this many points of the chance level is flagged as "near chance"
+NEAR_CHANCE_POINTS = 0.05
+
+
+def chance_level(labels: Any, num_classes: int) -> dict[str, Any]:
+    """What guessing scores on a test set with these labels: ``uniform`` (1 / classes),
+    ``majority`` (always answering the most frequent class, ``majority_class``), and ``chance``,
+    the larger of the two (the level a network must clearly beat)."""
+    import torch
+
+    counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes)
+    total = int(counts.sum())
+    top = int(counts.argmax())
+    majority = int(counts[top]) / total if total else float("nan")
+    uniform = 1.0 / num_classes
+    return {"uniform": uniform, "majority": majority, "majority_class": top,
+            "chance": max(uniform, majority)}
+
+
+def near_chance(mean: float, low: float, chance: float) -> bool:
+    """True when a top-1 ``mean`` is below, at or within :data:`NEAR_CHANCE_POINTS` of
+    ``chance``, or the lower end ``low`` of its 95 % CI (``nan`` with one seed) reaches it."""
+    if mean is None or math.isnan(mean):
+        return False
+    return mean - chance < NEAR_CHANCE_POINTS or (not math.isnan(low) and low <= chance)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean and its Student-t interval (``nan`` ends for one value)."""
+    from attnzoo.bench.stats import summarize, t_quantile
+
+    st = summarize(values)
+    if st.n < 2:
+        return st.mean, float("nan"), float("nan")
+    half = t_quantile(st.n - 1, confidence) * st.std / math.sqrt(st.n)
+    return st.mean, st.mean - half, st.mean + half
+
+
+def pooled_confusions(runs: Sequence[dict], num_classes: int) -> dict[str, Any]:
+    """Per attention, the test confusion matrices ``[true, predicted]`` summed over its seeds
+    (a ``(K, K)`` int64 tensor). Runs without one (results written by older versions) are
+    left out."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for r in runs:
+        m = r.get("confusion")
+        if m is None:
+            continue
+        t = torch.as_tensor(m, dtype=torch.int64)
+        if tuple(t.shape) == (num_classes, num_classes):
+            out[r["attention"]] = out[r["attention"]] + t if r["attention"] in out else t
+    return out
+
+
+def _per_class_accuracy(confusion: Any) -> Any:
+    m = confusion.double()
+    return m.diagonal() / m.sum(1).clamp_min(1)
+
+
+def sample_per_class(labels: Any, n: int, *, seed: int = 0) -> list[int]:
+    """``n`` indices drawn from every class in turn, sorted by class.
+
+    Round robin over the classes (in an order drawn from ``seed``), taking from each a random
+    image not taken yet: every class is shown when ``n`` >= the number of classes, whatever the
+    order of the images (e.g. a folder sorted by class). Deterministic for a given ``seed``.
+    """
+    import torch
+
+    labels = torch.as_tensor(labels).long().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    pools = [torch.nonzero(labels == c).flatten() for c in
+             classes[torch.randperm(len(classes), generator=gen)]]
+    pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
+    n = min(n, len(labels))
+    picked: list[int] = []
+    for k in range(max((len(p) for p in pools), default=0)):
+        picked += [p[k] for p in pools if k < len(p)][:n - len(picked)]
+        if len(picked) >= n:
+            break
+    return sorted(picked, key=lambda i: (int(labels[i]), i))
+
+
+def _whisker(ax: Any, y: float, m: float, lo: float, hi: float, color: str) -> None:
+    err = None if math.isnan(lo) else [[m - lo], [hi - m]]
+    ax.errorbar([m], [y], xerr=err, fmt="o", color=color, ecolor=color, capsize=3, ms=5)
+
+
+def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, float]],
+                baseline: str | None, chance: float) -> bytes:
+    """The answer in one figure: top-1 per attention with its 95 % CI and the chance level,
+    then the paired differences to ``baseline`` with their 95 % CIs (top-1, and the pointing
+    game and energy in the box when the summary has them), one row per attention."""
+    plt = _plt()
+    panels: list[tuple[str, tuple[str, str, str] | None]] = [("top-1 % (mean, 95 % CI)", None)]
+    if baseline is not None:
+        panels.append((f"Δ top-1 vs {baseline} (points)",
+                       ("diff_vs_baseline", "diff_low", "diff_high")))
+        for key, name in (("pointing", "pointing game"), ("energy", "energy in box")):
+            if any(f"{key}_diff" in s for s in summary):
+                panels.append((f"Δ {name} vs {baseline} (points)",
+                               (f"{key}_diff", f"{key}_diff_low", f"{key}_diff_high")))
+    n = len(summary)
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
+                             figsize=(min(11.0, 2.8 * len(panels) + 1.6), 0.38 * n + 1.0))
+    ys = list(range(n))[::-1]  # the first attention at the top
+    for ax, (title, keys) in zip(axes[0], panels):
+        xs = [100 * chance] if keys is None else [0.0]
+        for y, s in zip(ys, summary):
+            if keys is None:
+                m, lo, hi = acc_ci[s["attention"]]
+                color = "#e6550d" if near_chance(m, lo, chance) else "#08519c"
+            elif keys[0] in s:
+                m, lo, hi = (s[k] for k in keys)
+                undecided = math.isnan(lo) or lo <= 0.0 <= hi
+                color = "#777777" if undecided else ("#1a9850" if m > 0 else "#d73027")
+            else:
+                if s["attention"] == baseline:
+                    ax.text(0, y, "baseline", ha="center", va="center", fontsize=8,
+                            color="#555555")
+                continue
+            _whisker(ax, y, 100 * m, 100 * lo, 100 * hi, color)
+            xs += [100 * v for v in (m, lo, hi) if not math.isnan(v)]
+        pad = max(1.0, 0.08 * (max(xs) - min(xs)))
+        low, high = min(xs) - pad, max(xs) + pad
+        if keys is None:  # an accuracy lies in [0, 100] whatever a wide CI says
+            low, high = max(low, -pad), min(high, 100 + pad)
+        ax.set_xlim(low, high)
+        if keys is None:
+            ax.axvline(100 * chance, color="#e6550d", ls="--", lw=1)
+            ax.set_xlabel(f"dashed: chance {100 * chance:.1f} %", fontsize=8)
+        else:
+            ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_yticks(ys, [s["attention"] for s in summary])
+    axes[0][0].set_ylim(-0.6, n - 0.4)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_confusion(confusions: dict[str, Any], classes: Sequence[str]) -> bytes:
+    """One confusion matrix per attention (rows: true class, columns: predicted), each row in
+    percent of the class's test images; cells are annotated up to 10 classes, and the axes name
+    the classes up to 20."""
+    plt = _plt()
+    k, labels = len(classes), list(confusions)
+    ncols = min(len(labels), 4)
+    nrows = math.ceil(len(labels) / ncols)
+    cell = 2.3 if k <= 10 else 3.0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols + 0.4, cell * nrows + 0.3),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    names = [str(c)[:10] for c in classes]
+    for ax, label in zip(axes.flat, labels):
+        m = confusions[label].double()
+        pct = 100 * m / m.sum(1, keepdim=True).clamp_min(1)
+        ax.axis("on")
+        ax.imshow(pct.numpy(), cmap="Blues", vmin=0, vmax=100)
+        ax.set_title(f"{label} ({100 * float(m.diagonal().sum() / m.sum().clamp_min(1)):.1f} %)",
+                     fontsize=9)
+        if k <= 20:
+            ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(k), names, fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if k <= 10:
+            for i in range(k):
+                for j in range(k):
+                    v = float(pct[i, j])
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if v > 50 else "black")
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
 # the bench report
-HOW_TO_READ = (
-    "- **top-1** is the test accuracy after the last epoch, mean ± sample standard deviation over "
-    "the seeds. Each seed fixes the initial weights and the order of the training batches; every "
-    "attention is trained with the same seeds, so seed *s* of `se` and seed *s* of `none` saw the "
-    "same batches in the same order.\n"
-    "- **Δ vs none** is the mean over seeds of the paired difference top-1(attention) − "
-    "top-1(none), in percentage points, with its 95 % confidence interval from Student's t "
-    "distribution with n−1 degrees of freedom.\n"
-    "- **no detectable effect**: the interval contains 0. With these seeds and this data the "
-    "module cannot be told apart from the baseline; it does not mean the effect is exactly 0. "
-    "More seeds narrow the interval.\n"
-    "- The test images are never used for choosing anything (no early stopping, no best-epoch "
-    "pick); the curves are shown for information only.\n"
-    "- **params / MFLOPs / latency** are for the whole network and one image on this machine's "
-    "CPU. MFLOPs are counted by `torch.utils.flop_counter` (convolutions, matmuls; 2 FLOPs per "
-    "multiply-add); **+elementwise** adds the pointwise, normalisation and pooling operations "
-    "that counter ignores, which is where gating attention spends its time "
-    "(`attnzoo.bench.profiling`). Latency is the median forward time in eval mode; it is noisy "
-    "on a busy machine.")
+def how_to_read(baseline: str | None) -> str:
+    """The "how to read the numbers" notes of the report (``baseline``: its name or None)."""
+    base = baseline or "the baseline"
+    return (
+        "- **top-1** is the test accuracy after the last epoch, mean ± sample standard deviation "
+        "over the seeds (the figure shows the mean with its 95 % CI). Each seed fixes the initial "
+        "weights and the order of the training batches; every attention is trained with the "
+        "same seeds, so seed *s* of every attention saw the same batches in the same order.\n"
+        f"- **Δ vs {base}** is the mean over seeds of the paired difference top-1(attention) − "
+        f"top-1({base}), in percentage points, with its 95 % confidence interval from Student's "
+        "t distribution with n−1 degrees of freedom. The baseline is `none` when it is among "
+        "the attentions, else the one named by `--baseline` (API: `baseline=`); without either, "
+        "no Δ is computed.\n"
+        "- **no detectable effect**: the interval contains 0. With these seeds and this data the "
+        "module cannot be told apart from the baseline; it does not mean the effect is exactly "
+        "0. More seeds narrow the interval.\n"
+        "- **chance level**: what guessing scores, the larger of 1 / classes and the share of "
+        "the most frequent test class. A top-1 within "
+        f"{100 * NEAR_CHANCE_POINTS:.0f} points of it (or whose 95 % CI reaches it) is flagged "
+        "**near chance**: such a network has learned little, and its differences say nothing "
+        "about the modules.\n"
+        "- The test images are never used for choosing anything (no early stopping, no "
+        "best-epoch pick); the curves are shown for information only.\n"
+        "- **params / MFLOPs / latency** are for the whole network and one image on this "
+        "machine's CPU. MFLOPs are counted by `torch.utils.flop_counter` (convolutions, matmuls; "
+        "2 FLOPs per multiply-add); **+elementwise** adds the pointwise, normalisation and "
+        "pooling operations that counter ignores, which is where gating attention spends its "
+        "time (`attnzoo.bench.profiling`). Latency is the median forward time in eval mode; it "
+        "is noisy on a busy machine.")
 
 
-def build_sections(result: Any, data: Any, run_config: dict, env: dict,
-                   command: str) -> list[Section]:
-    """The standard sections of the bench report (summary, plots, data, runs, environment)."""
-    summary, runs = result.summary, result.runs
+def _answer_section(result: Any, data: Any, run_config: dict,
+                    per_seed: dict[str, list[float]]) -> Section:
+    """Setup, forest plot, chance level (with flags), the results table, the baseline note."""
+    summary, baseline = result.summary, getattr(result, "baseline", "none")
+    seeds = sorted({r["seed"] for r in result.runs})
+    acc_ci = {lab: mean_ci(v) for lab, v in per_seed.items()}
+    ch = chance_level(data.test.labels, data.num_classes)
+    chance = ch["chance"]
+    blocks: list[Block] = [Text(
+        f"{run_config['model']} on {data.description}. {run_config['epochs']} epochs, batch "
+        f"{run_config['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule peaking at lr "
+        f"{run_config['lr']}, weight decay {run_config['weight_decay']}; seeds "
+        f"{', '.join(map(str, seeds))}.")]
+    has_loc = any("pointing_diff" in s for s in summary)
+    caption = ("Left: test top-1 per attention, mean over seeds with its 95 % CI; dashed: the "
+               "chance level; orange: near chance.")
+    if baseline is not None:
+        caption += (f" Right: the paired difference to `{baseline}` in percentage points with "
+                    "its 95 % CI (green: better, red: worse, grey: no detectable effect)"
+                    + (", for top-1, the pointing game and the energy in the box." if has_loc
+                       else "."))
+    blocks.append(Figure("forest.png", plot_forest(summary, acc_ci, baseline, chance), caption))
+    text = (f"**Chance level: {100 * chance:.1f} %** (1 of {data.num_classes} classes at random"
+            f": {100 * ch['uniform']:.1f} %")
+    if ch["majority"] > ch["uniform"] + 1e-9:
+        name = data.classes[ch["majority_class"]]
+        text += (f"; always answering the most frequent test class, `{name}`: "
+                 f"{100 * ch['majority']:.1f} %")
+    blocks.append(Text(text + ")."))
+    flagged = [s["attention"] for s in summary if near_chance(*acc_ci[s["attention"]][:2], chance)]
+    if flagged:
+        shown = ", ".join(f"`{lab}` ({100 * acc_ci[lab][0]:.1f} %)" for lab in flagged)
+        blocks.append(Text(
+            f"**Near chance**: {shown} — within {100 * NEAR_CHANCE_POINTS:.0f} points of the "
+            "chance level, or the 95 % CI reaches it. These networks learned little, so their "
+            "differences say nothing about the modules: train longer (`--epochs`), on more "
+            "images, or check the data.", note=True))
     headers, rows = result.table()
+    rows = [list(r) for r in rows]
+    for row, s in zip(rows, summary):
+        if s["attention"] in flagged:
+            row[1] = f"{row[1]} (near chance)"
+    blocks.append(Table(headers, rows))
+    if baseline is None:
+        blocks.append(Text(
+            "**No baseline**: `none` is not among the attentions and no `--baseline` was given, "
+            "so no differences (Δ) are computed. Add `none` to `--attention`, or name one of "
+            "the attentions with `--baseline NAME` (API: `baseline=`).", note=True))
+    return Section("Result", blocks)
+
+
+def _per_class_sections(result: Any, data: Any) -> list[Section]:
+    conf = pooled_confusions(result.runs, data.num_classes)
+    if not conf:
+        return [Section("Per-class accuracy", [Text(
+            "Not available: these runs were recorded without their confusion matrices.")])]
+    baseline = getattr(result, "baseline", "none")
+    acc = {lab: _per_class_accuracy(m) for lab, m in conf.items()}
+    test_counts = data.class_counts["test"]
+    rows = []
+    for k, name in enumerate(data.classes):
+        cells = []
+        for lab in conf:
+            cell = f"{100 * float(acc[lab][k]):.1f}"
+            if baseline in acc and lab != baseline:
+                cell += f" ({100 * float(acc[lab][k] - acc[baseline][k]):+.1f})"
+            cells.append(cell)
+        rows.append([name, test_counts[name], *cells])
+    table = Table(["class", "test images", *conf], rows,
+                  "Top-1 per class (%), pooled over seeds"
+                  + (f"; in parentheses the difference to `{baseline}` (points)."
+                     if baseline in acc else "."))
+    many = data.num_classes > 20
+    return [Section("Per-class accuracy", [
+        Figure("confusion.png", plot_confusion(conf, data.classes),
+               "Confusion matrices on the test set, summed over the seeds (row: true class, "
+               "column: predicted class; each row in % of the class's test images). Title: the "
+               "attention and its pooled top-1."), *([] if many else [table])]),
+        *([Section("Per-class accuracy: table", [table], collapsed=True)] if many else [])]
+
+
+def _data_section(data: Any) -> Section:
+    blocks: list[Block] = [Text(data.description + ".")]
+    if data.name == "digits":
+        blocks.append(Text(
+            "Each image is a 32×32 canvas holding one handwritten digit (8×8 from scikit-learn's "
+            "`load_digits`, upscaled to 16×16) at a random position, among fragments cut from "
+            "other digits of the same split. The class is the digit; the red box (shown here, "
+            "never given to the network) is the digit's bounding box. Train and test use "
+            "disjoint source digits. Generator: `attnzoo.bench.data.make_cluttered_digits`."))
+    counts = data.class_counts
+    if data.num_classes <= 20:
+        blocks.append(Table(["class", "train images", "test images"],
+                            [[c, counts["train"][c], counts["test"][c]] for c in data.classes],
+                            "Images per class used:"))
+    else:
+        lo = {s: min(counts[s].values()) for s in counts}
+        hi = {s: max(counts[s].values()) for s in counts}
+        blocks.append(Text(f"Images per class used: {lo['train']}–{hi['train']} train, "
+                           f"{lo['test']}–{hi['test']} test."))
+    idx = sample_per_class(data.test.labels, 16)
+    boxes = None if data.test.boxes is None else data.test.boxes[idx]
+    blocks.append(Figure("samples.png", plot_samples(
+        data.denormalise(data.test.images[idx]), data.test.labels[idx].tolist(), data.classes,
+        boxes), "Test images drawn from every class in turn, with their labels"
+        + (" (red box: the digit)." if boxes is not None else ".")))
+    return Section("Data", blocks)
+
+
+def build_sections(result: Any, data: Any, run_config: dict, env: dict, command: str,
+                   looks: Sequence[Section] = ()) -> list[Section]:
+    """The sections of the bench report, the answer first: the result (forest plot, chance
+    level, table), how to read it (collapsed), per-class accuracy, ``looks`` (the Grad-CAM
+    sections of :mod:`attnzoo.bench.localisation`), the data, then collapsed: more plots, the
+    runs, how to reproduce."""
+    summary, runs = result.summary, result.runs
     per_seed: dict[str, list[float]] = {}
     histories: dict[str, list[list[dict]]] = {}
     for r in runs:
         per_seed.setdefault(r["attention"], []).append(r["test_acc"])
         histories.setdefault(r["attention"], []).append(r.get("history", []))
-    secs = [Section("Summary", [
-        Text(f"{run_config['model']} on {data.description}. {run_config['epochs']} epochs, "
-             f"batch {run_config['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule "
-             f"peaking at lr {run_config['lr']}, weight decay {run_config['weight_decay']}; "
-             f"seeds {', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}."),
-        Table(headers, rows),
-        Text(HOW_TO_READ),
-    ])]
+    secs = [_answer_section(result, data, run_config, per_seed),
+            Section("How to read the numbers", [Text(how_to_read(
+                getattr(result, "baseline", "none")))], collapsed=True),
+            *_per_class_sections(result, data), *looks, _data_section(data)]
     figs = [Figure("accuracy.png", plot_accuracy(summary, per_seed),
                    "Test top-1 per attention (bars: mean, error bars: ±1 std, dots: seeds).")]
     if any(s.get("params") for s in summary):
@@ -395,29 +717,14 @@ def build_sections(result: Any, data: Any, run_config: dict, env: dict,
             "Top-1 vs CPU latency at batch 1."))
     figs.append(Figure("curves.png", plot_curves(histories),
                        "Test top-1 and training loss per epoch, mean over seeds."))
-    secs.append(Section("Plots", figs))
-    n = min(24, len(data.test))
-    imgs = data.denormalise(data.test.images[:n])
-    boxes = None if data.test.boxes is None else data.test.boxes[:n]
-    data_blocks: list[Block] = [Text(data.description + ".")]
-    if data.name == "digits":
-        data_blocks.append(Text(
-            "Each image is a 32×32 canvas holding one handwritten digit (8×8 from scikit-learn's "
-            "`load_digits`, upscaled to 16×16) at a random position, among fragments cut from "
-            "other digits of the same split. The class is the digit; the red box (shown here, "
-            "never given to the network) is the digit's bounding box. Train and test use "
-            "disjoint source digits. Generator: `attnzoo.bench.data.make_cluttered_digits`."))
-    data_blocks.append(Figure("samples.png", plot_samples(imgs, data.test.labels[:n].tolist(),
-                                                          data.classes, boxes),
-                              "The first test images with their labels."))
-    secs.append(Section("Data", data_blocks))
+    secs.append(Section("More plots", figs, collapsed=True))
     run_rows = [[r["attention"], r["seed"], fmt_pct(r["test_acc"]), r["test_n"],
                  fmt_pct(r["train_acc"]), f"{r['train_loss']:.4f}",
                  f"{r.get('train_seconds', 0.0):.1f}",
                  r.get("resumed_from_epoch", 0) or ""] for r in runs]
     secs.append(Section("Runs", [Table(
         ["attention", "seed", "test top-1 %", "test images", "train top-1 %", "train loss",
-         "train s", "resumed at epoch"], run_rows)]))
+         "train s", "resumed at epoch"], run_rows)], collapsed=True))
     env_rows = [[k, v] for k, v in env.items()]
     cfg_rows = [[k, v] for k, v in run_config.items()]
     secs.append(Section("Reproduce", [
@@ -427,5 +734,5 @@ def build_sections(result: Any, data: Any, run_config: dict, env: dict,
                 else ".")),
         Table(["setting", "value"], cfg_rows, "Configuration:"),
         Table(["software / hardware", "value"], env_rows, "Environment:"),
-    ]))
+    ], collapsed=True))
     return secs

@@ -11,7 +11,6 @@ Layout of ``out`` (re-running the same command resumes; finished runs are skippe
 
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import hashlib
 import json
@@ -31,8 +30,18 @@ from torch import nn
 
 from attnzoo.bench import report as rep
 from attnzoo.bench.data import BenchData, check_data_spec, load_data
+from attnzoo.bench.quiet import filtered_native_stderr
 from attnzoo.bench.stats import paired_difference, summarize
-from attnzoo.bench.train import TrainConfig, train_one
+from attnzoo.bench.train import TrainConfig, check_lr_schedule, steps_per_epoch, train_one
+from attnzoo.models import resolve_builder
+from attnzoo.specs import (
+    BASELINE,
+    DEFAULT_ATTENTIONS,
+    DEFAULT_MODEL,
+    AttentionSpec,
+    parse_attentions,
+    validate_attentions,
+)
 
 __all__ = [
     "DEFAULT_ATTENTIONS",
@@ -45,140 +54,9 @@ __all__ = [
     "run",
 ]
 
-DEFAULT_ATTENTIONS = ("none", "se", "cbam", "eca", "gc", "ca", "ema")
-DEFAULT_MODEL = "cifar_resnet8"
-BASELINE = "none"
-
 
 # ---------------------------------------------------------------------------------------------
-# attention specs
-@dataclass(frozen=True)
-class AttentionSpec:
-    """A registry name (or ``none``) with keyword arguments, e.g. ``cbam:reduction=8``."""
-
-    name: str
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        if not self.kwargs:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                                          for k, v in self.kwargs)
-
-    @property
-    def dirname(self) -> str:
-        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in self.label)
-        if safe == self.label:
-            return safe
-        return f"{safe}-{hashlib.sha1(self.label.encode()).hexdigest()[:6]}"
-
-
-def _value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_attentions(spec: str | Sequence[str]) -> list[AttentionSpec]:
-    """Parse ``"none,se,cbam:reduction=8,kernel_size=3,eca"``.
-
-    Entries are separated by commas; ``name:key=value`` adds keyword arguments, and a following
-    ``key=value`` entry without a name belongs to the previous module. Values are Python literals
-    (``8``, ``0.5``, ``True``, ``'att'``) or plain strings.
-    """
-    tokens: list[str] = []
-    for part in [spec] if isinstance(spec, str) else list(spec):
-        tokens += [t.strip() for t in str(part).split(",")]
-    if not any(tokens):
-        raise ValueError("bench: --attention is empty; give e.g. none,se,cbam")
-    specs: list[tuple[str, dict[str, Any]]] = []
-    for tok in tokens:
-        if not tok:
-            continue
-        if ":" not in tok and "=" in tok:
-            if not specs:
-                raise ValueError(f"bench: --attention entry {tok!r} has no module name before it")
-            key, _, val = tok.partition("=")
-            specs[-1][1][key.strip()] = _value(val.strip())
-            continue
-        name, _, rest = tok.partition(":")
-        kwargs: dict[str, Any] = {}
-        for kv in filter(None, (s.strip() for s in rest.split(":"))):
-            key, eq, val = kv.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"bench: cannot read {kv!r} in --attention {tok!r}; "
-                                 "expected name:key=value")
-            kwargs[key.strip()] = _value(val.strip())
-        specs.append((name.strip().lower(), kwargs))
-    out = [AttentionSpec(n, tuple(sorted(k.items()))) for n, k in specs]
-    labels = [s.label for s in out]
-    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dup:
-        raise ValueError(f"bench: --attention lists {', '.join(dup)} more than once")
-    return out
-
-
-def validate_attentions(specs: Sequence[AttentionSpec]) -> None:
-    """Unknown names (with the available list), non-2-D modules, unknown keyword arguments."""
-    import inspect
-
-    import attnzoo
-
-    avail = attnzoo.available()
-    unknown = [s.name for s in specs if s.name != BASELINE and s.name not in avail]
-    if unknown:
-        raise ValueError(f"bench: unknown attention {', '.join(map(repr, unknown))}. Available: "
-                         f"{BASELINE} (the baseline), {', '.join(avail)}")
-    for s in specs:
-        if s.name == BASELINE:
-            if s.kwargs:
-                raise ValueError(f"bench: {BASELINE} (no attention) takes no arguments; got "
-                                 f"{s.label}")
-            continue
-        meta = attnzoo.info(s.name)
-        if meta.spatial_dims != 2:
-            raise ValueError(f"bench: {s.name} works on {meta.spatial_dims}-D feature maps; the "
-                             "bench's networks need a 2-D module (B, C, H, W)")
-        params = inspect.signature(meta.cls.__init__).parameters
-        takes_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        allowed = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        allowed.add("preset")
-        bad = [k for k, _ in s.kwargs if k not in allowed]
-        if bad and not takes_var:
-            raise ValueError(f"bench: {meta.cls.__name__} ({s.name}) takes no argument "
-                             f"{', '.join(map(repr, bad))}; it takes: "
-                             f"{', '.join(sorted(allowed - {'preset'})) or 'none'}")
-
-
-# ---------------------------------------------------------------------------------------------
-# models
-def _builders() -> dict[str, Callable[..., nn.Module]]:
-    from attnzoo.bench.small_models import SMALL_BUILDERS
-
-    found: dict[str, Callable[..., nn.Module]] = {}
-    try:
-        from attnzoo.models import BUILDERS
-    except ImportError:
-        BUILDERS = {}
-    found.update(BUILDERS)
-    found.update(SMALL_BUILDERS)
-    return found
-
-
-def resolve_builder(model: str | Callable[..., nn.Module]) -> tuple[str, Callable[..., nn.Module]]:
-    """A builder name (``cifar_resnet8``, ``resnet18``...) or a callable
-    ``builder(attention=None|name, num_classes=..., **attention_kwargs) -> nn.Module``."""
-    if callable(model):
-        return getattr(model, "__name__", repr(model)), model
-    builders = _builders()
-    if model not in builders:
-        raise ValueError(f"bench: unknown --model {model!r}. Available: "
-                         f"{', '.join(sorted(builders))}")
-    return model, builders[model]
-
-
+# models (names and the name:key=value syntax: attnzoo.specs)
 def _model_factory(builder: Callable[..., nn.Module], spec: AttentionSpec,
                    num_classes: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
@@ -194,6 +72,50 @@ def _check_positive_int(name: str, value: Any, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"bench: {name} must be an integer >= {low}; got {value!r}")
     return value
+
+
+_ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+def check_devices(accelerator: str, devices: Any) -> None:
+    """Raise ``ValueError`` for a device request this machine cannot meet (no GPU for
+    ``--accelerator gpu``, ``--devices 4`` with fewer GPUs, a GPU index that does not exist),
+    before any work. ``devices`` is a count, a list of indices, ``-1`` or ``"auto"``."""
+    acc = str(accelerator).lower()
+    if acc not in _ACCELERATORS:
+        raise ValueError(f"bench: --accelerator must be one of {', '.join(_ACCELERATORS)}; "
+                         f"got {accelerator!r}")
+    if devices in ("auto", -1, "-1"):
+        return
+    if isinstance(devices, (list, tuple)):
+        if not devices or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                  for d in devices):
+            raise ValueError(f"bench: --devices must list device indices >= 0; got {devices!r}")
+        if acc == "cpu":
+            raise ValueError(f"bench: --devices {','.join(map(str, devices))} lists device "
+                             "indices, which CPUs do not have; give a number of processes "
+                             "(e.g. --devices 2) or --accelerator gpu")
+        wanted = max(devices) + 1
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        wanted = devices
+    else:
+        raise ValueError(f"bench: --devices must be a number >= 1, a list of indices (0,1) or "
+                         f"auto; got {devices!r}")
+    if acc in ("cpu", "auto"):
+        return
+    if acc == "mps":
+        found = int(torch.backends.mps.is_available())
+        kind = "Apple MPS device"
+    else:
+        found = torch.cuda.device_count()
+        kind = "CUDA GPU"
+    if found == 0:
+        raise ValueError(f"bench: --accelerator {accelerator} asks for a {kind}, but this machine "
+                         f"has none (torch {torch.__version__}); use --accelerator cpu")
+    if wanted > found:
+        asked = f"--devices {devices}" if isinstance(devices, int) else (
+            f"--devices {','.join(map(str, devices))} (index {wanted - 1})")
+        raise ValueError(f"bench: {asked} needs {wanted} {kind}(s), but this machine has {found}")
 
 
 def _check_out_dir(out: Path) -> None:
@@ -266,12 +188,10 @@ def profile_attention_model(model: nn.Module, input_shape: tuple[int, ...], *,
 def _fallback_profile(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attnzoo.ops import kernels
-
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
-        with kernels.disabled(), counter:  # the counter sees torch ops only
+        with counter:  # attnzoo.fast's custom ops carry their own FLOP formulas
             model(x)
         flops = counter.get_total_flops()
         for _ in range(5):
@@ -289,7 +209,13 @@ def _fallback_profile(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> d
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BenchResult:
-    """What :func:`run` returns: per-run rows, the summary per attention, and the report paths."""
+    """What :func:`run` returns: per-run rows, the summary per attention, and the report paths.
+
+    Units: every accuracy, difference and localisation score in ``runs``, ``summary``,
+    ``results.json`` and ``results.csv`` is a **fraction** (``test_acc`` 0.912,
+    ``diff_vs_baseline`` 0.012 with ``diff_low``/``diff_high``); the printed tables and the
+    report show the same numbers ×100, as percentages and percentage points (``+1.20``).
+    """
 
     out: Path
     runs: list[dict]
@@ -298,10 +224,14 @@ class BenchResult:
     report_html: Path | None = None
     wall_seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    #: the attention the differences are computed against (None: no baseline, no Δ)
+    baseline: str | None = BASELINE
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         localised = any("pointing_game" in s for s in self.summary)
-        headers = ["attention", "top-1 % (mean ± std)", "Δ vs none [95% CI]", "verdict"]
+        headers = ["attention", "top-1 % (mean ± std)"]
+        if self.baseline is not None:
+            headers += [f"Δ vs {self.baseline} [95% CI]", "verdict"]
         if localised:
             headers += ["pointing game %", "energy in box %"]
         headers += ["params", "MFLOPs", "+elementwise", "latency ms"]
@@ -310,11 +240,13 @@ class BenchResult:
             loc = [rep.fmt_pct(s["pointing_game"], s["pointing_game_std"]),
                    rep.fmt_pct(s["energy_in_box"], s["energy_in_box_std"])
                    ] if "pointing_game" in s else ["", ""]
+            diff = [] if self.baseline is None else [
+                "baseline" if s.get("diff_vs_baseline") is None
+                else rep.fmt_diff(s["diff_vs_baseline"], s["diff_low"], s["diff_high"]),
+                s.get("verdict", "")]
             rows.append([
-                s["attention"], rep.fmt_pct(s["test_acc"], s["test_acc_std"]),
-                "baseline" if s["attention"] == BASELINE or s.get("diff_vs_none") is None
-                else rep.fmt_diff(s["diff_vs_none"], s["diff_low"], s["diff_high"]),
-                s.get("verdict", ""), *(loc if localised else []),
+                s["attention"], rep.fmt_pct(s["test_acc"], s["test_acc_std"]), *diff,
+                *(loc if localised else []),
                 f"{s['params']:,}" if s.get("params") else "",
                 f"{s['flops'] / 1e6:.2f}" if s.get("flops") else "",
                 f"{s['extra_flops'] / 1e6:.2f}" if s.get("extra_flops") else "",
@@ -344,6 +276,7 @@ def run(
     data_seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    verbose: bool = False,
     profile: bool = True,
     localise: bool = True,
     cam_method: str = "gradcam",
@@ -351,6 +284,7 @@ def run(
     report: bool = True,
     command: str | None = None,
     extra_sections: Callable[[BenchResult, BenchData], Sequence[rep.Section]] | None = None,
+    baseline: str | None = None,
 ) -> BenchResult:
     """Train ``model`` with each attention for each seed on ``data`` and write the report.
 
@@ -360,19 +294,26 @@ def run(
     started with. See ``attnzoo bench --help`` and the README for the options.
 
     Args:
-        attention: comma-separated specs or a list (``"none,se,cbam:reduction=8"``); ``none`` is
-            the baseline that the differences are computed against.
+        attention: comma-separated specs or a list (``"none,se,cbam:reduction=8"``).
+        baseline: the attention the paired differences (Δ) are computed against, one of
+            ``attention`` (e.g. ``"se"`` to ask whether CBAM adds anything over SE). Default:
+            ``none`` when it is in the list; otherwise there is no baseline, and the results and
+            report show no Δ (they say so).
         model: a builder name (default :func:`~attnzoo.bench.small_models.cifar_resnet8`) or a
             callable ``builder(attention=..., num_classes=..., **kwargs)``.
         data: ``digits`` (built-in), a folder of class sub-folders, or ``cifar10:/path`` /
             ``cifar100:/path``.
         seeds: seeds (an int ``n`` means ``0..n-1``).
-        n_train, n_test: sizes of the built-in data (or cut-offs for other data).
+        n_train, n_test: sizes of the built-in data; for other data, stratified subsets (the
+            same share of each class, drawn with ``data_seed``; the counts per class used are
+            ``results.json``'s ``config.class_counts``).
         localise: Grad-CAM panels of ``panel_images`` test images in the report and, on data
             with boxes (the built-in digits), the pointing game and energy-in-box scores of every
             run (:mod:`attnzoo.bench.localisation`); needs ``grad-cam`` (``attnzoo[viz]``).
         cam_method: the CAM method for both (``attnzoo.viz.CAM_METHODS``).
         extra_sections: ``f(result, data) -> [Section]`` appended to the report.
+        progress, verbose: progress bars and status lines (on ``stderr``); ``verbose`` also shows
+            what Lightning and the profiler print (:mod:`attnzoo.bench.quiet`).
     """
     t0 = time.perf_counter()
     call = _python_command(dict(locals()))
@@ -382,6 +323,7 @@ def run(
     num_nodes = _check_positive_int("--num-nodes", num_nodes)
     image_size = _check_positive_int("--image-size", image_size, 8)
     _check_positive_int("--num-workers", num_workers, 0)
+    check_devices(accelerator, devices)
     for name, v in (("n_train", n_train), ("n_test", n_test)):
         if v is not None:
             _check_positive_int(name, v)
@@ -401,6 +343,7 @@ def run(
                              f"decay); got {v!r}")
     specs = parse_attentions(attention)
     validate_attentions(specs)
+    base_label = _resolve_baseline(specs, baseline)
     if localise:
         from attnzoo.bench.localisation import check_localisation_available
         from attnzoo.viz import CAM_METHODS
@@ -418,6 +361,8 @@ def run(
                       weight_decay=float(weight_decay))
     bench_data = load_data(data, image_size=image_size, seed=data_seed, n_train=n_train,
                            n_test=n_test)
+    check_lr_schedule(cfg, steps_per_epoch(len(bench_data.train), batch_size,
+                                           _world_size(devices, num_nodes)))
     probe = bench_data.test.images[:2]
     models: dict[str, nn.Module] = {}
     for spec in specs:
@@ -436,6 +381,7 @@ def run(
     run_config = {
         "model": model_name, "data": data, "data_seed": data_seed, "image_size": image_size,
         "n_train": len(bench_data.train), "n_test": len(bench_data.test),
+        "class_counts": bench_data.class_counts,
         "epochs": epochs, "batch_size": batch_size, "lr": float(lr),
         "weight_decay": float(weight_decay), "momentum": cfg.momentum,
         "precision": precision, "accelerator": accelerator, "devices": str(devices),
@@ -462,6 +408,7 @@ def run(
         rep.write_json(run_dir / "config.json", {"fingerprint": fingerprint, **run_config,
                                                  "attention": spec.label, "seed": seed,
                                                  "num_classes": bench_data.num_classes,
+                                                 "classes": list(bench_data.classes),
                                                  "mean": list(bench_data.mean),
                                                  "std": list(bench_data.std)})
         if progress:
@@ -470,7 +417,7 @@ def run(
             _model_factory(builder, spec, bench_data.num_classes), bench_data.train,
             bench_data.test, bench_data.num_classes, cfg, seed=seed, run_dir=run_dir,
             accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-            precision=precision, progress=progress, num_workers=num_workers)
+            precision=precision, progress=progress, num_workers=num_workers, verbose=verbose)
         is_zero = outcome.is_global_zero
         if len(outcome.history) != epochs:  # never record an interrupted run as finished
             raise RuntimeError(
@@ -482,13 +429,14 @@ def run(
                "test_loss": last["test_loss"], "train_acc": last["train_acc"],
                "train_loss": last["train_loss"], "epochs": len(outcome.history),
                "history": outcome.history, "train_seconds": outcome.train_seconds,
-               "resumed_from_epoch": outcome.resumed_from_epoch, "fingerprint": fingerprint}
+               "resumed_from_epoch": outcome.resumed_from_epoch, "fingerprint": fingerprint,
+               "confusion": outcome.confusion}
         results[(spec.label, seed)] = row
         if is_zero:
             rep.write_json(done, row)
             _write_results(out, specs, seeds, results, {}, run_config, command or call,
-                           partial=True)
-    result = BenchResult(out=out, runs=[], summary=[], skipped=skipped)
+                           partial=True, baseline=base_label)
+    result = BenchResult(out=out, runs=[], summary=[], skipped=skipped, baseline=base_label)
     if not is_zero:
         return result
 
@@ -504,25 +452,54 @@ def run(
             loc[(spec.label, seed)] = localise_run(run_dir, bench_data, method=cam_method)
     prof: dict[str, dict] = {}
     if profile:
-        for spec in specs:
-            prof[spec.label] = profile_attention_model(models[spec.label],
-                                                       bench_data.input_shape)
+        if progress:
+            print("[attnzoo bench] profiling", file=sys.stderr, flush=True)
+        with filtered_native_stderr(verbose):  # the profiler's C++ traces
+            for spec in specs:
+                prof[spec.label] = profile_attention_model(models[spec.label],
+                                                           bench_data.input_shape)
     runs, summary = _write_results(out, specs, seeds, results, prof, run_config, command or call,
-                                   partial=False, loc=loc)
+                                   partial=False, loc=loc, baseline=base_label)
     result.runs, result.summary = runs, summary
     result.wall_seconds = time.perf_counter() - t0
     if report:
-        sections = rep.build_sections(result, bench_data, run_config, environment(),
-                                  command or call)
+        looks: list[rep.Section] = []
         if localise and panel_images:
-            from attnzoo.bench.localisation import report_section
+            from attnzoo.bench.localisation import report_sections
 
-            sections.insert(1, report_section(result, bench_data, plan, seeds, cam_method,
-                                              panel_images))
+            looks = report_sections(result, bench_data, plan, seeds, cam_method, panel_images)
+        sections = rep.build_sections(result, bench_data, run_config, environment(),
+                                      command or call, looks=looks)
         extra = list(extra_sections(result, bench_data)) if extra_sections else []
         result.report_md, result.report_html = rep.write_report(
             out, "attnzoo bench report", sections, extra)
     return result
+
+
+def _world_size(devices: Any, num_nodes: int) -> int:
+    """Processes of a run as far as known before Lightning starts (1 for ``"auto"``)."""
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices * num_nodes
+    if isinstance(devices, (list, tuple)):
+        return max(len(devices), 1) * num_nodes
+    return num_nodes
+
+
+def _resolve_baseline(specs: Sequence[AttentionSpec], baseline: str | None) -> str | None:
+    """The label of the baseline: ``baseline`` (one of ``specs``), else ``none`` when listed,
+    else None (no baseline: no differences are computed)."""
+    labels = [s.label for s in specs]
+    if baseline is None:
+        return BASELINE if BASELINE in labels else None
+    if not isinstance(baseline, str) or not baseline.strip():
+        raise ValueError(f"bench: --baseline must be one of the attentions ({', '.join(labels)}); "
+                         f"got {baseline!r}")
+    parsed = parse_attentions(baseline)
+    label = parsed[0].label
+    if len(parsed) != 1 or label not in labels:
+        raise ValueError(f"bench: --baseline {baseline!r} is not among the attentions "
+                         f"({', '.join(labels)}); add it to --attention or choose one of them")
+    return label
 
 
 def _python_command(scope: dict) -> str:
@@ -559,13 +536,13 @@ def _check_run_dir(run_dir: Path, fingerprint: str, run_config: dict) -> None:
 def _write_results(out: Path, specs: Sequence[AttentionSpec], seeds: Sequence[int],
                    results: dict[tuple[str, int], dict], prof: dict[str, dict], run_config: dict,
                    command: str | None, *, partial: bool,
-                   loc: dict[tuple[str, int], dict] | None = None
-                   ) -> tuple[list[dict], list[dict]]:
+                   loc: dict[tuple[str, int], dict] | None = None,
+                   baseline: str | None = BASELINE) -> tuple[list[dict], list[dict]]:
     loc = loc or {}
     runs = [{**results[(s.label, seed)], **_loc_fields(loc.get((s.label, seed)))}
             for s in specs for seed in seeds if (s.label, seed) in results]
-    base = {seed: results[(BASELINE, seed)]["test_acc"] for seed in seeds
-            if (BASELINE, seed) in results}
+    base = {seed: results[(baseline, seed)]["test_acc"] for seed in seeds
+            if (baseline, seed) in results}
     summary = []
     for s in specs:
         per_seed = {seed: results[(s.label, seed)]["test_acc"] for seed in seeds
@@ -575,30 +552,37 @@ def _write_results(out: Path, specs: Sequence[AttentionSpec], seeds: Sequence[in
         st = summarize(list(per_seed.values()))
         row: dict[str, Any] = {"attention": s.label, "n_seeds": st.n, "test_acc": st.mean,
                                "test_acc_std": st.std, **prof.get(s.label, {})}
-        if s.name != BASELINE and base and set(per_seed) & set(base):
+        if baseline is not None:
+            row["baseline"] = baseline
+        if s.label != baseline and base and set(per_seed) & set(base):
             d = paired_difference(per_seed, base)
-            row.update(diff_vs_none=d.mean, diff_std=d.std, diff_low=d.low, diff_high=d.high,
-                       diff_seeds=list(d.seeds), verdict=d.verdict, detectable=d.detectable)
-        elif s.name == BASELINE:
+            row.update(diff_vs_baseline=d.mean, diff_std=d.std, diff_low=d.low,
+                       diff_high=d.high, diff_seeds=list(d.seeds), verdict=d.verdict,
+                       detectable=d.detectable)
+            if baseline == BASELINE:  # the name used before other baselines were possible
+                row["diff_vs_none"] = d.mean
+        elif s.label == baseline:
             row["verdict"] = "baseline"
         summary.append(row)
     if loc:
         from attnzoo.bench.localisation import summarize_localisation
 
         by_label = {r["attention"]: r for r in summarize_localisation(
-            [s.label for s in specs], seeds, loc, baseline=BASELINE)}
+            [s.label for s in specs], seeds, loc, baseline=baseline)}
         for row in summary:
             extra = by_label.get(row["attention"], {})
             row.update({k: v for k, v in extra.items() if k not in ("attention", "n_seeds")})
     payload = {"attnzoo_bench": 1, "complete": not partial, "command": command,
                "config": run_config, "seeds": list(seeds),
-               "attentions": [s.label for s in specs], "environment": environment(),
+               "attentions": [s.label for s in specs], "baseline": baseline,
+               "environment": environment(),
                "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "summary": summary, "runs": runs}
     rep.write_json(out / "results.json", payload)
     rep.write_results_csv(out / "results.csv", [
         {**r, "train_seconds": round(r.get("train_seconds", 0.0), 2)} for r in runs],
-        [{**s, "diff_vs_none": s.get("diff_vs_none", ""), "seed": ""} for s in summary])
+        [{**s, "diff_vs_baseline": s.get("diff_vs_baseline", ""), "seed": ""}
+         for s in summary])
     return runs, summary
 
 

@@ -7,9 +7,11 @@ counters), and loggers (a CSV log per run).
 What this file adds:
 
 * :class:`BenchModule` — cross-entropy training with SGD (Nesterov momentum 0.9, weight decay
-  5e-4 on weights, none on BN/bias) and a one-cycle LR schedule stepped per batch; test
+  5e-4 on weights, none on BN/bias) and a one-cycle LR schedule stepped per batch
+  (:func:`build_optimizer`, defined for every step count); test
   accuracy/loss after every epoch with torchmetrics, summed over DDP ranks; the per-epoch history
-  is kept *in the checkpoint* so that a resumed run reports the full curves.
+  is kept *in the checkpoint* so that a resumed run reports the full curves, with the confusion
+  matrix of the last evaluation (per-class accuracy in the report).
 * :class:`AtomicCheckpoint` — Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` at the end
   of every training epoch through a temporary file and ``os.replace`` (a kill never leaves a
   half-written checkpoint).
@@ -27,13 +29,11 @@ the best epoch on the test set would be a selection on the test data).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from attnzoo.bench.data import SeededSampler, TensorImageSet
+from attnzoo.bench.quiet import quiet_lightning
 
 __all__ = [
     "TrainConfig",
+    "build_optimizer",
+    "check_lr_schedule",
     "evaluate",
     "make_loaders",
     "train_one",
@@ -71,6 +74,54 @@ def _is_decay_param(name: str, p: torch.Tensor) -> bool:
     return p.ndim > 1 and not name.endswith(".bias")
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int
+                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
+    """SGD (Nesterov, weight decay on weights only) and its one-cycle schedule over
+    ``total_steps`` optimiser steps (``total_steps >= 1``).
+
+    The schedule is torch's ``OneCycleLR`` (``pct_start=0.25``, ``div_factor=10``,
+    ``final_div_factor=100``, cosine annealing, momentum cycled 0.85–0.95). When the warm-up would
+    end exactly on the first step (``0.25 * total_steps == 1``, i.e. 4 steps), ``OneCycleLR``
+    divides by its zero-length warm-up; the warm-up is then dropped (``pct_start=0``), so the
+    schedule is defined for every step count.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"bench: the LR schedule needs total_steps >= 1; got {total_steps!r}")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if _is_decay_param(name, p) else no_decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    pct_start = 0.25 if 0.25 * total_steps != 1 else 0.0
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start, div_factor=10.0,
+        final_div_factor=100.0)
+    return opt, sched
+
+
+def check_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """Build the schedule of ``cfg.epochs`` epochs of ``steps_per_epoch`` steps and step it to
+    the end, as training will; any failure becomes a ``ValueError`` that says what to change."""
+    total = cfg.epochs * steps_per_epoch
+    try:
+        opt, sched = build_optimizer(nn.Linear(1, 1), cfg, total)
+        with warnings.catch_warnings():  # no optimiser step here: only the schedule is checked
+            warnings.simplefilter("ignore")
+            for _ in range(total):
+                sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+    except (ArithmeticError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"bench: the learning-rate schedule fails for {cfg.epochs} epochs x "
+            f"{steps_per_epoch} batches per epoch ({total} steps): {type(err).__name__}: {err}. "
+            "Change --epochs, --batch-size or --n-train to get another number of steps") from None
+    if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
+        raise ValueError(f"bench: the learning-rate schedule ends with LR {lrs} after {total} "
+                         "steps; check --lr")
+
+
 def _lightning():
     import lightning.pytorch as pl
 
@@ -90,7 +141,7 @@ def _module_class() -> type:
         return _CLASS_CACHE["module"]
     pl = _lightning()
     from torchmetrics import MeanMetric, SumMetric
-    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
     class BenchModule(pl.LightningModule):
         """Classification training of ``model``; history of per-epoch metrics in checkpoints."""
@@ -104,7 +155,9 @@ def _module_class() -> type:
             self.val_loss = MeanMetric()
             self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
             self.val_count = SumMetric()
+            self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
             self.history: list[dict[str, float]] = []
+            self.confusion: list[list[int]] | None = None  # of the last evaluation
             self._pending_val: dict[str, float] = {}
             self._epoch_start = 0.0
 
@@ -139,13 +192,15 @@ def _module_class() -> type:
             self.val_loss.update(loss, weight=y.shape[0])
             self.val_acc.update(logits, y)
             self.val_count.update(torch.tensor(float(y.shape[0]), device=y.device))
+            self.val_confusion.update(logits, y)
 
         def on_validation_epoch_end(self) -> None:
             # compute() sums the states over all DDP ranks (torchmetrics' dist sync)
             vals = {"test_loss": float(self.val_loss.compute()),
                     "test_acc": float(self.val_acc.compute()),
                     "test_n": int(self.val_count.compute())}
-            for m in (self.val_loss, self.val_acc, self.val_count):
+            self.confusion = self.val_confusion.compute().long().tolist()
+            for m in (self.val_loss, self.val_acc, self.val_count, self.val_confusion):
                 m.reset()
             self._pending_val = vals
             self.log("test_acc", vals["test_acc"], prog_bar=True, rank_zero_only=True)
@@ -164,24 +219,17 @@ def _module_class() -> type:
             self.log("train_acc", row["train_acc"], prog_bar=True, rank_zero_only=True)
 
         def configure_optimizers(self) -> Any:
-            decay, no_decay = [], []
-            for name, p in self.model.named_parameters():
-                (decay if _is_decay_param(name, p) else no_decay).append(p)
-            opt = torch.optim.SGD(
-                [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                 {"params": no_decay, "weight_decay": 0.0}],
-                lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True)
             steps = int(self.trainer.estimated_stepping_batches)
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=self.cfg.lr, total_steps=max(steps, 1), pct_start=0.25,
-                div_factor=10.0, final_div_factor=100.0)
+            opt, sched = build_optimizer(self.model, self.cfg, max(steps, 1))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
             checkpoint["bench_history"] = [dict(r) for r in self.history]
+            checkpoint["bench_confusion"] = self.confusion
 
         def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
             self.history = [dict(r) for r in checkpoint.get("bench_history", [])]
+            self.confusion = checkpoint.get("bench_confusion")
 
     _CLASS_CACHE["module"] = BenchModule
     return BenchModule
@@ -264,6 +312,8 @@ class RunOutcome:
     train_seconds: float
     is_global_zero: bool
     module: Any
+    #: ``confusion[true][predicted]`` test counts after the last epoch (None: not recorded)
+    confusion: list[list[int]] | None = None
 
 
 def _trainer_kwargs(*, accelerator: str, devices: Any, num_nodes: int, strategy: str,
@@ -292,13 +342,16 @@ def train_one(
     progress: bool = True,
     num_workers: int = 0,
     logger: bool = True,
+    verbose: bool = False,
 ) -> RunOutcome:
     """Train one (attention, seed) run, resuming from ``run_dir/last.ckpt`` if it exists.
 
     ``build_model`` is called after ``seed_everything(seed)``, so the initial weights depend on the
-    seed only. Returns the per-epoch history (see :class:`BenchModule`).
+    seed only. Returns the per-epoch history (see :class:`BenchModule`). The progress bars go to
+    ``stderr``; Lightning's informational messages are shown only when ``verbose``
+    (:func:`attnzoo.bench.quiet.quiet_lightning`).
     """
-    with _quiet_lightning():
+    with quiet_lightning(verbose):
         return _train_one(build_model, train, test, num_classes, cfg, seed=seed, run_dir=run_dir,
                           accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                           strategy=strategy, precision=precision, progress=progress,
@@ -338,22 +391,15 @@ def _train_one(build_model: Callable[[], nn.Module], train: TensorImageSet, test
     if ckpt.is_file():
         resumed = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists.*")
-        warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists.*")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        # the epoch values we log are computed by torchmetrics, already summed over ranks
-        warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\(.*")
-        trainer.fit(module, train_loader, test_loader,
-                    ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
+    trainer.fit(module, train_loader, test_loader,
+                ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
     if trainer.world_size > 1:
         # the launcher may have started the other ranks: make sure all are done before writing
         trainer.strategy.barrier("attnzoo.train_one")
     return RunOutcome(history=list(module.history), resumed_from_epoch=resumed,
                       train_seconds=time.perf_counter() - start,
-                      is_global_zero=trainer.is_global_zero, module=module)
+                      is_global_zero=trainer.is_global_zero, module=module,
+                      confusion=module.confusion)
 
 
 def _progress_bar(enabled: bool) -> list[Any]:
@@ -363,21 +409,6 @@ def _progress_bar(enabled: bool) -> list[Any]:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     return [TQDMProgressBar(refresh_rate=10)]
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's informational messages (GPU available, tips...) during a run."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric",
-                                               "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def steps_per_epoch(n_train: int, batch_size: int, world_size: int = 1) -> int:

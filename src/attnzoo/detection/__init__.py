@@ -1,4 +1,5 @@
-"""Detectors with attention: YOLOv4-tiny with the attention neck of the source documents."""
+"""Detectors with attention: YOLOv4-tiny with an attention neck (bubbliiiing/yolov4-tiny-pytorch's
+``phi``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Bochkovskiy, Wang, Liao, "YOLOv4: Optimal Speed and Accuracy of Object Detection", arXiv 2020
 (the tiny configuration: ``yolov4-tiny.cfg`` of AlexeyAB/darknet). The attention placement is the
-one of the source document 002 and of its reference implementation (bubbliiiing/
+one of the reference implementation (bubbliiiing/
 yolov4-tiny-pytorch, ``nets/yolo.py``): one module on each backbone output, ``feat1`` (256
 channels, stride 16) and ``feat2`` (512 channels, stride 32), and one on the upsampled P5 branch
 (128 channels, stride 16) before it is concatenated with ``feat1``. ``phi`` selects the module as

@@ -55,9 +55,7 @@ has the 7 stages of its (t, c, n, s) table.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnzoo.ops.gates import eager, has_hooks
+from attnzoo import fast
 from attnzoo.ops.validation import resolve_submodule
 from attnzoo.registry import create
 
@@ -79,6 +77,7 @@ __all__ = [
     "detach",
     "load_pretrained",
     "register_block",
+    "resolve_weights",
 ]
 
 POSITIONS = ("before_add", "after_conv3x3", "after_dwconv", "after_block", "after_stage")
@@ -124,49 +123,16 @@ def _slot(host: nn.Module, name: str) -> nn.Module | None:
     return getattr(host, name, None)
 
 
-def _norm_attention(host: nn.Module, norm: nn.Module, z: Tensor) -> Tensor:
-    """``_apply(host, "attention", norm(z))``: the block's last norm, then the attention slot
-    before the residual add. Modules with a ``forward_after_batchnorm(norm, z)`` method (SE,
-    ECA, GC) compute both themselves, fused into one op when they can
-    (:mod:`attnzoo.ops.fused_norm`)."""
-    module = _slot(host, "attention")
-    if module is not None and eager() and hasattr(module, "forward_after_batchnorm"):
-        return module.forward_after_batchnorm(norm, z)
-    return _apply(host, "attention", norm(z))
-
-
 def _apply(host: nn.Module, name: str, x: Tensor) -> Tensor:
     module = _slot(host, name)
-    if module is None:
-        return x
-    if (name == "attention" and eager() and _takes_inplace(type(module))
-            and _fresh_norm_output(x) and not has_hooks(module)):
-        return module(x, inplace=True)
-    return module(x)
-
-
-@functools.cache
-def _takes_inplace(cls: type) -> bool:
-    """Whether ``cls.forward`` accepts ``inplace=`` (SE, ECA, CBAM: may write into its input)."""
-    try:
-        return "inplace" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _fresh_norm_output(x: Tensor) -> bool:
-    """Whether the "before the residual add" input may be overwritten: no graph is recorded, or
-    ``x`` is straight out of a BatchNorm, whose backward does not need its output. (Attached
-    blocks then add the residual into the attention's output in place, as the originals do.)
-    Never when the module has hooks, which may keep a reference to their input."""
-    return x.grad_fn is None or "BatchNormBackward" in type(x.grad_fn).__name__
+    return x if module is None else module(x)
 
 
 def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
     out = _apply(self, "attention_conv3x3", out)
-    out = _norm_attention(self, self.bn2, self.conv2(out))
+    out = _apply(self, "attention", self.bn2(self.conv2(out)))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -179,7 +145,7 @@ def _tv_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self.conv2(out)))
     out = _apply(self, "attention_conv3x3", out)
-    out = _norm_attention(self, self.bn3, self.conv3(out))
+    out = _apply(self, "attention", self.bn3(self.conv3(out)))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -193,7 +159,7 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
     if self.se is None:
-        x = _norm_attention(self, self.bn2, self.conv2(x))
+        x = _apply(self, "attention", self.bn2(self.conv2(x)))
     else:
         x = _apply(self, "attention", self.se(self.bn2(self.conv2(x))))
     if self.drop_path is not None:
@@ -212,7 +178,7 @@ def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
     if self.se is None:
-        x = _norm_attention(self, self.bn3, self.conv3(x))
+        x = _apply(self, "attention", self.bn3(self.conv3(x)))
     else:
         x = _apply(self, "attention", self.se(self.bn3(self.conv3(x))))
     if self.drop_path is not None:
@@ -478,6 +444,8 @@ def _build(attention: Any, channels: int, kwargs: Mapping[str, Any], identity_in
     device, dtype = _device_dtype(host)
     if device is not None:
         module = module.to(device=device, dtype=dtype)
+    if fast.is_enabled():
+        fast.accelerate(module)  # CBAM / ECA: the custom ops of attnzoo.fast (same state_dict)
     if identity_init and not _is_identity(module, channels, device, dtype):
         module = IdentityInit(module).to(device=device, dtype=dtype)
     return module.train(host.training)
@@ -629,8 +597,10 @@ def attach(
         all_stages = _stages(model)
         if not all_stages:
             known = ", ".join(f"{m}.{q}" for m, q in _KINDS)
-            raise ValueError("attnzoo.attach: found no known residual blocks in the model "
-                             f"(known: {known}); use after=[module paths]")
+            raise ValueError(f"attnzoo.attach: found no known residual blocks in the model; it "
+                             f"has {_block_types(model)}. Known blocks: {known}. Use "
+                             "after=[module paths] to insert after any module, or "
+                             "attnzoo.models.register_block for a new block type")
         chosen = range(1, len(all_stages) + 1) if stages is None else list(stages)
         for s in chosen:
             if not isinstance(s, int) or not 1 <= s <= len(all_stages):
@@ -669,15 +639,111 @@ def attach(
             raise ValueError("attnzoo.attach: the options select no block")
 
     # build everything first, so that a failing constructor leaves the model untouched
-    built = [_build(attention, ch, {**module_kwargs, **extra}, identity_init, host)
-             for host, _, _, _, ch, extra in plan]
+    built = []
+    for host, path, _, pos, ch, extra in plan:
+        try:
+            built.append(_build(attention, ch, {**module_kwargs, **extra}, identity_init, host))
+        except (ValueError, TypeError) as err:
+            kind = ValueError if isinstance(err, ValueError) else TypeError
+            raise kind(
+                f"attnzoo.attach: cannot build {_attention_name(attention)} for "
+                f"{_base_class(host).__name__} {path!r} (position {pos!r}, {ch} channels): "
+                f"{err}. Skip such blocks with select=/stages=, or change the module's "
+                "arguments") from err
     for (host, _, child, pos, ch, _), module in zip(plan, built):
         _insert(host, child, module, pos, ch, identity_init)
     return model
 
 
+def _block_types(model: nn.Module, n: int = 12) -> str:
+    """The distinct module classes of ``model`` that are not torch's own layers, for errors."""
+    seen = list(dict.fromkeys(type(m).__name__ for m in model.modules()
+                              if not type(m).__module__.startswith("torch.")))
+    if not seen:
+        layers = list(dict.fromkeys(type(m).__name__ for m in model.modules()))
+        return "only torch.nn layers (" + ", ".join(layers[:n]) + ")"
+    more = f" and {len(seen) - n} more" if len(seen) > n else ""
+    return "the module types " + ", ".join(seen[:n]) + more
+
+
+def _attention_name(attention: Any) -> str:
+    if isinstance(attention, str):
+        return repr(attention)
+    return getattr(attention, "__name__", type(attention).__name__)
+
+
+def _hub_file(weights: Any) -> Path:
+    """The local torch hub cache file of a torchvision weights enum; never downloads."""
+    from urllib.parse import urlparse
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"attnzoo: the weights {type(weights).__name__}.{weights.name} are not in the local "
+            f"torch hub cache: expected the file {path.name} in {folder}. attnzoo never "
+            f"downloads: fetch {weights.url} yourself and place it there (the folder follows "
+            "TORCH_HOME), or pass weights= a file path or a state dict")
+    return path
+
+
+def _weights_by_name(name: str, enum_cls: Any) -> Any:
+    """``"IMAGENET1K_V2"`` / ``"DEFAULT"`` of ``enum_cls``, or ``"ResNet50_Weights.IMAGENET1K_V2"``;
+    None when the string names no weights."""
+    from torchvision.models import get_weight
+
+    try:
+        bare = name.replace(f"{enum_cls.__name__}.", "") if enum_cls is not None else None
+        if bare is not None and bare in enum_cls.__members__:
+            return enum_cls[bare]
+        return get_weight(name) if "." in name else None
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def resolve_weights(weights: Any, enum_cls: Any = None, *,
+                    who: str = "attnzoo.load_pretrained") -> Mapping[str, Tensor]:
+    """A state dict from any of the ``weights=`` forms the builders accept.
+
+    Args:
+        weights: a state dict; a file path (``torch.load(weights_only=True)`` on CPU); a
+            torchvision weights enum (``ResNet50_Weights.IMAGENET1K_V2``) or its name
+            (``"IMAGENET1K_V2"``, ``"DEFAULT"`` with ``enum_cls``, or the qualified
+            ``"ResNet50_Weights.IMAGENET1K_V2"``), read from the local torch hub cache
+            ``torch.hub.get_dir()/checkpoints/<file>``. Nothing is ever downloaded: a missing file
+            raises ``FileNotFoundError`` naming the file and the folder.
+        enum_cls: the builder's torchvision weights enum, for bare names.
+        who: the caller's name in error messages.
+    """
+    from torchvision.models import WeightsEnum
+
+    if isinstance(weights, Mapping):
+        return weights
+    if isinstance(weights, WeightsEnum):
+        return torch.load(_hub_file(weights), map_location="cpu", weights_only=True)
+    if not isinstance(weights, (str, Path)):
+        raise TypeError(f"{who}: weights must be a state dict, a file path, a torchvision "
+                        f"weights enum or its name; got {type(weights).__name__}")
+    if Path(weights).is_file():
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    enum = _weights_by_name(str(weights), enum_cls) if isinstance(weights, str) else None
+    if enum is None:
+        names = (f" ({enum_cls.__name__}: {', '.join(enum_cls.__members__)})"
+                 if enum_cls is not None else "")
+        raise FileNotFoundError(f"{who}: weights {str(weights)!r} is neither a file nor the "
+                                f"name of torchvision weights{names}")
+    return torch.load(_hub_file(enum), map_location="cpu", weights_only=True)
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier: the last ``nn.Linear`` of the network."""
+    last = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    return {f"{p}.{k}" if p else k for p in last for k in ("weight", "bias")}
+
+
 def load_pretrained(
-    model: nn.Module, state_dict: Mapping[str, Tensor] | str | Path, *, strict: bool = True
+    model: nn.Module, state_dict: Mapping[str, Tensor] | str | Path | Any, *, strict: bool = True,
+    new_head: bool = False,
 ) -> list[str]:
     """Load a plain (attention-free) ``state_dict`` into an attached model.
 
@@ -686,25 +752,30 @@ def load_pretrained(
 
     Args:
         model: the attached model.
-        state_dict: a mapping, or a path loaded with ``torch.load(weights_only=True)`` on CPU.
+        state_dict: a mapping, a file path, or torchvision weights (see :func:`resolve_weights`).
         strict: if True (default), raise on unexpected keys and on missing non-attention keys.
+        new_head: if True, a classifier (the network's last ``nn.Linear``) whose shape differs
+            from the weights' (another ``num_classes``) keeps its initialisation: everything
+            else is loaded and a ``UserWarning`` names the skipped keys (fine-tuning).
 
     Returns:
         The missing keys, all of them inserted-attention keys (sorted).
 
     Raises:
         RuntimeError: unexpected keys, missing non-attention keys (``strict``), or shape
-            mismatches (always, as in ``load_state_dict``).
+            mismatches (always, as in ``load_state_dict``, except the head with ``new_head``).
     """
-    if isinstance(state_dict, (str, Path)):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+    state_dict = resolve_weights(state_dict)
     prefixes = tuple(a.path + "." for a in attached(model))
     own = model.state_dict()
     expected = set(own)
     given = set(state_dict)
-    bad_shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in sorted(expected & given)
+    mismatched = [k for k in sorted(expected & given)
                   if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape]
+    head = _head_keys(model) if new_head else set()
+    skipped = [k for k in mismatched if k in head]
+    bad_shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in mismatched if k not in skipped]
     if bad_shapes:
         raise RuntimeError("attnzoo.load_pretrained: shape mismatch (given vs model): "
                            f"{_short(bad_shapes)}")
@@ -717,7 +788,16 @@ def load_pretrained(
             "attnzoo.load_pretrained: the state_dict does not match the network outside the "
             f"attention modules. Missing: {_short(other_missing)}; unexpected: "
             f"{_short(unexpected)}")
-    model.load_state_dict(state_dict, strict=False)
+    if skipped:
+        import warnings
+
+        shapes = ", ".join(f"{k} {tuple(state_dict[k].shape)} -> {tuple(own[k].shape)}"
+                           for k in skipped)
+        warnings.warn(f"attnzoo.load_pretrained: new classifier head, not loaded from the "
+                      f"weights: {shapes}; it keeps its initialisation", UserWarning,
+                      stacklevel=2)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped},
+                          strict=False)
     return missing_attn
 
 

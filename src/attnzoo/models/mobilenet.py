@@ -13,13 +13,12 @@ depthwise conv + BN + ReLU6 of an inverted residual, on the expanded (hidden) ch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 
-from attnzoo.models.resnet import Attention, finish
+from attnzoo.models.resnet import Attention, Weights, finish
 
 __all__ = ["EXPANDED_ONLY", "HIDDEN_OVER_144", "mobilenet_v2"]
 
@@ -48,7 +47,7 @@ def mobilenet_v2(
     select: Callable[[str, int], bool] | str | None = None,
     stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
     identity_init: bool = False,
-    weights: Mapping[str, Tensor] | str | Path | None = None,
+    weights: Weights = None,
     model_kwargs: Mapping[str, Any] | None = None,
     **attention_kwargs: Any,
 ) -> nn.Module:
@@ -64,7 +63,8 @@ def mobilenet_v2(
             ``"expanded"``: only blocks with an expansion layer, the CA paper's placement), or
             :data:`HIDDEN_OVER_144` (the EMA paper's placement).
         every, stage_kwargs, identity_init: see :func:`attnzoo.attach`.
-        weights: a state_dict or path, loaded with :func:`attnzoo.load_pretrained`.
+        weights: a state dict, a file path, or ``MobileNet_V2_Weights`` (member or name) from
+            the local torch hub cache, as in :func:`attnzoo.models.resnet50`.
         model_kwargs: torchvision's ``mobilenet_v2`` keywords (``width_mult``, ``dropout``...).
         **attention_kwargs: the attention module's keyword arguments.
 
@@ -81,4 +81,5 @@ def mobilenet_v2(
                          f"got {select!r}")
     return finish(model, attention, stages=stages, position=position, every=every, select=select,
                   stage_kwargs=stage_kwargs, identity_init=identity_init, weights=weights,
-                  attention_kwargs=attention_kwargs)
+                  attention_kwargs=attention_kwargs, name="mobilenet_v2",
+                  weights_enum=tv_mobilenetv2.MobileNet_V2_Weights)

@@ -27,9 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 
-from attnzoo.models.attach import _apply, _norm_attention, attach, load_pretrained, register_block
+from attnzoo.models.attach import (
+    _apply,
+    attach,
+    load_pretrained,
+    register_block,
+    resolve_weights,
+)
 from attnzoo.registry import create
 
 __all__ = [
@@ -57,6 +64,8 @@ ECA_NET50_KERNELS: dict[int, dict[str, int]] = {
     1: {"kernel_size": 3}, 2: {"kernel_size": 5}, 3: {"kernel_size": 5}, 4: {"kernel_size": 7}}
 
 Attention = str | type[nn.Module] | Callable[..., nn.Module] | None
+#: a state dict, a file, a torchvision weights enum or its name (see ``resolve_weights``)
+Weights = Mapping[str, Tensor] | str | Path | Any | None
 
 
 def finish(
@@ -69,17 +78,24 @@ def finish(
     select: Callable[[str, int], bool] | None,
     stage_kwargs: Mapping[int, Mapping[str, Any]] | None,
     identity_init: bool,
-    weights: Mapping[str, Tensor] | str | Path | None,
+    weights: Weights,
     attention_kwargs: Mapping[str, Any],
+    weights_enum: Any = None,
+    name: str = "attnzoo.models",
 ) -> nn.Module:
-    """Attach the attention (if any) and load ``weights`` (if any) into a freshly built model."""
+    """Attach the attention (if any) and load ``weights`` (if any) into a freshly built model.
+
+    ``weights`` takes every form of :func:`attnzoo.models.resolve_weights` (names of
+    ``weights_enum``, the builder's torchvision weights enum, included); a classifier of another
+    ``num_classes`` than the weights' is left at its initialisation, with a warning."""
+    state = None if weights is None else resolve_weights(weights, weights_enum, who=name)
     if attention is not None:
         attach(model, attention, stages=stages, position=position, every=every, select=select,
                stage_kwargs=stage_kwargs, identity_init=identity_init, **attention_kwargs)
     elif attention_kwargs or stage_kwargs or stages is not None or position is not None:
-        raise ValueError("attnzoo.models: attention options given without attention=")
-    if weights is not None:
-        load_pretrained(model, weights)
+        raise ValueError(f"{name}: attention options given without attention=")
+    if state is not None:
+        load_pretrained(model, state, new_head=True)
     return model
 
 
@@ -94,14 +110,15 @@ def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[.
         select: Callable[[str, int], bool] | None = None,
         stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
         identity_init: bool = False,
-        weights: Mapping[str, Tensor] | str | Path | None = None,
+        weights: Weights = None,
         model_kwargs: Mapping[str, Any] | None = None,
         **attention_kwargs: Any,
     ) -> nn.Module:
         model = tv_fn(weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
         return finish(model, attention, stages=stages, position=position, every=every,
                       select=select, stage_kwargs=stage_kwargs, identity_init=identity_init,
-                      weights=weights, attention_kwargs=attention_kwargs)
+                      weights=weights, attention_kwargs=attention_kwargs,
+                      weights_enum=get_model_weights(tv_fn), name=name)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"""{doc} with optional attention (torchvision ``{tv_fn.__name__}``, no
@@ -111,8 +128,13 @@ def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[.
         attention: registry name, module class or factory; ``None`` for the plain network.
         num_classes: classifier outputs.
         stages, position, every, select, stage_kwargs, identity_init: see :func:`attnzoo.attach`.
-        weights: a state_dict (or a path to one) of the plain or of the attached network, loaded
-            with :func:`attnzoo.load_pretrained` (only attention keys may be missing).
+        weights: the plain or the attached network's weights, loaded with
+            :func:`attnzoo.load_pretrained` (only attention keys may be missing): a state dict, a
+            file path, or torchvision's ``{get_model_weights(tv_fn).__name__}`` (an enum member
+            or its name, e.g. ``"DEFAULT"``) read from the local torch hub cache
+            (``torch.hub.get_dir()/checkpoints``; never downloaded: a missing file is an error
+            naming it). With another ``num_classes`` the classifier keeps its initialisation and
+            a warning names its keys (fine-tuning).
         model_kwargs: torchvision's keyword arguments (``zero_init_residual``, ``norm_layer``...).
         **attention_kwargs: the attention module's keyword arguments.
 
@@ -153,7 +175,7 @@ def _cifar_builder(tv_fn: Callable[..., nn.Module], name: str) -> Callable[..., 
         select: Callable[[str, int], bool] | None = None,
         stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
         identity_init: bool = False,
-        weights: Mapping[str, Tensor] | str | Path | None = None,
+        weights: Weights = None,
         model_kwargs: Mapping[str, Any] | None = None,
         **attention_kwargs: Any,
     ) -> nn.Module:
@@ -161,7 +183,7 @@ def _cifar_builder(tv_fn: Callable[..., nn.Module], name: str) -> Callable[..., 
                                   **dict(model_kwargs or {})))
         return finish(model, attention, stages=stages, position=position, every=every,
                       select=select, stage_kwargs=stage_kwargs, identity_init=identity_init,
-                      weights=weights, attention_kwargs=attention_kwargs)
+                      weights=weights, attention_kwargs=attention_kwargs, name=name)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"""CIFAR-style {tv_fn.__name__}: 3x3 stride-1 stem, no max-pool; 100 classes.
@@ -214,7 +236,7 @@ class SKBottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)
         out = _apply(self, "attention_conv3x3", out)
-        out = _norm_attention(self, self.bn3, self.conv3(out))
+        out = _apply(self, "attention", self.bn3(self.conv3(out)))
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity  # in place, as torchvision's blocks
@@ -243,7 +265,7 @@ def sknet50(
     select: Callable[[str, int], bool] | None = None,
     stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
     identity_init: bool = False,
-    weights: Mapping[str, Tensor] | str | Path | None = None,
+    weights: Weights = None,
     sk_kwargs: Mapping[str, Any] | None = None,
     **attention_kwargs: Any,
 ) -> nn.Module:
@@ -269,5 +291,5 @@ def sknet50(
                              groups=32, width_per_group=4)
     return finish(model, attention, stages=stages, position=position, every=every, select=select,
                   stage_kwargs=stage_kwargs, identity_init=identity_init, weights=weights,
-                  attention_kwargs=attention_kwargs)
+                  attention_kwargs=attention_kwargs, name="sknet50")
 

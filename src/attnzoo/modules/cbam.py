@@ -8,12 +8,9 @@ Official code: https://github.com/Jongchan/attention-module (``MODELS/cbam.py``,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.ops import kernels
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.gates import conv2d_same, eager, has_hooks, pool_gate_scale
 from attnzoo.ops.validation import (
     check_choice,
     check_input,
@@ -120,7 +117,7 @@ class ChannelGate(nn.Module):
     Args:
         channels: input channels ``C``.
         reduction: ``r``; the MLP is ``C / r`` wide.
-        mlp_bias: biases in the MLP (official True; timm and the documents False).
+        mlp_bias: biases in the MLP (official True; timm and common PyTorch ports False).
         divisor: ``None`` (``max(1, C // r)``) or timm's rounding to a multiple of ``divisor``
             (timm's CBAM uses ``divisor=1``: ``max(1, round(C / r))``, halves up).
 
@@ -135,25 +132,24 @@ class ChannelGate(nn.Module):
         self.channels = channels
         hidden = _hidden(channels, reduction, divisor)
         self.fc1 = nn.Linear(channels, hidden, bias=mlp_bias)
+        self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, channels, bias=mlp_bias)
         self.gate = nn.Sigmoid()
 
-    def _gate(self, avg: Tensor, mx: Tensor) -> Tensor:
-        # One MLP call on the stacked descriptors (B, 2, C) -> (B, 2, C), then avg + max.
-        z = torch.stack([avg.flatten(1), mx.flatten(1)], dim=1)
-        hidden = F.relu(F.linear(z, self.fc1.weight, self.fc1.bias))  # relu(fc1(z))
-        logits = F.linear(hidden, self.fc2.weight, self.fc2.bias).sum(1)
-        return self.gate(logits.view(avg.shape))
+    def mlp(self, z: Tensor) -> Tensor:
+        """The shared MLP ``fc2(relu(fc1(z)))`` on a ``(B, C)`` descriptor."""
+        return self.fc2(self.act(self.fc1(z)))
 
-    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
-        """``x * M_c(x)``; ``inplace=True`` lets it overwrite ``x`` when no graph is recorded."""
-        check_input(type(self).__name__, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean", "max"), inplace=inplace)
+    def forward(self, x: Tensor) -> Tensor:
+        """``x * M_c(x)``."""
+        return x * self.attention_map(x)
 
     def attention_map(self, x: Tensor) -> Tensor:
-        """The channel gate ``M_c`` of shape ``(B, C, 1, 1)``."""
+        """The channel gate ``M_c = sigmoid(MLP(mean_hw(x)) + MLP(max_hw(x)))``,
+        ``(B, C, 1, 1)``."""
         check_input(type(self).__name__, x, self.channels)
-        return self._gate(x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True))
+        logits = self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))
+        return self.gate(logits[:, :, None, None])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
@@ -177,16 +173,14 @@ class SpatialGate(nn.Module):
 
     Args:
         channels: input channels ``C``.
-        kernel_size: odd ``k`` (official 7; the documents also use 3).
-        pool_order: ``"max-mean"`` (official) or ``"mean-max"`` (timm, the documents).
-        spatial_norm: BatchNorm after the convolution (official True; documents False).
+        kernel_size: odd ``k`` (official 7; some ports use 3).
+        pool_order: ``"max-mean"`` (official) or ``"mean-max"`` (timm, most ports).
+        spatial_norm: BatchNorm after the convolution (official True; most ports False).
         norm_momentum: that BatchNorm's momentum (official 0.01; timm 0.1).
         norm_weight_init: initial BatchNorm weight (official 0; timm 1).
 
     Attention: ``M_s`` (``(B, 1, H, W)``) is the output of ``self.gate``; see also
-    :meth:`attention_map`. ``self.conv`` holds the kernel; the forward applies it through
-    :func:`attnzoo.ops.gates.conv2d_same` (same result, faster), so hooks on ``self.conv`` do not
-    fire.
+    :meth:`attention_map`.
     """
 
     def __init__(self, channels: int, *, kernel_size: int = 7, pool_order: str = "max-mean",
@@ -204,22 +198,20 @@ class SpatialGate(nn.Module):
             nn.init.constant_(self.bn.weight, norm_weight_init)
         self.gate = nn.Sigmoid()
 
-    def _gate(self, avg: Tensor, mx: Tensor) -> Tensor:
-        maps = [mx, avg] if self.pool_order == "max-mean" else [avg, mx]
-        logits = conv2d_same(torch.cat(maps, dim=1), self.conv.weight)  # = self.conv(...)
+    def forward(self, x: Tensor) -> Tensor:
+        """``x * M_s(x)``."""
+        return x * self.attention_map(x)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """The spatial gate ``M_s = sigmoid(BN(conv([max_c(x), mean_c(x)])))``,
+        ``(B, 1, H, W)``."""
+        check_input(type(self).__name__, x, self.channels)
+        mx, avg = x.amax(1, keepdim=True), x.mean(1, keepdim=True)
+        maps = torch.cat([mx, avg] if self.pool_order == "max-mean" else [avg, mx], dim=1)
+        logits = self.conv(maps)
         if self.bn is not None:
             logits = self.bn(logits)
         return self.gate(logits)
-
-    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
-        """``x * M_s(x)``; ``inplace=True`` lets it overwrite ``x`` when no graph is recorded."""
-        check_input(type(self).__name__, x, self.channels)
-        return pool_gate_scale(x, self._gate, (1,), ("mean", "max"), inplace=inplace)
-
-    def attention_map(self, x: Tensor) -> Tensor:
-        """The spatial gate ``M_s`` of shape ``(B, 1, H, W)``."""
-        check_input(type(self).__name__, x, self.channels)
-        return self._gate(x.mean(1, keepdim=True), x.amax(1, keepdim=True))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, pool_order={self.pool_order!r}"
@@ -266,13 +258,13 @@ class CBAM(nn.Module):
         * timm ``CbamModule(C)``: ``divisor=1, mlp_bias=False, pool_order="mean-max",
           norm_momentum=0.1, norm_weight_init=1.0`` (preset ``"timm"``; timm keeps the BatchNorm).
           timm's MLP is two 1x1 convolutions: their weights are ours with ``[:, :, None, None]``.
-        * YOLOv4-tiny reference (document 002, ``cbam_block``): ``reduction=8, mlp_bias=False,
-          pool_order="mean-max", spatial_norm=False`` (preset ``"yolov4-tiny"``).
-        * Document 000 (``CBAMLayer``): ``mlp_bias=False, pool_order="max-mean",
-          spatial_norm=False`` (reduction 16, kernel 7).
-        * Documents 001 and 003 (``ChannelAttention`` + ``SpatialAttention``): ``mlp_bias=False,
-          pool_order="mean-max", spatial_norm=False`` (003 hard-codes ``C // 16``, i.e.
-          ``reduction=16``; kernel 7, or ``kernel_size=3``).
+        * YOLOv4-tiny (bubbliiiing/yolov4-tiny-pytorch, ``cbam_block``): ``reduction=8,
+          mlp_bias=False, pool_order="mean-max", spatial_norm=False`` (preset ``"yolov4-tiny"``).
+        * Common PyTorch ports with a single ``CBAMLayer`` class: ``mlp_bias=False,
+          pool_order="max-mean", spatial_norm=False`` (reduction 16, kernel 7).
+        * Ports with separate ``ChannelAttention`` + ``SpatialAttention`` classes:
+          ``mlp_bias=False, pool_order="mean-max", spatial_norm=False`` (reduction 16; kernel 7,
+          or ``kernel_size=3``).
 
     Attention: hook ``self.channel.gate`` (``(B, C, 1, 1)``) and ``self.spatial.gate``
     (``(B, 1, H, W)``); :meth:`attention_map` returns the spatial map as applied in ``forward``.
@@ -294,70 +286,14 @@ class CBAM(nn.Module):
                                    spatial_norm=spatial_norm, norm_momentum=norm_momentum,
                                    norm_weight_init=norm_weight_init)
 
-    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
-        """``F''``. ``inplace=True``: at inference the result may be written into ``x`` (for
-        callers that own ``x``, such as an attached block's BatchNorm output)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``F''`` for the configured ``order``."""
         check_input("CBAM", x, self.channels)
-        if self.order == "channel-spatial" and self._fused_inference(x):
-            return self._forward_fused(x, inplace)
-        if self.order == "channel-spatial" and self._fused_training(x):
-            return self._forward_fused_training(x)
-        # The second gate may overwrite the first one's output (our own intermediate) when no
-        # autograd graph is recorded.
         if self.order == "channel-spatial":
-            return self.spatial(self.channel(x), inplace=True)
+            return self.spatial(self.channel(x))
         if self.order == "spatial-channel":
-            return self.channel(self.spatial(x), inplace=True)
-        s = self.channel.attention_map(x)
-        a = self.spatial.attention_map(x)
-        return x * s * a
-
-    def _fused_inference(self, x: Tensor) -> bool:
-        """Whether :meth:`_forward_fused` applies: eager mode, no graph to record, the kernels
-        usable for ``x``, and no hooks on the two gates (the fused path does not call them)."""
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters())):
-            return False
-        # Hooks on the two gates (the fused path calls only their ``_gate``; hooks on the
-        # sigmoids and the BatchNorm fire as usual) or global hooks would be skipped.
-        if has_hooks(self.channel, self.spatial, recurse=False):
-            return False
-        return eager() and kernels.usable(x)
-
-    def _forward_fused(self, x: Tensor, inplace: bool) -> Tensor:
-        """Channel-then-spatial CBAM in three passes over ``x`` instead of eight: the mean and
-        max over ``H, W`` together; the mean and max over ``C`` of ``x * M_c`` without writing
-        ``x * M_c``; then ``(x * M_c) * M_s`` in one multiply (:mod:`attnzoo.ops.kernels`)."""
-        s = self.channel._gate(*kernels.rows_mean_max(x))
-        if not kernels.usable(s):  # e.g. a bfloat16 gate under autocast
-            return self.spatial(x * s, inplace=True)
-        a = self.spatial._gate(*kernels.channel_mean_max_scaled(x, s))
-        if not kernels.usable(a):
-            return (x * s).mul_(a)
-        return kernels.scale_channel_spatial(x, s, a, out=x if inplace else None)
-
-    def _fused_training(self, x: Tensor) -> bool:
-        """Whether :meth:`_forward_fused_training` applies: a graph to record, eager mode, no
-        autocast, float32 parameters, the kernels usable for ``x``, no hooks on the two gates."""
-        if not eager() or torch.is_autocast_enabled(x.device.type):
-            return False
-        if any(p.dtype != torch.float32 for p in self.parameters()):
-            return False
-        if has_hooks(self.channel, self.spatial, recurse=False):
-            return False
-        return kernels.usable(x)
-
-    def _forward_fused_training(self, x: Tensor) -> Tensor:
-        """Channel-then-spatial CBAM with a graph: the same three forward passes as
-        :meth:`_forward_fused` (``x * M_c`` is never written) and a backward of three passes
-        over ``(g, x)`` (:class:`_CBAMScale`, :class:`_CBAMSpatialPools`,
-        :class:`_CBAMChannelPools`); the two gate networks stay ordinary autograd."""
-        link = _CBAMLink()
-        pooled_c = _CBAMChannelPools.apply(x, link)
-        s = self.channel._gate(*pooled_c)
-        pooled_s = _CBAMSpatialPools.apply(x, s, link)
-        a = self.spatial._gate(*pooled_s)
-        return _CBAMScale.apply(x, s, a, link, *pooled_c, *pooled_s)
+            return self.channel(self.spatial(x))
+        return x * self.channel.attention_map(x) * self.spatial.attention_map(x)
 
     def attention_map(self, x: Tensor) -> Tensor:
         """The spatial map ``M_s`` (``(B, 1, H, W)``) computed on the input it is applied to."""
@@ -368,82 +304,3 @@ class CBAM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, order={self.order!r}"
-
-
-# ---------------------------------------------------------------------------------------------
-# CBAM's fused training path: y = (x * s) * a with s = M_c(x), a = M_s(x * s); v = x * s is never
-# stored. Backward, with g = dL/dy (ties of the max pools split evenly, as amax's backward):
-#   grad_a[b, p] = sum_c s g x                              (_CBAMScale, one pass over g, x)
-#   dL/dv = g a + gm / C + [v == M] gM / cnt                (gm, gM: the spatial pools' grads)
-#   grad_s[b, c] = sum_p x dL/dv                            (_CBAMSpatialPools, one pass)
-#   grad_x = dL/dv s + gmean / HW + [x == mrow] gmax / rowcnt   (_CBAMChannelPools, one pass)
-# The gate networks between them are ordinary autograd; each pooled tensor is also an (unused)
-# input of the next function, so the backwards run in this order.
-class _CBAMLink:
-    """What the three functions' backwards hand each other."""
-
-    __slots__ = ("M", "a", "cnt", "g", "gm_c", "mrow", "rowcnt", "s", "share")
-
-
-class _CBAMChannelPools(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, link: _CBAMLink):
-        mean, mx = kernels.rows_mean_max(x)
-        link.mrow = mx
-        ctx.link = link
-        ctx.save_for_backward(x)
-        return mean, mx
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gmean: Tensor, gmax: Tensor):
-        (x,) = ctx.saved_tensors
-        link = ctx.link
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            hw = x.shape[2] * x.shape[3]
-            grad_x = kernels.cbam_grad_input(
-                link.g, x, link.s, link.a, link.gm_c, link.M, link.share, link.mrow,
-                (gmean / hw).contiguous(), (gmax / link.rowcnt).contiguous())
-        for name in _CBAMLink.__slots__:
-            setattr(link, name, None)
-        return grad_x, None
-
-
-class _CBAMSpatialPools(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, link: _CBAMLink):
-        mean, mx = kernels.channel_mean_max_scaled(x, s)
-        link.M, link.s = mx, s
-        ctx.link = link
-        ctx.save_for_backward(x)
-        return mean, mx
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gm: Tensor, gM: Tensor):
-        (x,) = ctx.saved_tensors
-        link = ctx.link
-        link.gm_c = (gm / x.shape[1]).contiguous()
-        link.share = (gM / link.cnt).contiguous()  # used only where v == M, so cnt >= 1 there
-        grad_s, link.rowcnt = kernels.cbam_grad_channel(link.g, x, link.s, link.a, link.gm_c,
-                                                         link.M, link.share, link.mrow)
-        return None, grad_s, None
-
-
-class _CBAMScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, a: Tensor, link: _CBAMLink, *pooled: Tensor):
-        ctx.link = link
-        ctx.save_for_backward(x, s, a)
-        return kernels.scale_channel_spatial(x, s, a)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        x, s, a = ctx.saved_tensors
-        link = ctx.link
-        g = g.contiguous()
-        grad_a, link.cnt = kernels.cbam_grad_spatial(g, x, s, link.M)
-        link.g, link.a = g, a
-        return (None, None, grad_a, None) + (None,) * 4

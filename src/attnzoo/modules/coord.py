@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.gates import scale_twice
 from attnzoo.ops.validation import check_input, check_positive_float, check_positive_int
 from attnzoo.registry import register
 
@@ -54,19 +53,6 @@ def ca_param_count(
     m = _check_args(channels, reduction, min_mip, divisor, mip)
     b = 1 if bias else 0
     return channels * m + b * m + 2 * m + 2 * (m * channels + b * channels)
-
-
-def _conv1x1(conv: nn.Conv2d, z: torch.Tensor) -> torch.Tensor:
-    """``conv`` (1x1, stride 1, no groups) applied to ``z`` ``(B, Cin, L)`` -> ``(B, Cout, L)``.
-
-    Without an autograd graph (inference, export) a matrix product with the weights (much less
-    fixed overhead than oneDNN's convolution on these small strips); when training, the
-    convolution itself, whose backward is faster than the broadcast matmul's (measured).
-    """
-    if torch.is_grad_enabled() and (z.requires_grad or conv.weight.requires_grad):
-        return conv(z.unsqueeze(-1)).squeeze(-1)
-    out = torch.matmul(conv.weight.flatten(1), z)
-    return out if conv.bias is None else out + conv.bias.unsqueeze(-1)
 
 
 @register(
@@ -144,26 +130,21 @@ class CoordinateAttention(nn.Module):
         self.gate_w = nn.Sigmoid()
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two gates ``a_h (B, C, H, 1)`` and ``a_w (B, C, 1, W)``.
-
-        The three 1x1 convolutions act on ``(B, C, H + W)`` strips (the official code's
-        ``(B, C, H + W, 1)`` layout); without an autograd graph they are computed as matrix
-        products with the convolutions' weights (same maths, ~10x less fixed overhead than
-        oneDNN's convolution on such small inputs), so forward hooks on ``conv1``/``conv_h``/
-        ``conv_w`` fire only in training; hook ``gate_h``/``gate_w`` for the gates.
-        """
-        h = x.shape[2]
-        pooled = torch.cat([x.mean(3), x.mean(2)], 2)  # (B, C, H + W): [pool over W | over H]
-        y = _conv1x1(self.conv1, pooled).unsqueeze(-1)  # BatchNorm2d wants 4-D
-        y = self.act(self.bn1(y)).squeeze(-1)
-        a_h = self.gate_h(_conv1x1(self.conv_h, y[:, :, :h]).unsqueeze(-1))
-        a_w = self.gate_w(_conv1x1(self.conv_w, y[:, :, h:]).unsqueeze(-2))
+        """The two gates ``a_h (B, C, H, 1)`` and ``a_w (B, C, 1, W)``."""
+        check_input(_NAME, x, self.channels)
+        h, w = x.shape[2], x.shape[3]
+        z_h = x.mean(3, keepdim=True)  # (B, C, H, 1): average over the width
+        z_w = x.mean(2, keepdim=True).transpose(2, 3)  # (B, C, W, 1): average over the height
+        y = self.act(self.bn1(self.conv1(torch.cat([z_h, z_w], dim=2))))  # (B, mip, H + W, 1)
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        a_h = self.gate_h(self.conv_h(y_h))
+        a_w = self.gate_w(self.conv_w(y_w.transpose(2, 3)))
         return a_h, a_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(_NAME, x, self.channels)
+        """``x * a_w * a_h`` (the official order of the two products)."""
         a_h, a_w = self.gates(x)
-        return scale_twice(x, a_w, a_h)  # x * a_w * a_h
+        return x * a_w * a_h
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +152,5 @@ class CoordinateAttention(nn.Module):
 
         Use it in eval mode: in train mode the BatchNorm uses (and updates) batch statistics.
         """
-        check_input(_NAME, x, self.channels)
         a_h, a_w = self.gates(x)
         return a_h * a_w

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
-from attnzoo.ops.pairwise import from_positions, softmax_affinity, softmax_attention, to_positions
+from attnzoo.ops import pairwise
+from attnzoo.ops.pairwise import from_positions, softmax_affinity, to_positions
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -83,7 +85,8 @@ class DANetPositionAttention(nn.Module):
     Shapes: ``(B, C, H, W)`` -> same shape, dtype and memory format; ``C // 8`` is at least 1.
     ``forward`` calls :func:`torch.nn.functional.scaled_dot_product_attention` with
     ``scale=1.0``: memory is O(N C), not the O(N^2) of the official code (users report 14.5 GB
-    for training at Cityscapes scale with it).
+    for training at Cityscapes scale with it). Double backward: automatic in float64; in float32
+    under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` (see :mod:`attnzoo.ops.pairwise`).
 
     Args:
         channels: input channels ``C``.
@@ -110,11 +113,11 @@ class DANetPositionAttention(nn.Module):
         q = to_positions(self.query_conv(x))
         k = to_positions(self.key_conv(x))
         v = to_positions(self.value_conv(x))
-        return from_positions(softmax_attention(q, k, v, scale=1.0), x)
+        return from_positions(pairwise.softmax_attention(q, k, v, scale=1.0), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return x + self.gamma * self.attend(x)
+        return x + (self.gamma * self.attend(x)).to(x.dtype)
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +137,28 @@ class DANetPositionAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, reduction={self.reduction}"
+
+
+def _channel_attention(feats: torch.Tensor, energy: str) -> torch.Tensor:
+    """CAM's ``A`` from ``X`` ``(B, C, N)`` (already in the accumulation dtype)."""
+    # bmm, not matmul: matmul may copy the transposed operand to fold batch dimensions
+    e = torch.bmm(feats, feats.transpose(1, 2))
+    if energy == "rowmax_minus":
+        e = e.amax(dim=-1, keepdim=True) - e
+    return torch.softmax(e, dim=-1)
+
+
+def _channel_mix(x: torch.Tensor, energy: str) -> torch.Tensor:
+    """CAM's ``A X`` for ``x`` ``(B, C, *spatial)``, accumulated in at least float32 with autocast
+    off, returned in ``x``'s dtype. An FX leaf: the autocast region needs the concrete device."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        feats = x.flatten(2).to(dtype)
+        out = torch.bmm(_channel_attention(feats, energy), feats)
+    return out.to(x.dtype).unflatten(2, x.shape[2:])
+
+
+torch.fx.wrap("_channel_mix")
 
 
 @register("cam", presets={"plain": {"energy": "plain"}}, param_count=cam_param_count, **_META)
@@ -172,32 +197,20 @@ class DANetChannelAttention(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         check_input(type(self).__name__, x, self.channels)
 
-    def _attention(self, feats: torch.Tensor) -> torch.Tensor:
-        """``A`` from ``X`` ``(B, C, N)`` (already in the accumulation dtype)."""
-        # bmm, not matmul: matmul may copy the transposed operand to fold batch dimensions
-        energy = torch.bmm(feats, feats.transpose(1, 2))
-        if self.energy == "rowmax_minus":
-            energy = energy.amax(dim=-1, keepdim=True) - energy
-        return torch.softmax(energy, dim=-1)
-
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """``A X`` before ``gamma`` and the residual, ``(B, C, H, W)``, in ``x``'s dtype."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            feats = x.flatten(2).to(dtype)
-            out = torch.bmm(self._attention(feats), feats)
-        return out.to(x.dtype).unflatten(2, x.shape[2:])
+        return _channel_mix(x, self.energy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return x + self.gamma * self.attend(x)
+        return x + (self.gamma * self.attend(x)).to(x.dtype)
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """``A`` of shape ``(B, C, C)``; rows sum to 1."""
         self._check(x)
-        feats = x.flatten(2).to(torch.promote_types(x.dtype, torch.float32))
-        return self._attention(feats)
+        return _channel_attention(x.flatten(2).to(torch.promote_types(x.dtype, torch.float32)),
+                                  self.energy)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, energy={self.energy!r}"
@@ -256,8 +269,8 @@ class DualAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(type(self).__name__, x, self.channels)
-        out = x + self.pam.gamma * self.pam.attend(x) + self.cam.gamma * self.cam.attend(x)
-        return out + x if self.fusion == "sum" else out
+        out = self.pam(x) + self.cam(x)
+        return out if self.fusion == "sum" else out - x
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:

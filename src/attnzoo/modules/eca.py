@@ -10,8 +10,6 @@ import math
 
 from torch import Tensor, nn
 
-from attnzoo.ops import fused_norm
-from attnzoo.ops.gates import conv1d_same, pool_gate_scale
 from attnzoo.ops.validation import (
     check_input,
     check_odd_int,
@@ -79,7 +77,8 @@ class EfficientChannelAttention(nn.Module):
 
     ``z = mean_hw(x)`` (``(B, C)``), then a 1-D convolution *across channels* with one shared
     kernel of odd size ``k`` (zero padding ``(k - 1) / 2``, no bias), then
-    ``s = sigmoid(conv1d(z))`` and the output ``x * s``. Input and output ``(B, C, H, W)``.
+    ``s = sigmoid(conv1d(z))`` and the output ``x * s``. Input and output ``(B, C, H, W)``;
+    ``forward`` is ``x * self.attention_map(x)``.
 
     Kernel size: ``kernel_size=None`` (default) uses the paper's adaptive rule
     ``k = |(log2 C + b) / gamma|_odd`` with ``gamma = 2, b = 1`` (exact rounding and a table in
@@ -97,7 +96,7 @@ class EfficientChannelAttention(nn.Module):
     Variants:
         * timm ``EcaModule(C)``: ``min_kernel_size=3`` (preset ``"timm"``), differs only for
           ``C < 8``.
-        * YOLOv4-tiny reference (document 002, ``eca_block``): the adaptive rule with
+        * YOLOv4-tiny (bubbliiiing/yolov4-tiny-pytorch, ``eca_block``): the adaptive rule with
           ``gamma=2, b=1`` = the default (preset ``"yolov4-tiny"``).
 
     Attention: the gate ``s`` (``(B, C, 1, 1)``) is the output of ``self.gate`` (hook it) and
@@ -113,28 +112,16 @@ class EfficientChannelAttention(nn.Module):
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
         self.gate = nn.Sigmoid()
 
-    def _gate(self, pooled: Tensor) -> Tensor:
-        z = pooled.flatten(1).unsqueeze(1)  # (B, 1, C): channels are the 1-D sequence
-        return self.gate(conv1d_same(z, self.conv.weight).view(pooled.shape))  # = self.conv(z)
-
-    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
-        """``x * s``. ``inplace=True``: the result may be written into ``x`` (for callers that own
-        ``x``, such as an attached block's BatchNorm output; saves a feature map)."""
-        check_input(_NAME, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean",), inplace=inplace)
-
-    def forward_after_batchnorm(self, norm: nn.Module, z: Tensor) -> Tensor:
-        """``self(norm(z))``, where ``norm(z)`` may be overwritten (the caller owns it, as an
-        attached block owns its last BatchNorm's output). When
-        :func:`attnzoo.ops.fused_norm.fusable`, BatchNorm and this gate run as one fused op
-        (:func:`~attnzoo.ops.fused_norm.batchnorm_mean_gate`: BatchNorm's own two passes forward
-        and two backward, same result); attached blocks call this."""
-        return fused_norm.mean_gate_after_batchnorm(self, _NAME, norm, z)
+    def forward(self, x: Tensor) -> Tensor:
+        """``x * s``, the input rescaled channel by channel."""
+        return x * self.attention_map(x)
 
     def attention_map(self, x: Tensor) -> Tensor:
-        """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""
+        """The channel gate ``s = sigmoid(conv1d(mean_hw(x)))`` of shape ``(B, C, 1, 1)``."""
         check_input(_NAME, x, self.channels)
-        return self._gate(x.mean((2, 3), keepdim=True))
+        z = x.mean((2, 3))[:, None, :]  # (B, 1, C): the channels are the 1-D sequence
+        logits = self.conv(z)  # (B, 1, C)
+        return self.gate(logits.transpose(1, 2)[..., None])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"

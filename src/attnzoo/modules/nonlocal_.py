@@ -2,8 +2,8 @@
 
 Wang, Girshick, Gupta, He, "Non-local Neural Networks", CVPR 2018.
 Official code (Caffe2): https://github.com/facebookresearch/video-nonlocal-net
-(``lib/models/nonlocal_helper.py``); the widely used PyTorch port, which the source documents
-copy, is https://github.com/AlexHex7/Non-local_pytorch (``lib/non_local_*.py``).
+(``lib/models/nonlocal_helper.py``); the widely used PyTorch port is
+https://github.com/AlexHex7/Non-local_pytorch (``lib/non_local_*.py``).
 
 The file is called ``nonlocal_.py`` because ``nonlocal`` is a Python keyword.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnzoo.ops import pairwise
 from attnzoo.ops.pairwise import (
     dot_product_affinity,
     dot_product_attention,
@@ -24,7 +25,6 @@ from attnzoo.ops.pairwise import (
     relu_sum_affinity,
     relu_sum_attention,
     softmax_affinity,
-    softmax_attention,
     to_positions,
 )
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
@@ -112,6 +112,8 @@ class _NonLocalNd(nn.Module):
     dot_product is evaluated as ``theta (phi^T g) / M`` (linear in N), and concatenation exactly
     with a sort and prefix sums in O((N + M) log(N + M)) (:mod:`attnzoo.ops.pairwise`).
     :meth:`attention_map` returns the ``(B, N, M)`` weights ``f / C(x)`` for visualisation.
+    Double backward of the softmax modes: automatic in float64; in float32 under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` (see :mod:`attnzoo.ops.pairwise`).
 
     Args:
         channels: input channels ``C``.
@@ -145,7 +147,7 @@ class _NonLocalNd(nn.Module):
     last layer is as in both official codes.
 
     Other variants:
-        - the source documents' code (AlexHex7's embedded-Gaussian block): the defaults;
+        - AlexHex7/Non-local_pytorch (its embedded-Gaussian block): the defaults;
         - facebookresearch/video-nonlocal-net (softmax, scale, pool then conv):
           ``preset="facebookresearch"`` = ``use_scale=True, pool_before_conv=True``;
         - timm's ``NonLocalAttn(C, use_scale=False, rd_ratio=r)``: ``NonLocal2d(C,
@@ -240,14 +242,26 @@ class _NonLocalNd(nn.Module):
         g = self._key_path(x, kx, self.g)
         return to_positions(theta), to_positions(phi), to_positions(g)
 
-    def _scale(self, d: int) -> float:
-        return float(d) ** -0.5 if self.use_scale else 1.0
+    def _scale(self) -> float:
+        """``d ** -0.5`` (``use_scale``) with ``d`` the length of the dot-product vectors."""
+        if not self.use_scale:
+            return 1.0
+        return float(self.channels if self.mode == "gaussian" else self.inter_channels) ** -0.5
 
     def _concat_scores(self, theta: torch.Tensor,
                        phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_i = w_theta . theta_i`` ``(B, N)`` and ``b_j = w_phi . phi_j`` ``(B, M)``."""
-        w = self.concat_project.weight.view(2, self.inter_channels)
-        return (theta * w[0].to(theta.dtype)).sum(-1), (phi * w[1].to(phi.dtype)).sum(-1)
+        """``a_i = w_theta . theta_i`` ``(B, N)`` and ``b_j = w_phi . phi_j`` ``(B, M)``.
+
+        ``concat_project`` is linear without bias, so ``w^T [theta_i, phi_j] = w^T [theta_i, 0] +
+        w^T [0, phi_j]``: one call of ``concat_project`` on the ``N + M`` half-zero columns
+        ``[theta_i, 0]`` and ``[0, phi_j]`` gives every ``a_i`` and ``b_j`` (hooks on it fire; a
+        wrapper around it takes effect).
+        """
+        n = theta.shape[1]
+        pairs = torch.cat([F.pad(theta, (0, self.inter_channels)),
+                           F.pad(phi, (self.inter_channels, 0))], dim=1)  # (B, N + M, 2I)
+        scores = self.concat_project(pairs.transpose(1, 2).unsqueeze(-1)).flatten(1)
+        return scores[:, :n], scores[:, n:]
 
     def _check(self, x: torch.Tensor) -> None:
         check_input(type(self).__name__, x, self.channels, spatial_dims=self.spatial_dims)
@@ -257,7 +271,7 @@ class _NonLocalNd(nn.Module):
         self._check(x)
         theta, phi, g = self._project(x)
         if self.mode in _SOFTMAX_MODES:
-            y = softmax_attention(theta, phi, g, scale=self._scale(theta.shape[-1]))
+            y = pairwise.softmax_attention(theta, phi, g, scale=self._scale())
         elif self.mode == "dot_product":
             y = dot_product_attention(theta, phi, g)
         else:
@@ -289,7 +303,7 @@ class _NonLocalNd(nn.Module):
         theta, phi, _ = self._project(x)
         key_shape = tuple(self._pool(x[:, :1]).shape[2:] if self.sub_sample else x.shape[2:])
         if self.mode in _SOFTMAX_MODES:
-            scale = self._scale(theta.shape[-1])
+            scale = self._scale()
             return (lambda q: softmax_affinity(theta[:, q], phi, scale=scale)), key_shape
         if self.mode == "dot_product":
             return (lambda q: dot_product_affinity(theta[:, q], phi)), key_shape

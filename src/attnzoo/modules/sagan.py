@@ -2,8 +2,8 @@
 
 Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networks", ICML 2019.
 Official code (TensorFlow): https://github.com/brain-research/self-attention-gan
-(``non_local.py``, ``sn_non_local_block_sim``); the popular PyTorch port, which the source
-documents copy: https://github.com/heykeetae/Self-Attention-GAN (``sagan_models.py``,
+(``non_local.py``, ``sn_non_local_block_sim``); the popular PyTorch port:
+https://github.com/heykeetae/Self-Attention-GAN (``sagan_models.py``,
 ``Self_Attn``).
 """
 
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.ops.pairwise import from_positions, softmax_affinity, softmax_attention, to_positions
+from attnzoo.ops import pairwise
+from attnzoo.ops.pairwise import from_positions, softmax_affinity, to_positions
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -78,7 +79,7 @@ class SAGANSelfAttention(nn.Module):
 
     ``variant`` selects between the two codes in use:
 
-    - ``"pytorch"`` (default; heykeetae's port, the source documents and DANet's PAM): ``q``, ``k``
+    - ``"pytorch"`` (default; heykeetae's port and DANet's PAM): ``q``, ``k``
       ``C -> C // 8`` and ``v`` ``C -> C``, 1x1 convs **with** bias, all ``N`` positions are keys,
       ``o = attention(v)``.
     - ``"tf"`` (the authors' TensorFlow code, ``sn_non_local_block_sim``): bias-free 1x1 convs,
@@ -95,7 +96,9 @@ class SAGANSelfAttention(nn.Module):
     Shapes: ``(B, C, H, W)`` -> same shape, dtype and memory format; ``C // 8`` and ``C // 2``
     are at least 1. ``forward`` returns a tensor (the PyTorch port returns ``(out, attention)``)
     and never builds the ``N x M`` matrix: it calls
-    :func:`torch.nn.functional.scaled_dot_product_attention` with ``scale=1.0``.
+    :func:`torch.nn.functional.scaled_dot_product_attention` with ``scale=1.0``. Double backward
+    (a discriminator's gradient penalty): automatic in float64; in float32 run the forward under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` (see :mod:`attnzoo.ops.pairwise`).
 
     Args:
         channels: input channels ``C``.
@@ -150,10 +153,10 @@ class SAGANSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        o = from_positions(softmax_attention(q, k, v, scale=1.0), x)
+        o = from_positions(pairwise.softmax_attention(q, k, v, scale=1.0), x)
         if self.variant == "tf":
             o = self.out_conv(o)
-        return x + self.gamma * o
+        return x + (self.gamma * o).to(x.dtype)  # float32 gamma must not promote bf16 inputs
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,9 @@ Official code: https://github.com/hujie-frank/SENet (Caffe).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnzoo.ops import fused_norm
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.gates import pool_gate_scale
 from attnzoo.ops.validation import check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -70,7 +67,8 @@ class SqueezeExcitation(nn.Module):
 
     Squeeze: global average pooling of each channel, ``z = mean_hw(x)`` of shape ``(B, C)``.
     Excitation: ``s = sigmoid(W2 relu(W1 z + b1) + b2)`` with ``W1: C -> h`` and ``W2: h -> C``.
-    Output: ``x * s`` broadcast over ``H, W``. Input and output ``(B, C, H, W)``.
+    Output: ``x * s`` broadcast over ``H, W``. Input and output ``(B, C, H, W)``; ``forward`` is
+    ``x * self.attention_map(x)``.
 
     Defaults follow the official (Caffe) SENet: reduction ``r = 16``, fully connected layers
     **with bias**, ``h = C / r``. Here ``h = max(1, C // r)`` so that small ``C`` never gives a
@@ -87,8 +85,9 @@ class SqueezeExcitation(nn.Module):
         * timm ``SEModule(C)``: ``divisor=8`` (preset ``"timm"``); e.g. ``C = 64`` gives
           ``h = 8`` instead of 4. timm uses 1x1 convolutions; ours are ``nn.Linear`` with the
           same weights reshaped (``conv.weight[:, :, 0, 0]``).
-        * YOLOv4-tiny reference (document 002, ``se_block``) and the documents' ``SELayer``:
-          ``bias=False`` (preset ``"yolov4-tiny"``); they compute ``C // 16`` without a guard.
+        * YOLOv4-tiny (bubbliiiing/yolov4-tiny-pytorch, ``se_block``) and common PyTorch ports'
+          ``SELayer``: ``bias=False`` (preset ``"yolov4-tiny"``); they compute ``C // 16``
+          without a guard.
 
     Attention: the gate ``s`` (``(B, C, 1, 1)``) is the output of the submodule ``self.gate``
     (hook it) and is returned by :meth:`attention_map`.
@@ -101,33 +100,20 @@ class SqueezeExcitation(nn.Module):
         self.channels = channels
         hidden = se_hidden_channels(channels, reduction, divisor)
         self.fc1 = nn.Linear(channels, hidden, bias=bias)
+        self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, channels, bias=bias)
         self.gate = nn.Sigmoid()
 
-    def _gate(self, pooled: Tensor) -> Tensor:
-        # Functional calls with the layers' parameters: same maths as fc2(relu(fc1(z))), less
-        # per-call overhead (it matters: the whole module costs ~1.2x a bare mean + multiply).
-        z = F.relu(F.linear(pooled.flatten(1), self.fc1.weight, self.fc1.bias))
-        return self.gate(F.linear(z, self.fc2.weight, self.fc2.bias).view(pooled.shape))
-
-    def forward(self, x: Tensor, *, inplace: bool = False) -> Tensor:
-        """``x * s``. ``inplace=True``: the result may be written into ``x`` (for callers that own
-        ``x``, such as an attached block's BatchNorm output; saves a feature map)."""
-        check_input(_NAME, x, self.channels)
-        return pool_gate_scale(x, self._gate, (2, 3), ("mean",), inplace=inplace)
-
-    def forward_after_batchnorm(self, norm: nn.Module, z: Tensor) -> Tensor:
-        """``self(norm(z))``, where ``norm(z)`` may be overwritten (the caller owns it, as an
-        attached block owns its last BatchNorm's output). When
-        :func:`attnzoo.ops.fused_norm.fusable`, BatchNorm and this gate run as one fused op
-        (:func:`~attnzoo.ops.fused_norm.batchnorm_mean_gate`: BatchNorm's own two passes forward
-        and two backward, same result); attached blocks call this."""
-        return fused_norm.mean_gate_after_batchnorm(self, _NAME, norm, z)
+    def forward(self, x: Tensor) -> Tensor:
+        """``x * s``, the input rescaled channel by channel."""
+        return x * self.attention_map(x)
 
     def attention_map(self, x: Tensor) -> Tensor:
-        """The channel gate ``s`` of shape ``(B, C, 1, 1)``."""
+        """The channel gate ``s = sigmoid(fc2(relu(fc1(mean_hw(x)))))``, ``(B, C, 1, 1)``."""
         check_input(_NAME, x, self.channels)
-        return self._gate(x.mean((2, 3), keepdim=True))
+        z = x.mean((2, 3))  # squeeze: (B, C)
+        logits = self.fc2(self.act(self.fc1(z)))  # excitation: (B, C)
+        return self.gate(logits[:, :, None, None])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -106,8 +106,8 @@ def sk_param_count(
         "timm": {"groups": 1, "split_input": True, "divisor": 8, "min_dim": 8},
         # timm's skresnext50_32x4d blocks (cardinality 32, rd_divisor 32, no input split).
         "timm-skresnext": {"divisor": 32, "min_dim": 32},
-        # The source documents' SKConv (kernels 3+2i, biases everywhere, plain FC fuse layer).
-        "documents": {"keep_3x3": False, "conv_bias": True, "fc_bias": True,
+        # The widely copied PyTorch SKConv (kernels 3+2i, biases everywhere, plain FC fuse layer).
+        "skconv": {"keep_3x3": False, "conv_bias": True, "fc_bias": True,
                       "fc_norm_act": False},
     },
     param_count=sk_param_count,
@@ -141,10 +141,10 @@ class SelectiveKernel(nn.Module):
 
     Variants by keyword:
 
-    * the source documents' ``SKConv(features, WH, M, G, r, stride, L)``: ``keep_3x3=False``
+    * the widely copied PyTorch ``SKConv(features, WH, M, G, r, stride, L)``: ``keep_3x3=False``
       (branch i is a ``(3+2i) x (3+2i)`` kernel with padding ``1+i``), ``conv_bias=True``,
       ``fc_bias=True``, ``fc_norm_act=False`` (``z = W s + b``, no BN, no ReLU). Its ``WH``
-      argument is unused there and is not taken here. Preset ``"documents"``.
+      argument is unused there and is not taken here. Preset ``"skconv"``.
     * timm's ``SelectiveKernel`` class defaults: ``groups=1``, ``split_input=True`` (each branch
       sees ``channels / M`` input channels), ``divisor=8``, ``min_dim=8``
       (``d = make_divisible(C_out / 16, 8)``). Preset ``"timm"``. timm's ``skresnext50_32x4d``
@@ -209,8 +209,8 @@ class SelectiveKernel(nn.Module):
 
     def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.split_input:
-            chunks = torch.split(x, self.in_per_branch, dim=1)
-            return [path(chunk) for path, chunk in zip(self.paths, chunks)]
+            chunks = torch.split(x, self.in_per_branch, dim=1)  # indexed, not iterated: FX
+            return [path(chunks[i]) for i, path in enumerate(self.paths)]
         return [path(x) for path in self.paths]
 
     def _select(self, feats: list[torch.Tensor]) -> torch.Tensor:

@@ -23,14 +23,25 @@ weights ``w(i, j)``               function                    time              
 ================================  ==========================  =================  ==============
 
 All of them are built from differentiable torch ops (gradients flow to ``q``, ``k``, ``v``, ``a``,
-``b``), compile with ``torch.compile(fullgraph=True)`` and export to ONNX (dynamo exporter,
-opset 18) with dynamic batch and sizes. They accept any floating dtype; under autocast the
-matrix products run in the autocast dtype.
+``b``), compile with ``torch.compile(fullgraph=True)``, export with ``torch.export`` and to ONNX
+with dynamic batch and sizes. They accept any floating dtype; under autocast the matrix products
+run in the autocast dtype. :func:`softmax_attention` is an FX leaf (``torch.fx.wrap``): symbolic
+tracing records it as one call, because it chooses its kernel from static tensor properties.
+
+Second derivatives (``torch.autograd.grad(..., create_graph=True)``: gradient penalties, Hessian
+products, ``gradgradcheck``). The fused CPU kernel behind SDPA has no derivative of its backward.
+:func:`softmax_attention` therefore evaluates the explicit formula ``softmax(s q k^T) v``
+(twice differentiable; it builds the ``N x M`` matrix) when the inputs are float64 and gradients
+are being recorded, the setting of gradient checks. For double backward in float32 or bfloat16
+(e.g. the gradient penalty of a GAN discriminator), run that forward pass under PyTorch's
+``torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)``. Ordinary training
+never builds the ``N x M`` matrix.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 __all__ = [
@@ -62,13 +73,19 @@ def from_positions(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     operand decides the layout of the result). Copying to ``like``'s layout instead was measured
     no faster on CPU.
     """
-    return y.transpose(1, 2).unflatten(2, tuple(like.shape[2:]))
+    return y.transpose(1, 2).unflatten(2, like.shape[2:])
 
 
 def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Cast to one dtype (autocast can leave e.g. raw float32 queries next to bf16 values)."""
     dtype = tensors[-1].dtype
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def _records_float64_grad(*tensors: torch.Tensor) -> bool:
+    """Float64 inputs and a graph being recorded: the setting of gradient (and Hessian) checks."""
+    return (torch.is_grad_enabled() and any(t.dtype == torch.float64 for t in tensors)
+            and any(t.requires_grad for t in tensors))
 
 
 def softmax_attention(
@@ -78,8 +95,12 @@ def softmax_attention(
     :func:`torch.nn.functional.scaled_dot_product_attention` (fused, O(N D) memory).
 
     Note the explicit ``scale``: SDPA's own default is ``1/sqrt(D)``, whereas the non-local block,
-    SAGAN and DANet use no scaling (``scale=1.0``).
+    SAGAN and DANet use no scaling (``scale=1.0``). In float64 with gradients being recorded it
+    uses the explicit, twice-differentiable formula instead (see the module docstring).
     """
+    if _records_float64_grad(q, k, v):
+        q, k, v = _common_dtype(q, k, v)
+        return softmax_affinity(q, k, scale) @ v
     # The fused CPU kernel needs equal query/value widths and a unit stride in the last dim;
     # otherwise SDPA silently falls back to its math path, which builds the (N, M) matrix. Zero
     # columns appended to q and k leave q . k unchanged; zero value columns give zero outputs
@@ -93,6 +114,9 @@ def softmax_attention(
     q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)
     return y[..., :dv] if dv < d else y
+
+
+torch.fx.wrap("softmax_attention")
 
 
 def softmax_affinity(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

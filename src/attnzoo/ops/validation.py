@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.fx
 
 __all__ = [
     "resolve_submodule",
@@ -79,8 +80,12 @@ def check_input(module: str, x: Any, channels: int, spatial_dims: int = 2) -> No
     """Check a forward input: a tensor of rank ``2 + spatial_dims`` with ``channels`` channels.
 
     The checks depend only on the rank and on the channel count, which are static for
-    ``torch.compile`` and ONNX export, so they add no graph breaks and no runtime cost there.
+    ``torch.compile``, ``torch.export`` and ONNX export, so they add no graph breaks and no runtime
+    cost there. A ``torch.fx`` symbolic-tracing ``Proxy`` carries no shape: it passes unchecked
+    (the traced graph then checks nothing; its input is checked when it runs as a module again).
     """
+    if isinstance(x, torch.fx.Proxy):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{module}: input must be a torch.Tensor, got {type(x).__name__}")
     rank = 2 + spatial_dims

@@ -72,7 +72,7 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     ================================================  ============================
     model                                             target layer
     ================================================  ============================
-    ``attnzoo.bench.small_models.SmallResNet``        last ``layerN`` (``layer3`` of
+    ``attnzoo.models.SmallResNet``                    last ``layerN`` (``layer3`` of
     (``cifar_resnet8``)                               ``cifar_resnet8``)
     torchvision ``ResNet`` (all ``attnzoo.models``    ``layer4``
     ResNet/ResNeXt/Wide/CIFAR/SKNet builders)
@@ -89,7 +89,7 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     """
     from torchvision.models import MobileNetV2, ResNet
 
-    from attnzoo.bench.small_models import SmallResNet
+    from attnzoo.models.small import SmallResNet
 
     if isinstance(model, SmallResNet):
         return getattr(model, f"layer{model.num_stages}")

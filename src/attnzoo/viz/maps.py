@@ -391,7 +391,7 @@ def attention_maps(model: nn.Module, images: Any, *, query: Query = "mean"
     removed and (in train mode) buffers restored afterwards, also on error.
 
     Example:
-        >>> from attnzoo.bench.small_models import cifar_resnet8
+        >>> from attnzoo.models import cifar_resnet8
         >>> model = cifar_resnet8("cbam").eval()
         >>> maps = attention_maps(model, torch.randn(2, 3, 32, 32))
         >>> maps["layer1.0.attention"].maps["spatial"].shape

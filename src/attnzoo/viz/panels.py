@@ -56,13 +56,16 @@ def save_panel(
     title: str,
     boxes: Any = None,
     row_labels: Sequence[str] | None = None,
+    cell_labels: Mapping[str, Sequence[str]] | None = None,
+    images_as_columns: bool = False,
     cmap: str = "jet",
     alpha: float = 0.5,
     box_color: str = "red",
     cell_inches: float = 2.0,
     dpi: int = 100,
 ) -> Path:
-    """Write a PNG: one row per image; the image, then each map overlaid on it.
+    """Write a PNG: one row per image; the image, then each map overlaid on it (or, with
+    ``images_as_columns``, one column per image: the images, then each map, as rows).
 
     Args:
         path: the PNG to write (parent folders are created). Written atomically: rendered to a
@@ -74,7 +77,12 @@ def save_panel(
         title: the figure title (say what is shown: method, class, model, seed).
         boxes: optional ``(B, 4)`` integer ``(x0, y0, x1, y1)`` (exclusive ends), drawn on every
             cell of its row.
-        row_labels: optional ``B`` strings shown left of each row.
+        row_labels: optional ``B`` strings naming the images: left of each row (above each
+            column with ``images_as_columns``).
+        cell_labels: optional ``{header: B strings}`` written under the cells of that column
+            (e.g. each model's prediction).
+        images_as_columns: one column per image and one row per map (headers on the left),
+            which is more compact for a few maps of many images.
         cmap, alpha: colour map and opacity of the overlays (jet, 0.5).
         box_color: edge colour of the boxes.
         cell_inches, dpi: size of one cell (inches) and resolution.
@@ -105,6 +113,12 @@ def save_panel(
         row_labels = [str(s) for s in row_labels]
         if len(row_labels) != b:
             raise ValueError(f"{fn}: row_labels has {len(row_labels)} entries for {b} images")
+    under: dict[str, list[str]] = {}
+    for header, texts in (cell_labels or {}).items():
+        if str(header) not in maps or isinstance(texts, str) or len(texts) != b:
+            raise ValueError(f"{fn}: cell_labels[{header!r}] must name a column "
+                             f"({', '.join(map(repr, maps))}) and hold {b} strings")
+        under[str(header)] = [str(t) for t in texts]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"{fn}: alpha must be in [0, 1]; got {alpha!r}")
 
@@ -116,16 +130,17 @@ def save_panel(
         raise ImportError(f'{fn} needs matplotlib: pip install "attnzoo[viz]"') from err
 
     ncols = 1 + len(maps)
-    fig = Figure(figsize=(cell_inches * ncols, cell_inches * b + 0.6), dpi=dpi,
+    grid = (ncols, b) if images_as_columns else (b, ncols)
+    fig = Figure(figsize=(cell_inches * grid[1], cell_inches * grid[0] + 0.6), dpi=dpi,
                  layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(b, ncols, squeeze=False)
+    axes = fig.subplots(*grid, squeeze=False)
     headers = ["image", *maps]
     grey = images.shape[1] == 1
     for r in range(b):
         picture = images[r, 0] if grey else images[r].permute(1, 2, 0)
         for c in range(ncols):
-            ax = axes[r][c]
+            ax = axes[c][r] if images_as_columns else axes[r][c]
             ax.imshow(picture.numpy(), cmap="gray" if grey else None, vmin=0, vmax=1,
                       interpolation="nearest")
             if c > 0:
@@ -139,11 +154,20 @@ def save_panel(
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            if r == 0:
-                ax.set_title("\n".join(textwrap.wrap(headers[c], 22)) or " ", fontsize=8)
-            if c == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[r], fontsize=8)
-    width_chars = max(30, int(cell_inches * ncols * 11))
+            header = "\n".join(textwrap.wrap(headers[c], 22)) or " "
+            if images_as_columns:
+                if r == 0:
+                    ax.set_ylabel(header, fontsize=8)
+                if c == 0 and row_labels is not None:
+                    ax.set_title(row_labels[r], fontsize=8)
+            else:
+                if r == 0:
+                    ax.set_title(header, fontsize=8)
+                if c == 0 and row_labels is not None:
+                    ax.set_ylabel(row_labels[r], fontsize=8)
+            if headers[c] in under:
+                ax.set_xlabel(under[headers[c]][r], fontsize=7)
+    width_chars = max(30, int(cell_inches * grid[1] * 11))
     fig.suptitle("\n".join(textwrap.wrap(str(title), width_chars)), fontsize=9)
 
     buffer = io.BytesIO()

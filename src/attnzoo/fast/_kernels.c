@@ -1,6 +1,6 @@
 /* Fused CPU kernels for the gating attention modules (float32, contiguous NCHW).
  *
- * Compiled on first use by attnzoo/ops/kernels.py (plain C99 + OpenMP, no Python or torch
+ * Compiled on first use by attnzoo/fast/kernels.py (plain C99 + OpenMP, no Python or torch
  * headers) and called through ctypes with raw data pointers. Every function takes the number of
  * OpenMP threads to use (torch.get_num_threads() of the caller). Shapes: a "row" is one (sample,
  * channel) pair, P = H * W pixels per row.
@@ -50,55 +50,7 @@ void az_rows_dot(const float* a, const float* b, long rows, long n, float* out, 
   }
 }
 
-/* Per row r (length n): mean[r] and m2[r] = sum_i (x[r, i] - mean[r])^2, one pass. The sums
- * are taken around the row's first element (shifted data), which keeps sum(d^2) - sum(d)^2 / n
- * free of catastrophic cancellation when |mean| >> std. */
-void az_rows_mean_m2(const float* x, long rows, long n, float* mean, float* m2, int nt) {
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
-  for (long r = 0; r < rows; ++r) {
-    const float* p = x + r * n;
-    const float k = p[0];
-    float s = 0.f, q = 0.f;
-#pragma omp simd reduction(+ : s, q)
-    for (long i = 0; i < n; ++i) {
-      const float d = p[i] - k;
-      s += d;
-      q += d * d;
-    }
-    if (!isfinite(s) || !isfinite(q)) {
-      /* a NaN or an infinity in the row: the plain mean (inf, -inf or NaN as torch's) and a NaN
-       * spread (inf - inf), as torch's variance */
-      float t = 0.f;
-      for (long i = 0; i < n; ++i) t += p[i];
-      mean[r] = t / (float)n;
-      m2[r] = NAN;
-      continue;
-    }
-    mean[r] = k + s / (float)n;
-    const float v = q - s * (s / (float)n);
-    m2[r] = v > 0.f ? v : 0.f; /* rounding can make a constant row's v slightly negative */
-  }
-}
-
-/* Per row r: total[r] = sum_i g[r, i] and dot[r] = sum_i g[r, i] * x[r, i], one pass. */
-void az_rows_sum_dot(const float* g, const float* x, long rows, long n, float* total, float* dot,
-                     int nt) {
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
-  for (long r = 0; r < rows; ++r) {
-    const float* p = g + r * n;
-    const float* q = x + r * n;
-    float s = 0.f, d = 0.f;
-#pragma omp simd reduction(+ : s, d)
-    for (long i = 0; i < n; ++i) {
-      s += p[i];
-      d += p[i] * q[i];
-    }
-    total[r] = s;
-    dot[r] = d;
-  }
-}
-
-/* out[r, i] = a[r] * x[r, i] + b[r]: a per-row scale and shift (BatchNorm's output pass). */
+/* out[r, i] = a[r] * x[r, i] + b[r]: a per-row scale and shift. */
 void az_rows_scale_shift(const float* x, const float* a, const float* b, long rows, long n,
                          float* out, int nt) {
 #pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
@@ -108,20 +60,6 @@ void az_rows_scale_shift(const float* x, const float* a, const float* b, long ro
     float* o = out + r * n;
 #pragma omp simd
     for (long i = 0; i < n; ++i) o[i] = ar * p[i] + br;
-  }
-}
-
-/* out[r, i] = a[r] * g[r, i] + b[r] * x[r, i] + c[r]: per-row affine combination of two maps. */
-void az_rows_affine2(const float* g, const float* x, const float* a, const float* b,
-                     const float* c, long rows, long n, float* out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
-  for (long r = 0; r < rows; ++r) {
-    const float* p = g + r * n;
-    const float* q = x + r * n;
-    const float ar = a[r], br = b[r], cr = c[r];
-    float* o = out + r * n;
-#pragma omp simd
-    for (long i = 0; i < n; ++i) o[i] = ar * p[i] + br * q[i] + cr;
   }
 }
 
@@ -164,62 +102,6 @@ void az_channel_mean_max_scaled(const float* x, const float* s, long B, long C, 
       mean[b * P + p0 + i] = acc[i] / (float)C;
       max[b * P + p0 + i] = m;
     }
-  }
-}
-
-/* out[b, c] = sum_p x[b, c, p] * v[b, p]: every row against its sample's pixel vector (GC's
- * attention pooling of a map that is never materialised). */
-void az_rows_dot_pixels(const float* x, const float* v, long B, long C, long P, float* out,
-                        int nt) {
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
-  for (long r = 0; r < B * C; ++r) {
-    const float* p = x + r * P;
-    const float* q = v + (r / C) * P;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (long i = 0; i < P; ++i) s += p[i] * q[i];
-    out[r] = s;
-  }
-}
-
-/* out[b, p] = sum_c w[b, c] * x[b, c, p]: a per-sample weighted sum over channels (a 1x1
- * convolution C -> 1 with per-sample weights). */
-void az_channel_weighted_sum(const float* x, const float* w, long B, long C, long P, float* out,
-                             int nt) {
-  const long blocks = (P + AZ_PIXEL_BLOCK - 1) / AZ_PIXEL_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
-  for (long t = 0; t < B * blocks; ++t) {
-    const long b = t / blocks, p0 = (t % blocks) * AZ_PIXEL_BLOCK;
-    const long len = p0 + AZ_PIXEL_BLOCK <= P ? AZ_PIXEL_BLOCK : P - p0;
-    float acc[AZ_PIXEL_BLOCK];
-    const float* xb = x + b * C * P + p0;
-    const float* wb = w + b * C;
-    for (long i = 0; i < len; ++i) acc[i] = 0.f;
-    for (long c = 0; c < C; ++c) {
-      const float* row = xb + c * P;
-      const float wc = wb[c];
-#pragma omp simd
-      for (long i = 0; i < len; ++i) acc[i] += wc * row[i];
-    }
-    for (long i = 0; i < len; ++i) out[b * P + p0 + i] = acc[i];
-  }
-}
-
-/* out[b, c, p] = a[r] * g + b[r] * x + c[r] + u[r] * e1[b, p] + v[r] * e2[b, p] (r = b * C + c):
- * two maps and two per-sample pixel vectors, combined with per-row coefficients in one pass. */
-void az_rows_affine2_pixels(const float* g, const float* x, const float* a, const float* b,
-                            const float* c, const float* u, const float* v, const float* e1,
-                            const float* e2, long B, long C, long P, float* out, int nt) {
-#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(B * C * P, nt))
-  for (long r = 0; r < B * C; ++r) {
-    const float* p = g + r * P;
-    const float* q = x + r * P;
-    const float* f1 = e1 + (r / C) * P;
-    const float* f2 = e2 + (r / C) * P;
-    const float ar = a[r], br = b[r], cr = c[r], ur = u[r], vr = v[r];
-    float* o = out + r * P;
-#pragma omp simd
-    for (long i = 0; i < P; ++i) o[i] = ar * p[i] + br * q[i] + cr + ur * f1[i] + vr * f2[i];
   }
 }
 

@@ -1,34 +1,34 @@
-"""Fused CPU kernels for the gating modules, compiled on first use (optional, with a fallback).
+"""Fused CPU loops behind :mod:`attnzoo.fast`'s custom ops, compiled on first use.
 
-Plain torch ops make one pass over the feature map per op; the gating modules are
-memory-bound, so passes are their cost. ``_kernels.c`` (next to this file) holds a few loops that
-do in one pass what takes torch two or three: the mean and the max of every row together,
-row-wise dot products without materialising the product, CBAM's channel statistics of ``x * s``
-without writing ``x * s``, CBAM's two gates applied in one multiply, and CBAM's 7x7 ``2 -> 1``
-convolution without oneDNN's fixed costs.
+The gating modules are memory-bound: passes over the feature map are their cost, and plain torch
+ops make one pass per op. ``_kernels.c`` (next to this file) holds a few loops that do in one pass
+what takes torch two or three: the mean and the max of every row together, row-wise dot products
+without materialising the product, CBAM's channel statistics of ``x * s`` without writing
+``x * s``, CBAM's two gates applied in one multiply, CBAM's backward in three passes, and its 7x7
+``2 -> 1`` convolution without oneDNN's fixed costs.
 
-The source is plain C99 + OpenMP (no Python or torch headers), compiled once per machine with
-the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``, else without
-``-march=native``, else without OpenMP: one thread) into a cache directory and loaded with :mod:`ctypes`; compiling takes about a second. The library links
+Build: plain C99 + OpenMP (no Python or torch headers), compiled once per machine with the system
+C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``, else without
+``-march=native``, else without OpenMP: one thread) into a cache directory and loaded with
+:mod:`ctypes`. This is deliberate rather than ``torch.utils.cpp_extension``: a C file without
+torch headers compiles in about a second (a C++ extension against torch's headers takes about a
+minute on two cores), does not depend on torch's C++ ABI, and needs no ninja. The library links
 ``libgomp.so.1`` by name, which resolves to the copy torch's Linux wheels already loaded (one
 OpenMP runtime, one thread pool), and every call passes ``torch.get_num_threads()``.
 
-If there is no compiler, compiling fails, or ``ATTNZOO_KERNELS=0`` is set, :func:`available`
-returns False and every module runs its plain-torch path (identical results up to float
-rounding; tests check both). The cache directory is ``$ATTNZOO_CACHE_DIR``, else
-``$XDG_CACHE_HOME/attnzoo``, else ``~/.cache/attnzoo``; the library file is named after a hash of
-the source, the compiler's version, the flags and the CPU (model and instruction-set flags, so a
-cache shared between machines never loads code built for another CPU), and written atomically
-(concurrent first uses are safe).
+If there is no compiler or compiling fails, :func:`available` returns False (with one warning)
+and the custom ops compute the plain torch formula. The cache directory is
+``$ATTNZOO_CACHE_DIR``, else ``$XDG_CACHE_HOME/attnzoo``, else ``~/.cache/attnzoo``; the library
+file is named after a hash of the source, the compiler's version, the flags and the CPU (model and
+instruction-set flags, so a cache shared between machines never loads code built for another
+CPU), and written atomically (concurrent first uses are safe).
 
-The kernels take float32, contiguous (NCHW) CPU tensors; :func:`usable` tells whether a tensor
-qualifies. Callers fall back to torch ops for anything else (float64, channels_last, CUDA,
-autocast's bfloat16).
+The kernels take float32, contiguous (NCHW) CPU tensors; :func:`usable` tells whether tensors
+qualify.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,17 +49,10 @@ __all__ = [
     "cbam_grad_input",
     "cbam_grad_spatial",
     "channel_mean_max_scaled",
-    "channel_weighted_sum",
     "conv_same",
-    "disabled",
-    "rows_affine2",
-    "rows_affine2_pixels",
     "rows_dot",
-    "rows_dot_pixels",
-    "rows_mean_m2",
     "rows_mean_max",
     "rows_scale_shift",
-    "rows_sum_dot",
     "scale_channel_spatial",
     "unavailable_reason",
     "usable",
@@ -85,13 +77,7 @@ _L, _P, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "az_rows_mean_max": [_P, _L, _L, _P, _P, _I],
     "az_rows_dot": [_P, _P, _L, _L, _P, _I],
-    "az_rows_mean_m2": [_P, _L, _L, _P, _P, _I],
-    "az_rows_sum_dot": [_P, _P, _L, _L, _P, _P, _I],
     "az_rows_scale_shift": [_P, _P, _P, _L, _L, _P, _I],
-    "az_rows_affine2": [_P, _P, _P, _P, _P, _L, _L, _P, _I],
-    "az_rows_dot_pixels": [_P, _P, _L, _L, _L, _P, _I],
-    "az_channel_weighted_sum": [_P, _P, _L, _L, _L, _P, _I],
-    "az_rows_affine2_pixels": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
     "az_cbam_grad_spatial": [_P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
     "az_cbam_grad_channel": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
     "az_cbam_grad_input": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
@@ -168,39 +154,18 @@ def _build_and_load() -> ctypes.CDLL:
     raise RuntimeError("compiling the kernels failed:\n" + "\n".join(errors))
 
 
-_disabled_depth = 0
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Within this block :func:`available` is False, so every module runs its plain torch ops,
-    e.g. for tools that observe torch ops (FLOP counters, ``TorchDispatchMode``), which do not
-    see the kernels' work."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
-        yield
-    finally:
-        _disabled_depth -= 1
-
-
 def available() -> bool:
-    """Whether the fused kernels are compiled and loaded (compiles them on the first call);
-    False inside :func:`disabled`."""
+    """Whether the fused kernels are compiled and loaded (compiles them on the first call;
+    one warning when they cannot be built)."""
     global _lib, _reason, _tried
-    if _disabled_depth:
-        return False
     if not _tried:
         _tried = True
-        if os.environ.get("ATTNZOO_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-            _reason = "disabled by ATTNZOO_KERNELS=0"
-        else:
-            try:
-                _lib = _build_and_load()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as error:
-                _reason = str(error)
-                _log.warning("attnzoo: fused CPU kernels unavailable, using plain torch ops "
-                             "(%s)", _reason.splitlines()[0])
+        try:
+            _lib = _build_and_load()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            _reason = str(error)
+            _log.warning("attnzoo.fast: fused CPU kernels unavailable, using plain torch ops "
+                         "(%s)", _reason.splitlines()[0])
     return _lib is not None
 
 
@@ -221,19 +186,19 @@ def _require(name: str, *tensors: Tensor) -> None:
     and on the CPU (the loops index raw memory: anything else would read wrong or
     out-of-bounds data)."""
     if not available():
-        raise RuntimeError(f"attnzoo.ops.kernels.{name}: the kernels are unavailable "
+        raise RuntimeError(f"attnzoo.fast.kernels.{name}: the kernels are unavailable "
                            f"({unavailable_reason()})")
     for t in tensors:
         if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
                 or t.numel() == 0):
-            raise ValueError(f"attnzoo.ops.kernels.{name}: tensors must be float32, contiguous "
+            raise ValueError(f"attnzoo.fast.kernels.{name}: tensors must be float32, contiguous "
                              f"(NCHW), non-empty and on the CPU; got {t.dtype}, {t.device}, "
                              f"shape {tuple(t.shape)}, strides {t.stride()}")
 
 
 def _require_numel(name: str, what: str, t: Tensor, numel: int) -> None:
     if t.numel() != numel:
-        raise ValueError(f"attnzoo.ops.kernels.{name}: {what} must hold {numel} values; got "
+        raise ValueError(f"attnzoo.fast.kernels.{name}: {what} must hold {numel} values; got "
                          f"shape {tuple(t.shape)}")
 
 
@@ -248,7 +213,7 @@ def _ptr(t: Tensor) -> int:
 def _rows(name: str, x: Tensor) -> tuple[int, int, tuple[int, ...]]:
     """(rows ``B * C``, row length, shape of a per-row tensor) for ``x`` ``(B, C, *spatial)``."""
     if x.dim() < 3:
-        raise ValueError(f"attnzoo.ops.kernels.{name}: expected (B, C, *spatial); got shape "
+        raise ValueError(f"attnzoo.fast.kernels.{name}: expected (B, C, *spatial); got shape "
                          f"{tuple(x.shape)}")
     rows = x.shape[0] * x.shape[1]
     return rows, x.numel() // max(rows, 1), x.shape[:2] + (1,) * (x.dim() - 2)
@@ -256,13 +221,13 @@ def _rows(name: str, x: Tensor) -> tuple[int, int, tuple[int, ...]]:
 
 def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"attnzoo.ops.kernels.{name}: both maps must have the same shape; got "
+        raise ValueError(f"attnzoo.fast.kernels.{name}: both maps must have the same shape; got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def _image(name: str, x: Tensor) -> tuple[int, int, int, int]:
     if x.dim() != 4:
-        raise ValueError(f"attnzoo.ops.kernels.{name}: expected (B, C, H, W); got shape "
+        raise ValueError(f"attnzoo.fast.kernels.{name}: expected (B, C, H, W); got shape "
                          f"{tuple(x.shape)}")
     return tuple(x.shape)
 
@@ -288,24 +253,6 @@ def rows_dot(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def rows_mean_m2(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per (sample, channel): the mean over the spatial dims and the sum of squared deviations
-    from it, one pass: ``x`` ``(B, C, *spatial)`` -> two ``(B, C, 1, ..., 1)`` tensors."""
-    _require("rows_mean_m2", x)
-    rows, n, shape = _rows("rows_mean_m2", x)
-    mean, m2 = x.new_empty(shape), x.new_empty(shape)
-    _lib.az_rows_mean_m2(_ptr(x), rows, n, _ptr(mean), _ptr(m2), _nt())
-    return mean, m2
-
-
-def rows_sum_dot(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``g.sum(spatial, keepdim=True)`` and ``(g * x).sum(spatial, keepdim=True)`` in one pass."""
-    _require("rows_sum_dot", g, x)
-    _same_shape("rows_sum_dot", g, x)
-    rows, n, shape = _rows("rows_sum_dot", g)
-    total, dot = g.new_empty(shape), g.new_empty(shape)
-    _lib.az_rows_sum_dot(_ptr(g), _ptr(x), rows, n, _ptr(total), _ptr(dot), _nt())
-    return total, dot
 
 
 def rows_scale_shift(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -321,63 +268,14 @@ def rows_scale_shift(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def rows_affine2(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """``a * g + b * x + c`` for maps ``g``, ``x`` ``(B, C, *spatial)`` and per-row
-    coefficients ``a``, ``b``, ``c`` (contiguous, ``B * C`` values each), one pass."""
-    _require("rows_affine2", g, x, a, b, c)
-    _same_shape("rows_affine2", g, x)
-    rows, n, _ = _rows("rows_affine2", g)
-    for what, t in (("a", a), ("b", b), ("c", c)):
-        _require_numel("rows_affine2", what, t, rows)
-    out = torch.empty_like(g)
-    _lib.az_rows_affine2(_ptr(g), _ptr(x), _ptr(a), _ptr(b), _ptr(c), rows, n, _ptr(out), _nt())
-    return out
 
 
-def rows_dot_pixels(x: Tensor, v: Tensor) -> Tensor:
-    """``(x * v[:, None]).sum((2, 3))`` without the product: ``x`` ``(B, C, H, W)``, ``v``
-    ``(B, H * W)`` (contiguous) -> ``(B, C, 1, 1)``."""
-    _require("rows_dot_pixels", x, v)
-    b, c, h, w = _image("rows_dot_pixels", x)
-    _require_numel("rows_dot_pixels", "v", v, b * h * w)
-    out = x.new_empty(b, c, 1, 1)
-    _lib.az_rows_dot_pixels(_ptr(x), _ptr(v), b, c, h * w, _ptr(out), _nt())
-    return out
-
-
-def channel_weighted_sum(x: Tensor, w: Tensor) -> Tensor:
-    """``(x * w).sum(1)`` for ``x`` ``(B, C, H, W)`` and per-sample channel weights ``w``
-    (``B * C`` contiguous values) -> ``(B, H * W)``."""
-    _require("channel_weighted_sum", x, w)
-    b, c, h, width = _image("channel_weighted_sum", x)
-    _require_numel("channel_weighted_sum", "w", w, b * c)
-    out = x.new_empty(b, h * width)
-    _lib.az_channel_weighted_sum(_ptr(x), _ptr(w), b, c, h * width, _ptr(out), _nt())
-    return out
-
-
-def rows_affine2_pixels(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, u: Tensor,
-                        v: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
-    """``a * g + b * x + c + u * e1 + v * e2`` for maps ``g``, ``x`` ``(B, C, H, W)``, per-row
-    coefficients ``a, b, c, u, v`` (``B * C`` contiguous values each) and per-sample pixel
-    vectors ``e1``, ``e2`` (``(B, H * W)`` contiguous), one pass."""
-    name = "rows_affine2_pixels"
-    _require(name, g, x, a, b, c, u, v, e1, e2)
-    _same_shape(name, g, x)
-    bs, ch, h, w = _image(name, g)
-    for what, t in (("a", a), ("b", b), ("c", c), ("u", u), ("v", v)):
-        _require_numel(name, what, t, bs * ch)
-    for what, t in (("e1", e1), ("e2", e2)):
-        _require_numel(name, what, t, bs * h * w)
-    out = torch.empty_like(g)
-    _lib.az_rows_affine2_pixels(_ptr(g), _ptr(x), _ptr(a), _ptr(b), _ptr(c), _ptr(u), _ptr(v),
-                                _ptr(e1), _ptr(e2), bs, ch, h * w, _ptr(out), _nt())
-    return out
 
 
 def channel_mean_max_scaled(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """``(x * s).mean(1, keepdim=True)`` and ``(x * s).amax(1, keepdim=True)`` without writing
-    ``x * s``: ``x`` ``(B, C, H, W)``, channel gate ``s`` ``(B, C, 1, 1)`` -> two ``(B, 1, H, W)``."""
+    ``x * s``: ``x`` ``(B, C, H, W)``, channel gate ``s`` ``(B, C, 1, 1)`` -> two
+    ``(B, 1, H, W)``."""
     _require("channel_mean_max_scaled", x, s)
     b, c, h, w = _image("channel_mean_max_scaled", x)
     _require_numel("channel_mean_max_scaled", "s", s, b * c)
@@ -407,7 +305,7 @@ def conv_same(x: Tensor, weight: Tensor) -> Tensor:
     b, cin, h, w = _image("conv_same", x)
     k = weight.shape[-1]
     if w + k - 1 > MAX_CONV_ROW or k % 2 == 0 or weight.shape != (1, cin, k, k):
-        raise ValueError(f"attnzoo.ops.kernels.conv_same: weight must be (1, {cin}, k, k) with k "
+        raise ValueError(f"attnzoo.fast.kernels.conv_same: weight must be (1, {cin}, k, k) with k "
                          f"odd and W + k - 1 <= {MAX_CONV_ROW}; got weight "
                          f"{tuple(weight.shape)} for input {tuple(x.shape)}")
     out = x.new_empty(b, 1, h, w)

@@ -1,0 +1,365 @@
+"""The fast paths as ``torch.library`` custom ops: ``attnzoo::cbam`` and ``attnzoo::eca``.
+
+Each module is one op forward and one op backward, so ``torch.compile``, ``torch.export``,
+``torch.fx`` and ``FlopCounterMode`` see a single node (with a FLOP formula) instead of the loops
+behind it. The ops are correct for every input: on float32, contiguous CPU tensors they run the
+fused loops of :mod:`attnzoo.fast.kernels`; on anything else (or without a C compiler) they compute
+the plain formula with torch ops.
+
+CBAM (channel gate ``s``, then spatial gate ``a``; ``v = x * s`` is never written)::
+
+    forward:  mean_c, max_c = pools over H, W of x                       (one pass)
+              s = sigmoid(mlp(mean_c) + mlp(max_c))
+              mean_s, M = mean and max over C of x * s                     (one pass)
+              a = sigmoid(bn(conv([M, mean_s])))      ([mean_s, M] for pool_order "mean-max")
+              y = x * s * a                                                (one pass)
+    backward: grad_a = sum_c s g x (+ tie counts of M)                     (one pass)
+              gate networks backward on (B, C) and (B, 2, H, W) tensors
+              dL/dv = g a + gm / C + [v == M] gM / cnt
+              grad_s = sum_p x dL/dv (+ tie counts of max_c)                 (one pass)
+              grad_x = dL/dv s + gmean / HW + [x == max_c] gmax / rowcnt   (one pass)
+
+ECA: ``y = x * s``, ``s = sigmoid(conv1d(mean_hw(x)))``; backward ``grad_s = sum_hw g x`` (one
+pass, no product written) and ``grad_x = g s + gz / HW`` (one pass).
+
+Ties of the max pools split the gradient evenly, exactly as ``amax``'s backward.
+
+Double backward: the registered backward is twice differentiable. When a graph of the backward
+is requested (``create_graph=True``: grad mode is on inside the backward), it recomputes the
+plain formula and differentiates that with autograd instead of calling the fused backward op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from attnzoo.fast import kernels
+
+__all__ = ["cbam", "cbam_plain", "eca", "eca_plain"]
+
+_aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain formulas (the fallback, and what double backward differentiates)
+def _mlp(z: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+    return F.linear(F.relu(F.linear(z, w1, b1)), w2, b2)
+
+
+def _spatial_logits(maps: Tensor, conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
+                    running_mean: Tensor | None, running_var: Tensor | None,
+                    use_batch_stats: bool, eps: float) -> Tensor:
+    z = F.conv2d(maps, conv_w, padding=conv_w.shape[-1] // 2)
+    if bn_w is None:
+        return z
+    return F.batch_norm(z, None if use_batch_stats else running_mean,
+                        None if use_batch_stats else running_var, bn_w, bn_b,
+                        use_batch_stats, 0.0, eps)
+
+
+def cbam_plain(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+               conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, use_batch_stats: bool,
+               eps: float, max_first: bool) -> Tensor:
+    """Channel-then-spatial CBAM with torch ops (running statistics are read, never updated)."""
+    logits = _mlp(x.mean((2, 3)), w1, b1, w2, b2) + _mlp(x.amax((2, 3)), w1, b1, w2, b2)
+    v = x * torch.sigmoid(logits)[:, :, None, None]
+    mx, avg = v.amax(1, keepdim=True), v.mean(1, keepdim=True)
+    maps = torch.cat([mx, avg] if max_first else [avg, mx], 1)
+    z = _spatial_logits(maps, conv_w, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps)
+    return v * torch.sigmoid(z)
+
+
+def eca_plain(x: Tensor, weight: Tensor) -> Tensor:
+    """``x * sigmoid(conv1d(mean_hw(x)))`` with torch ops."""
+    z = x.mean((2, 3))[:, None, :]
+    logits = F.conv1d(z, weight, padding=weight.shape[-1] // 2)
+    return x * torch.sigmoid(logits)[:, 0, :, None, None]
+
+
+def _plain_grads(fn, inputs: list[Tensor | None], g: Tensor, create_graph: bool
+                 ) -> list[Tensor | None]:
+    """Gradients of ``fn(*inputs)`` w.r.t. the inputs that require them (others: None)."""
+    wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        if not create_graph:
+            inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor)
+                      and t.is_floating_point() else t for t in inputs]
+            wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, wanted, g, create_graph=create_graph,
+                                    allow_unused=True) if wanted else ()
+    by_id = {id(t): gr for t, gr in zip(wanted, grads)}
+    return [by_id.get(id(t)) if isinstance(t, Tensor) else None for t in inputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# CBAM
+@torch.library.custom_op("attnzoo::cbam", mutates_args=())
+def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+         conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
+         running_mean: Tensor | None, running_var: Tensor | None, use_batch_stats: bool,
+         eps: float, max_first: bool
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Channel-then-spatial CBAM (module docstring). Returns ``y`` and what the backward needs:
+    ``s``, ``a``, ``M``, ``mean_c``, ``max_c``, ``maps``, ``z`` (the conv output, from which the
+    caller updates BatchNorm's running statistics: the op is functional), BatchNorm's saved mean
+    and inverse std. The running statistics are read only without ``use_batch_stats``."""
+    b, c, h, w = x.shape
+    fused = kernels.usable(x)
+    if fused:
+        mean_c, max_c = kernels.rows_mean_max(x)
+    else:
+        mean_c, max_c = x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    logits = _mlp(mean_c.view(b, c), w1, b1, w2, b2) + _mlp(max_c.view(b, c), w1, b1, w2, b2)
+    s = torch.sigmoid(logits).view(b, c, 1, 1).contiguous()
+    if fused and kernels.usable(s):
+        mean_s, big_m = kernels.channel_mean_max_scaled(x, s)
+    else:
+        v = x * s
+        mean_s, big_m = v.mean(1, keepdim=True), v.amax(1, keepdim=True)
+    maps = torch.cat([big_m, mean_s] if max_first else [mean_s, big_m], 1)
+    k = conv_w.shape[-1]
+    if fused and w + k - 1 <= kernels.MAX_CONV_ROW and kernels.usable(conv_w):
+        z = kernels.conv_same(maps, conv_w.contiguous())
+    else:
+        z = F.conv2d(maps, conv_w, padding=k // 2)
+    if bn_w is None:
+        zn, save_mean, save_invstd = z, z.new_empty(0), z.new_empty(0)
+    else:
+        stats = (None, None) if use_batch_stats else (running_mean, running_var)
+        zn, save_mean, save_invstd = _aten.native_batch_norm(
+            z, bn_w, bn_b, *stats, use_batch_stats, 0.0, eps)
+    a = torch.sigmoid(zn)
+    y = kernels.scale_channel_spatial(x, s, a) if fused and kernels.usable(a) else x * s * a
+    return y, s, a, big_m, mean_c, max_c, maps, z, save_mean, save_invstd
+
+
+@cbam.register_fake
+def _(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps,
+      max_first):
+    b, c, h, w = x.shape
+    pixel = x.new_empty(b, 1, h, w)
+    row = x.new_empty(b, c, 1, 1)
+    stats = x.new_empty(0 if bn_w is None else 1)
+    return (torch.empty_like(x), row, pixel, torch.empty_like(pixel), torch.empty_like(row),
+            torch.empty_like(row), x.new_empty(b, 2, h, w), torch.empty_like(pixel), stats,
+            torch.empty_like(stats))
+
+
+def _depthwise(x: Tensor, kernels_: Tensor, padding: int) -> Tensor:
+    """Depthwise correlation of ``x`` ``(B, C, H, W)`` with one kernel per (sample, channel),
+    ``kernels_`` ``(B * C, 1, kh, kw)``."""
+    b, c, h, w = x.shape
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernels_, padding=padding, groups=b * c)
+    return out.view(b, c, out.shape[-2], out.shape[-1])
+
+
+def _conv_same_backward(dz: Tensor, maps: Tensor, conv_w: Tensor, depthwise: bool
+                        ) -> tuple[Tensor, Tensor]:
+    """Gradients of ``F.conv2d(maps, conv_w, padding=k // 2)`` (``Cin -> 1``, no bias) w.r.t.
+    ``maps`` and ``conv_w``. ``depthwise``: as ``B * Cin`` depthwise convolutions (oneDNN's
+    depthwise kernels are several times faster than its dense backward for ``Cin = 2, Cout = 1``
+    on large maps); else ``aten.convolution_backward``."""
+    k = conv_w.shape[-1]
+    if not depthwise:
+        d_maps, g_conv, _ = _aten.convolution_backward(
+            dz, maps, conv_w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        return d_maps, g_conv
+    b, c, h, w = maps.shape
+    dz_rep = dz.expand(b, c, h, w)
+    flipped = conv_w.flip(-1, -2).reshape(c, 1, k, k).repeat(b, 1, 1, 1)
+    d_maps = _depthwise(dz_rep, flipped, k // 2)
+    padded = F.pad(maps, (k // 2,) * 4)
+    g_conv = _depthwise(padded, dz_rep.reshape(b * c, 1, h, w), 0).sum(0).view_as(conv_w)
+    return d_maps, g_conv
+
+
+@torch.library.custom_op("attnzoo::cbam_backward", mutates_args=())
+def cbam_backward(g: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                  conv_w: Tensor, bn_w: Tensor | None, running_mean: Tensor | None,
+                  running_var: Tensor | None, s: Tensor, a: Tensor, big_m: Tensor,
+                  mean_c: Tensor, max_c: Tensor, maps: Tensor, z: Tensor, save_mean: Tensor,
+                  save_invstd: Tensor, use_batch_stats: bool, eps: float, max_first: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`cbam`'s ``y`` w.r.t. ``x, w1, b1, w2, b2, conv_w, bn_w, bn_b``
+    (zeros for absent biases / BatchNorm)."""
+    b, c, h, w = x.shape
+    g = g.contiguous()
+    fused = kernels.usable(g, x, s, a, big_m, max_c)
+    if fused:
+        grad_a, cnt = kernels.cbam_grad_spatial(g, x, s, big_m)
+    else:
+        v = x * s
+        grad_a = (g * v).sum(1, keepdim=True)
+        cnt = (v == big_m).sum(1, keepdim=True).to(x.dtype)
+    dzn = grad_a * a * (1 - a)
+    if bn_w is None:
+        dz, g_bn_w, g_bn_b = dzn, conv_w.new_zeros(1), conv_w.new_zeros(1)
+    else:
+        dz, g_bn_w, g_bn_b = _aten.native_batch_norm_backward(
+            dzn, z, bn_w, running_mean, running_var, save_mean, save_invstd, use_batch_stats,
+            eps, [True, True, True])
+    d_maps, g_conv = _conv_same_backward(dz, maps, conv_w, depthwise=fused)
+    d_max, d_mean = (d_maps[:, :1], d_maps[:, 1:]) if max_first else (d_maps[:, 1:], d_maps[:, :1])
+    gm_c = (d_mean / c).contiguous()
+    share = (d_max / cnt).contiguous()  # used only where v == M, where cnt >= 1
+    if fused:
+        grad_s, rowcnt = kernels.cbam_grad_channel(g, x, s, a, gm_c, big_m, share, max_c)
+    else:
+        v = x * s
+        dv = g * a + gm_c + (v == big_m).to(x.dtype) * share
+        grad_s = (x * dv).sum((2, 3), keepdim=True)
+        rowcnt = (x == max_c).sum((2, 3), keepdim=True).to(x.dtype)
+    # the shared MLP on both descriptors: logits = mlp(mean_c) + mlp(max_c)
+    s2 = s.view(b, c)
+    d_logits = grad_s.view(b, c) * s2 * (1 - s2)
+    ins = (mean_c.view(b, c), max_c.view(b, c))
+    pre = [F.linear(t, w1, b1) for t in ins]
+    hidden = [p.clamp_min(0) for p in pre]
+    g_w2 = d_logits.t() @ (hidden[0] + hidden[1])
+    g_b2 = 2 * d_logits.sum(0)
+    d_hidden = d_logits @ w2
+    d_pre = [d_hidden * (p > 0).to(p.dtype) for p in pre]
+    g_w1 = d_pre[0].t() @ ins[0] + d_pre[1].t() @ ins[1]
+    g_b1 = (d_pre[0] + d_pre[1]).sum(0)
+    g_mean, g_max = (d @ w1 for d in d_pre)
+    g_mean_p = (g_mean / (h * w)).view(b, c, 1, 1).contiguous()
+    g_max_share = (g_max.view(b, c, 1, 1) / rowcnt).contiguous()
+    if fused:
+        grad_x = kernels.cbam_grad_input(g, x, s, a, gm_c, big_m, share, max_c, g_mean_p,
+                                         g_max_share)
+    else:
+        grad_x = dv * s + g_mean_p + (x == max_c).to(x.dtype) * g_max_share
+    return grad_x, g_w1, g_b1, g_w2, g_b2, g_conv, g_bn_w, g_bn_b
+
+
+@cbam_backward.register_fake
+def _(g, x, w1, b1, w2, conv_w, bn_w, running_mean, running_var, s, a, big_m, mean_c, max_c,
+      maps, z, save_mean, save_invstd, use_batch_stats, eps, max_first):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]), torch.empty_like(conv_w),
+            conv_w.new_empty(1), conv_w.new_empty(1))
+
+
+_CBAM_GRAD_INPUTS = 8  # x, w1, b1, w2, b2, conv_w, bn_w, bn_b
+
+
+def _cbam_setup(ctx, inputs, output) -> None:
+    (x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps,
+     max_first) = inputs
+    keep_stats = bn_w is not None and not use_batch_stats
+    ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b,
+                          running_mean if keep_stats else None,
+                          running_var if keep_stats else None, *output[1:])
+    ctx.flags = (use_batch_stats, eps, max_first)
+
+
+def _cbam_backward(ctx, g: Tensor, *unused: Tensor):
+    (x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, s, a, big_m, mean_c,
+     max_c, maps, z, save_mean, save_invstd) = ctx.saved_tensors
+    use_batch_stats, eps, max_first = ctx.flags
+    params = [x, w1, b1, w2, b2, conv_w, bn_w, bn_b]
+    if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+        grads = _plain_grads(
+            lambda *t: cbam_plain(*t, running_mean, running_var, use_batch_stats, eps, max_first),
+            params, g, create_graph=True)
+    else:
+        grads = list(cbam_backward(g, x, w1, b1, w2, conv_w, bn_w, running_mean, running_var,
+                                   s, a, big_m, mean_c, max_c, maps, z, save_mean, save_invstd,
+                                   use_batch_stats, eps, max_first))
+        grads = [gr if t is not None else None for gr, t in zip(grads, params)]
+    return (*grads, None, None, None, None, None)
+
+
+cbam.register_autograd(_cbam_backward, setup_context=_cbam_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# ECA
+@torch.library.custom_op("attnzoo::eca", mutates_args=())
+def eca(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ECA (module docstring): returns ``y``, the gate ``s`` ``(B, C, 1, 1)`` and the pooled
+    descriptor ``(B, 1, C)``."""
+    b, c = x.shape[:2]
+    z = x.mean((2, 3)).view(b, 1, c)
+    s = torch.sigmoid(F.conv1d(z, weight, padding=weight.shape[-1] // 2)).view(b, c, 1, 1)
+    return x * s, s, z
+
+
+@eca.register_fake
+def _(x, weight):
+    b, c = x.shape[:2]
+    return torch.empty_like(x), x.new_empty(b, c, 1, 1), x.new_empty(b, 1, c)
+
+
+@torch.library.custom_op("attnzoo::eca_backward", mutates_args=())
+def eca_backward(g: Tensor, x: Tensor, weight: Tensor, s: Tensor, z: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`eca`'s ``y`` w.r.t. ``x`` and ``weight``."""
+    b, c, h, w = x.shape
+    g = g.contiguous()
+    fused = kernels.usable(g, x, s)
+    grad_s = kernels.rows_dot(g, x) if fused else (g * x).sum((2, 3), keepdim=True)
+    d_logits = (grad_s * s * (1 - s)).view(b, 1, c)
+    k = weight.shape[-1]
+    d_z, g_w, _ = _aten.convolution_backward(
+        d_logits, z, weight, None, [1], [k // 2], [1], False, [0], 1, [True, True, False])
+    term = (d_z / (h * w)).view(b, c, 1, 1).contiguous()
+    if fused and kernels.usable(term):
+        grad_x = kernels.rows_scale_shift(g, s, term)
+    else:
+        grad_x = torch.addcmul(term, g, s)
+    return grad_x, g_w
+
+
+@eca_backward.register_fake
+def _(g, x, weight, s, z):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _eca_setup(ctx, inputs, output) -> None:
+    x, weight = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+
+
+def _eca_backward(ctx, g: Tensor, *unused: Tensor):
+    x, weight, s, z = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+        return tuple(_plain_grads(eca_plain, [x, weight], g, create_graph=True))
+    grad_x, g_w = eca_backward(g, x, weight, s, z)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            g_w if ctx.needs_input_grad[1] else None)
+
+
+eca.register_autograd(_eca_backward, setup_context=_eca_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP formulas (the matmuls and convolutions inside, counted as FlopCounterMode counts them)
+@register_flop_formula(torch.ops.attnzoo.cbam)
+def _cbam_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    b, c, h, w = x_shape
+    hidden = w1_shape[0]
+    conv_w_shape = args[3]
+    k = conv_w_shape[-1]
+    return 2 * (2 * 2 * b * c * hidden) + 2 * b * h * w * 2 * k * k
+
+
+@register_flop_formula(torch.ops.attnzoo.cbam_backward)
+def _cbam_backward_flops(g_shape, x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _cbam_flops(x_shape, w1_shape, None, None, None, args[2])
+
+
+@register_flop_formula(torch.ops.attnzoo.eca)
+def _eca_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+
+
+@register_flop_formula(torch.ops.attnzoo.eca_backward)
+def _eca_backward_flops(g_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _eca_flops(x_shape, w_shape)

@@ -1,0 +1,71 @@
+"""Every ```python block of README.md and docs/*.md runs as written.
+
+Rules:
+- Each block runs on its own, in a fresh namespace and a temporary working directory: a reader
+  copies one block at a time, so every block has its own imports and inputs.
+- A block preceded by the line ``<!-- no-run: reason -->`` is not run (too slow, needs a GPU, a
+  download or data that is not here). :data:`NO_RUN` lists those blocks by file and first code
+  line, so adding one to the docs is a visible change here too; keep that list short.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NO_RUN_MARK = re.compile(r"<!--\s*no-run:\s*(.+?)\s*-->")
+
+#: (file, first code line) of every block marked ``<!-- no-run: ... -->``
+NO_RUN = {
+    ("README.md", "import attnzoo.bench"),  # trains 3 attentions x 3 seeds x 8 epochs (minutes)
+}
+
+
+def _blocks(path: Path) -> list[tuple[int, str, str | None]]:
+    """``(line, code, no_run_reason)`` of the ```python blocks of a Markdown file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start, code = i + 1, []
+            i += 1
+            while i < len(lines) and lines[i].strip() != "```":
+                code.append(lines[i])
+                i += 1
+            before = next((ln for ln in reversed(lines[:start - 1]) if ln.strip()), "")
+            mark = NO_RUN_MARK.search(before)
+            out.append((start + 1, "\n".join(code) + "\n", mark.group(1) if mark else None))
+        i += 1
+    return out
+
+
+ALL = [(p, line, code, reason) for p in DOC_FILES for line, code, reason in _blocks(p)]
+#: blocks that take more than a few seconds on a 2-core CPU, by a phrase of their code
+SLOW = ("viz.cam(",  # Grad-CAM, Grad-CAM++ and attention maps of a CBAM-ResNet-50
+        "count(resnet50(")  # builds seven ImageNet-size networks
+RUN = [pytest.param(p, line, code, id=f"{p.name}:{line}",
+                    marks=[pytest.mark.slow] if any(k in code for k in SLOW) else [])
+       for p, line, code, reason in ALL if reason is None]
+
+
+def _first_line(code: str) -> str:
+    return next(ln.strip() for ln in code.splitlines() if ln.strip())
+
+
+def test_docs_have_python_blocks_and_the_no_run_list_is_exact() -> None:
+    assert len(ALL) >= 10, [p.name for p, *_ in ALL]
+    marked = {(p.name, _first_line(code)) for p, _, code, reason in ALL if reason is not None}
+    assert marked == NO_RUN
+
+
+@pytest.mark.parametrize(("path", "line", "code"), RUN)
+def test_python_block_runs(path: Path, line: int, code: str, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # blocks may write files (panels, checkpoints)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace = {"__name__": "__docs__"}
+    exec(compile(code, f"{path.name}:{line}", "exec"), namespace)  # noqa: S102
