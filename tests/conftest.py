@@ -63,6 +63,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fast_switch_restored():
+    """A test (or a README snippet run by one) that turns ``attnzoo.fast`` on leaves it as found."""
+    from attnzoo import fast
+
+    state = fast.is_enabled()
+    yield
+    fast.set_enabled(state)
+
+
 def forward_backward_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rtol: float = 1e-6,
                           atol: float = 1e-6, grad_rtol: float = 1e-5,
                           grad_atol: float = 1e-6) -> None:
