@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 
 from attnzoo.cli import main
 
@@ -37,3 +39,14 @@ def test_errors(capsys) -> None:
     assert "Did you mean 'resnet50'" in capsys.readouterr().err
     assert main([*ARGS, "--attention", "nope"]) == 2
     assert "unknown attention 'nope'" in capsys.readouterr().err
+
+
+def test_profile_stderr_has_no_profiler_traces() -> None:
+    """The profiler's C++ lines (USDT, gpuGetDeviceCount, No CUDA runtime) stay hidden."""
+    cmd = [sys.executable, "-m", "attnzoo", "profile", "--model", "cifar_resnet8",
+           "--input-size", "32", "--min-run-time", "0.01", "--attention", "none,se"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("USDT", "STAGE:", "gpuGetDeviceCount", "No CUDA runtime"):
+        assert text not in proc.stderr and text not in proc.stdout, (text, proc.stderr)
+    assert "cifar_resnet8" in proc.stdout

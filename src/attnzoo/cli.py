@@ -278,15 +278,19 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory column")
     p.add_argument("--format", choices=("table", "csv", "json", "md"), default="table",
                    help="output format (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the profiler's own C++ trace lines (hidden by default)")
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from attnzoo.bench import profiling
+    from attnzoo.bench.quiet import filtered_native_stderr
 
-    rows = profiling.profile(
-        args.model, [args.attention], input_size=args.input_size, batch_size=args.batch_size,
-        threads=args.threads, latency=not args.no_latency, memory=not args.no_memory,
-        min_run_time=args.min_run_time)
+    with filtered_native_stderr(args.verbose):  # the profiler's C++ traces
+        rows = profiling.profile(
+            args.model, [args.attention], input_size=args.input_size,
+            batch_size=args.batch_size, threads=args.threads, latency=not args.no_latency,
+            memory=not args.no_memory, min_run_time=args.min_run_time)
     if args.format == "table":
         _print_table(profiling.headers(), [profiling.cells(r) for r in rows],
                      title=f"attnzoo profile: {args.model} at {args.batch_size}x3x"
