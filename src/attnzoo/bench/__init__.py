@@ -7,7 +7,7 @@ from attnzoo.bench.profiling import ProfileRow, format_rows, profile, profile_mo
 
 __all__ = ["ProfileRow", "format_rows", "profile", "profile_model"]
 
-# attnzoo bench (issue 5): training benchmark of attention modules with reports
+# attnzoo bench: training benchmark of attention modules with reports
 from attnzoo.bench.run import BenchResult, run  # noqa: E402
 
 __all__ += ["BenchResult", "run"]

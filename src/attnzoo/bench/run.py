@@ -166,44 +166,20 @@ def environment() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# profiling (issue 4's attnzoo.bench.profiling when available, else a small fallback)
+# profiling
 def profile_attention_model(model: nn.Module, input_shape: tuple[int, ...], *,
                             min_run_time: float = 0.5) -> dict[str, Any]:
     """Params, FLOPs, CPU latency (batch 1, ms) and peak activation memory of ``model`` at
-    ``(1, *input_shape)``, with issue 4's :mod:`attnzoo.bench.profiling` (a small local fallback
-    when it is missing)."""
+    ``(1, *input_shape)``, measured by :mod:`attnzoo.bench.profiling`."""
+    from attnzoo.bench import profiling
+
     model = model.eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *input_shape), generator=gen)
-    try:
-        from attnzoo.bench import profiling
-    except ImportError:
-        return _fallback_profile(model, x)
     row = profiling.profile_model(model, x, memory=True, min_run_time=min_run_time)
     return {"params": int(row.params), "flops": int(row.flops),
             "extra_flops": int(row.extra_flops), "latency_ms": row.latency_ms,
             "peak_mb": row.peak_mb, "profiler": "attnzoo.bench.profiling"}
-
-
-def _fallback_profile(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> dict[str, Any]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:  # attnzoo.fast's custom ops carry their own FLOP formulas
-            model(x)
-        flops = counter.get_total_flops()
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return {"params": int(params), "flops": float(flops),
-            "latency_ms": 1000 * times[len(times) // 2], "profiler": "fallback (flop_counter)"}
 
 
 # ---------------------------------------------------------------------------------------------
