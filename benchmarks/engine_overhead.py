@@ -24,14 +24,10 @@ import torch
 from torch import nn
 
 from attnzoo.bench.data import load_data
-from attnzoo.bench.small_models import cifar_resnet8
-from attnzoo.bench.train import (
-    TrainConfig,
-    _progress_bar,
-    _quiet_lightning,
-    build_module,
-    make_loaders,
-)
+from attnzoo.bench.quiet import quiet_lightning
+from attnzoo.bench.tasks.classify import _module_class, make_loaders
+from attnzoo.bench.train import TrainConfig, _progress_bar
+from attnzoo.models import cifar_resnet8
 
 
 def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> tuple[float, float]:
@@ -71,8 +67,8 @@ def engine_epoch(model: nn.Module, train_loader, cfg: TrainConfig, progress: boo
         def on_train_epoch_end(self, trainer, module):
             marks["end"], marks["cpu1"] = time.perf_counter(), time.process_time()
 
-    module = build_module(model, 10, cfg)
-    with _quiet_lightning():
+    module = _module_class()(model, 10, cfg)
+    with quiet_lightning(False):
         t0 = time.perf_counter()
         trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=progress,

@@ -9,6 +9,8 @@ process, five variants of the same maths:
 - ``plain+compile``: the same module under ``torch.compile`` (inductor, default options);
 - ``fast``: the same module after ``attnzoo.fast.accelerate`` with the switch on (CBAM and ECA
   have a fast path; for the others the switch changes nothing and the column says "= plain");
+  for the pairs ``bn+se`` and ``bn+eca`` (``nn.Sequential(BatchNorm2d, gate)``, the last
+  BatchNorm of a residual block and its gate) ``attnzoo.fast.BatchNormGate2d`` of the pair;
 - ``timm``: timm's counterpart, eager; ``timm+compile``: the same under ``torch.compile``.
 
 Measurements: forward (``eval()``, ``torch.no_grad()``) and forward+backward (``train()``, a
@@ -101,9 +103,15 @@ _OUR_PRESET = {"se": "timm", "eca": "timm", "cbam": "timm", "cbam_channel": "tim
                "cbam_spatial": "timm", "sk": "timm", "ca": "timm"}
 
 
+#: BatchNorm2d + gate pairs, as in a residual block (the fast variant: attnzoo.fast's folded layer)
+PAIRS = ("bn+se", "bn+eca")
+
+
 def build_ours(name: str, channels: int) -> nn.Module:
     import attnzoo
 
+    if name in PAIRS:
+        return nn.Sequential(nn.BatchNorm2d(channels), build_ours(name[3:], channels))
     preset = _OUR_PRESET.get(name)
     if preset is not None and preset not in attnzoo.info(name).presets:
         preset = None
@@ -118,9 +126,14 @@ def build_variants(name: str, channels: int, notes: list[str]) -> dict[str, nn.M
     ours = build_ours(name, channels)
     out: dict[str, nn.Module] = {"plain": ours, "plain+compile": torch.compile(ours)}
     accelerated = fast.accelerate(copy.deepcopy(ours))
-    if type(accelerated) is not type(ours):
+    if name in PAIRS:
+        out["fast"] = fast.BatchNormGate2d(*accelerated)
+    elif type(accelerated) is not type(ours):
         out["fast"] = accelerated
-    factory = _timm_factory(name)
+    factory = _timm_factory(name[3:] if name in PAIRS else name)
+    if factory is not None and name in PAIRS:
+        gate_factory = factory
+        factory = lambda c: nn.Sequential(nn.BatchNorm2d(c), gate_factory(c))  # noqa: E731
     if factory is not None:
         try:
             torch.manual_seed(0)
@@ -396,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args.load_start = _load()
     import attnzoo
 
-    names = [n for n in attnzoo.available() if attnzoo.info(n).family in FAMILIES]
+    names = [n for n in attnzoo.available() if attnzoo.info(n).family in FAMILIES] + list(PAIRS)
     if args.modules:
         wanted = [m.strip() for m in args.modules.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in names]

@@ -9,7 +9,8 @@ ResNet-50 with the same attention through its own hook
 fusion here). Variants of each network:
 
 - ``ours/X``: plain eager (the default); ``ours/X+fast``: built and run with the
-  :mod:`attnzoo.fast` switch on (CBAM and ECA have fast paths; for SE and GC the switch changes
+  :mod:`attnzoo.fast` switch on (CBAM runs its op; for SE and ECA each block's last BatchNorm
+  and the gate run as one folded op, ``attnzoo.fast.BatchNormGate2d``; for GC the switch changes
   nothing, so it is not timed twice);
 - ``ours/X+compile`` and ``timm/X+compile``: the whole network under ``torch.compile`` (with
   ``--compile``; compiling ResNet-50 takes minutes on two cores);
@@ -73,7 +74,7 @@ def _cpu_name() -> str:
 
 
 #: attentions with a fast path (attnzoo.fast); for the others the switch changes nothing
-FAST = ("cbam", "eca")
+FAST = ("se", "cbam", "eca")
 
 
 def build_variants(attentions: tuple[str, ...], compile_: bool
@@ -229,8 +230,9 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "- every attention in every bottleneck before the residual add; ours with the official "
         "defaults (GC: add fusion, ratio 1/8 as timm's 'gca'); timm via "
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
-        "- +fast: built and run with `attnzoo.fast` switched on (CBAM, ECA; SE and GC have no fast "
-        "path: their +fast equals plain); +compile: `torch.compile` of the whole network, "
+        "- +fast: built and run with `attnzoo.fast` switched on (CBAM: its op; SE, ECA: each block's "
+        "last BatchNorm and the gate folded into one op, `attnzoo.fast.BatchNormGate2d`; GC has no "
+        "fast path: its +fast equals plain); +compile: `torch.compile` of the whole network, "
         "against the compiled plain ResNet-50 of the same library",
         "- variants interleaved round by round, each timed right after its baseline; added = "
         "median over rounds of the paired ratio variant / baseline, minus 1; times are medians "

@@ -3,7 +3,7 @@
 Compares, in one run on CPU, each module's forward and forward+backward time and peak memory
 against
 
-- a naive implementation written here in the source documents' form (``bmm`` -> ``softmax`` ->
+- a naive implementation written here in the public codes' form (``bmm`` -> ``softmax`` ->
   ``bmm`` with the ``(B, N, M)`` affinity in memory; for the non-local concatenation mode the
   PyTorch port's ``repeat`` + ``cat`` of every pair, plus a cheaper "folded" N x N form), and
 - timm's ``NonLocalAttn`` (configured like ``NonLocal2d(inter_channels=8, sub_sample=False,
@@ -100,7 +100,7 @@ def naive_bytes(module: str, impl: str, size: tuple[int, ...], backward: bool) -
 
 
 # ------------------------------------------------------------------------------------------------
-# the naive implementations (the documents' form)
+# the naive implementations (the form of the public PyTorch codes)
 def build_naive(module: str, dims: int):  # noqa: C901 - one small class per module
     import torch
     import torch.nn.functional as F
@@ -110,7 +110,7 @@ def build_naive(module: str, dims: int):  # noqa: C901 - one small class per mod
     bn_nd = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
 
     class NaiveNonLocal(nn.Module):
-        """AlexHex7/Non-local_pytorch's block (the documents' code), sub_sample=False."""
+        """AlexHex7/Non-local_pytorch's block, sub_sample=False."""
 
         def __init__(self, mode: str, folded: bool = False) -> None:
             super().__init__()
@@ -156,7 +156,7 @@ def build_naive(module: str, dims: int):  # noqa: C901 - one small class per mod
             return self.W(y) + x
 
     class NaiveSelfAttn(nn.Module):
-        """Self_Attn of the documents / DANet's PAM_Module (identical maths)."""
+        """The SAGAN PyTorch port's Self_Attn / DANet's PAM_Module (identical maths)."""
 
         def __init__(self, tf: bool = False) -> None:
             super().__init__()

@@ -14,7 +14,8 @@ import torch
 
 import attnzoo
 from attnzoo import cli
-from attnzoo.bench.run import check_devices, run
+from attnzoo.bench.engine import check_devices
+from attnzoo.bench.run import run
 from attnzoo.cli import main
 from attnzoo.models import BUILDERS, cifar_resnet8
 
@@ -116,12 +117,13 @@ def test_list_and_info_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # one builder table, one name:key=value syntax
 def test_one_builder_table_for_bench_profile_and_cam() -> None:
-    from attnzoo.bench import small_models
+    import importlib.util
+
     from attnzoo.models import resolve_builder
     from attnzoo.specs import DEFAULT_MODEL
 
     assert DEFAULT_MODEL in BUILDERS and BUILDERS["cifar_resnet8"] is cifar_resnet8
-    assert small_models.cifar_resnet8 is cifar_resnet8
+    assert importlib.util.find_spec("attnzoo.bench.small_models") is None  # no second home
     assert resolve_builder("cifar_resnet8") == ("cifar_resnet8", cifar_resnet8)
     label, builder = resolve_builder("cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}")
     assert label == "cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}"

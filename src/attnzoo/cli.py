@@ -120,7 +120,8 @@ def _seeds(text: str) -> list[int]:
             return [int(t) for t in text.split(",") if t.strip()]
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (3) or a list (0,1,2), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a count (3) or a list (0,1,2), got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a count >= 1 (3 means seeds 0,1,2) or a list "
                                          f"(for the single seed 0 write 0,), got {text}")
@@ -136,40 +137,51 @@ def _devices(text: str) -> int | str | list[int]:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from attnzoo.specs import DEFAULT_ATTENTIONS, DEFAULT_MODEL
+    from attnzoo.specs import DEFAULT_ATTENTIONS, DEFAULT_MODEL, TASKS
 
     p = sub.add_parser(
-        "bench", help="train a backbone with each attention over seeds and report accuracy",
-        description="Train the same backbone with each attention module, several seeds each, "
-        "and write a report (results.json/.csv, report.md, report.html) with top-1 mean ± std, "
-        "the paired difference to the baseline with a 95% CI, params, FLOPs and CPU latency. "
-        "Re-running the same command with the same --out resumes and skips finished runs.")
-    p.add_argument("--attention", default=",".join(DEFAULT_ATTENTIONS),
+        "bench", help="train a network with each attention over seeds and report its metric",
+        description="Train the same network with each attention module, several seeds each, "
+        "and write a report (results.json/.csv, report.md, report.html) with the task's metric "
+        "(top-1 for classify, mAP50 for detect) as mean ± std, the paired difference to the "
+        "baseline with a 95% CI, params, FLOPs and CPU latency. Options left unset take the "
+        "task's defaults. Re-running the same command with the same --out resumes and skips "
+        "finished runs.")
+    p.add_argument("--task", default="classify", choices=TASKS,
+                   help="what the networks learn (default: %(default)s)")
+    p.add_argument("--attention", default=None,
                    help="comma-separated registry names with optional kwargs, e.g. "
-                   "'none,se,cbam:reduction=8,eca' ('none' is the baseline; default: %(default)s)")
+                   "'none,se,cbam:reduction=8,eca' ('none' is the baseline; default: the "
+                   f"task's; classify: {','.join(DEFAULT_ATTENTIONS)})")
     p.add_argument("--baseline", default=None, metavar="NAME",
                    help="the attention the differences are computed against, one of "
                    "--attention (default: 'none' when listed; else no differences)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone builder from "
-                   "attnzoo.models.BUILDERS, optionally with builder arguments as name:key=value "
-                   "(see 'attnzoo profile --help'; default: %(default)s)")
-    p.add_argument("--data", default="digits", help="'digits' (built-in cluttered digits), a "
-                   "folder of class sub-folders, or cifar10:/path / cifar100:/path with the "
-                   "extracted python archives (never downloads; default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per run (default: %(default)s)")
+    p.add_argument("--model", default=None, help="network builder, optionally with builder "
+                   "arguments as name:key=value (see 'attnzoo profile --help'; default: the "
+                   f"task's; classify: {DEFAULT_MODEL} from attnzoo.models.BUILDERS)")
+    p.add_argument("--data", default=None, help="classify: 'digits' (built-in cluttered "
+                   "digits, the default), a folder of class sub-folders, or cifar10:/path / "
+                   "cifar100:/path with the extracted python archives; other tasks: see their "
+                   "documentation (never downloads)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (default: the task's; classify: 8)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2],
                    help="a count (3 -> 0,1,2) or a list (0,4,7) (default: 3)")
-    p.add_argument("--batch-size", type=int, default=64, help="per device (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.1,
-                   help="peak learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per device (default: the task's; classify: 64)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the task's; classify: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="(default: the task's; classify: 5e-4)")
     p.add_argument("--out", default="bench-out", help="output folder (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=None,
-                   help="built-in data: training images (default 3000); others: a "
+                   help="built-in data: training images (classify: 3000); others: a "
                    "stratified subset of N (the same share of every class)")
     p.add_argument("--n-test", type=int, default=None, help="built-in data: test images "
-                   "(default 1000); others: a stratified subset of N")
-    p.add_argument("--image-size", type=int, default=32, help="image folders: resize to this")
+                   "(classify: 1000); others: a stratified subset of N")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size (default: the task's; classify: 32, image folders are "
+                   "resized to it)")
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto... (default: %(default)s)")
     p.add_argument("--devices", type=_devices, default=1, help="number or list of devices, or "
                    "auto (default: %(default)s)")
@@ -185,29 +197,39 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="also show what Lightning and the "
                    "profiler print (device info, tips, traces); hidden by default")
     p.add_argument("--no-profile", action="store_true", help="skip params/FLOPs/latency")
-    p.add_argument("--no-localise", action="store_true", help="skip the Grad-CAM panels and "
-                   "the localisation scores (pointing game, energy in box)")
-    p.add_argument("--cam-method", default="gradcam", help="CAM method of the panels and "
-                   "scores: gradcam, gradcam++, scorecam, eigencam, layercam... "
+    p.add_argument("--no-localise", action="store_true", help="classify: skip the Grad-CAM "
+                   "panels and the localisation scores (pointing game, energy in box)")
+    p.add_argument("--cam-method", default="gradcam", help="classify: CAM method of the panels "
+                   "and scores: gradcam, gradcam++, scorecam, eigencam, layercam... "
                    "(default: %(default)s)")
     p.add_argument("--panel-images", type=int, default=6,
-                   help="test images shown in the report's panels (default: %(default)s)")
+                   help="classify: test images shown in the report's panels "
+                   "(default: %(default)s)")
 
 
 def _bench_command(args: argparse.Namespace) -> str:
+    """The command line as given (options left unset are the task's defaults)."""
     import shlex
 
-    parts = ["attnzoo", "bench", "--attention", args.attention,
-             *(["--baseline", args.baseline] if args.baseline else []), "--model", args.model,
-             "--data", args.data, "--epochs", str(args.epochs),
-             "--seeds", ",".join(str(s) for s in args.seeds), "--batch-size", str(args.batch_size),
-             "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--out", args.out]
-    for flag, value in (("--n-train", args.n_train), ("--n-test", args.n_test),
-                        ("--precision", args.precision), ("--threads", args.threads)):
+    parts = ["attnzoo", "bench"]
+    if args.task != "classify":
+        parts += ["--task", args.task]
+    for flag, value in (("--attention", args.attention), ("--baseline", args.baseline),
+                        ("--model", args.model), ("--data", args.data),
+                        ("--epochs", args.epochs)):
         if value is not None:
             parts += [flag, str(value)]
-    if args.image_size != 32:
-        parts += ["--image-size", str(args.image_size)]
+    parts += ["--seeds", ",".join(str(s) for s in args.seeds)]
+    for flag, value in (("--batch-size", args.batch_size), ("--lr", args.lr),
+                        ("--weight-decay", args.weight_decay)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--out", args.out]
+    for flag, value in (("--n-train", args.n_train), ("--n-test", args.n_test),
+                        ("--image-size", args.image_size), ("--precision", args.precision),
+                        ("--threads", args.threads)):
+        if value is not None:
+            parts += [flag, str(value)]
     if args.no_localise:
         parts.append("--no-localise")
     elif args.cam_method != "gradcam" or args.panel_images != 6:
@@ -229,20 +251,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(_positive_int(str(args.threads)))
     result = run(
-        args.attention, model=args.model, data=args.data, epochs=args.epochs, seeds=args.seeds,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, out=args.out,
-        devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        accelerator=args.accelerator, precision=args.precision, image_size=args.image_size,
-        n_train=args.n_train, n_test=args.n_test, num_workers=args.num_workers,
-        progress=not args.no_progress, verbose=args.verbose, profile=not args.no_profile,
-        localise=not args.no_localise, cam_method=args.cam_method,
-        panel_images=args.panel_images, baseline=args.baseline, command=_bench_command(args))
+        args.attention, task=args.task, model=args.model, data=args.data, epochs=args.epochs,
+        seeds=args.seeds, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, out=args.out, devices=args.devices,
+        num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator,
+        precision=args.precision, image_size=args.image_size, n_train=args.n_train,
+        n_test=args.n_test, num_workers=args.num_workers, progress=not args.no_progress,
+        verbose=args.verbose, profile=not args.no_profile, localise=not args.no_localise,
+        cam_method=args.cam_method, panel_images=args.panel_images, baseline=args.baseline,
+        command=_bench_command(args))
     if not result.summary:  # a DDP worker (rank > 0): rank 0 reports
         return 0
     headers, rows = result.table()
     # stdout holds the results table only; progress and these notes go to stderr
-    _print_table(headers, rows, title=f"attnzoo bench: top-1 on {args.data} "
-                 f"({len(args.seeds)} seeds, {args.epochs} epochs)")
+    name = result.metric_label.removesuffix("%").strip()
+    _print_table(headers, rows, title=f"attnzoo bench: {name} on {result.config['data']} "
+                 f"({len(args.seeds)} seeds, {result.config['epochs']} epochs)")
     reused = f", {len(result.skipped)} finished runs reused" if result.skipped else ""
     print(f"wall time {result.wall_seconds:.1f} s{reused}\nreport: {result.report_html}\n"
           f"        {result.report_md}", file=sys.stderr)

@@ -22,12 +22,15 @@ __all__ = [
     "BASELINE",
     "DEFAULT_ATTENTIONS",
     "DEFAULT_MODEL",
+    "TASKS",
     "AttentionSpec",
     "parse_attentions",
     "parse_model",
     "validate_attentions",
 ]
 
+#: the tasks of ``attnzoo bench --task`` (plug-ins in :mod:`attnzoo.bench.tasks`)
+TASKS = ("classify", "detect", "segment")
 DEFAULT_ATTENTIONS = ("none", "se", "cbam", "eca", "gc", "ca", "ema")
 DEFAULT_MODEL = "cifar_resnet8"
 BASELINE = "none"

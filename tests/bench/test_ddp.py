@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from attnzoo.bench.data import load_data
-from attnzoo.bench.small_models import cifar_resnet8
-from attnzoo.bench.train import evaluate
+from attnzoo.bench.tasks.classify import evaluate
+from attnzoo.models import cifar_resnet8
 
 N_TEST = 41  # odd: a padded DistributedSampler would count one image twice
 

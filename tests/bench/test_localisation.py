@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from attnzoo.bench import localisation as loc
+from attnzoo.bench.checkpoints import load_run_model
 from attnzoo.bench.data import load_data
-from attnzoo.bench.run import load_run_model, run
+from attnzoo.bench.run import run
 from attnzoo.cli import main
 
 TINY = dict(epochs=1, seeds=[0, 1], batch_size=32, n_train=96, n_test=37, progress=False,

@@ -15,7 +15,16 @@ import torch
 
 from attnzoo.bench import report as rep
 from attnzoo.bench.data import BenchData, TensorImageSet
-from attnzoo.bench.run import BenchResult, _resolve_baseline, _write_results, run
+from attnzoo.bench.engine import (
+    Bench,
+    BenchConfig,
+    BenchResult,
+    resolve_baseline,
+    statistics,
+    write_results,
+)
+from attnzoo.bench.run import run
+from attnzoo.bench.tasks.classify import TASK
 from attnzoo.cli import main
 from attnzoo.specs import parse_attentions
 
@@ -45,10 +54,10 @@ def _confusion(acc_per_class: list[int], per_class: int = 4) -> list[list[int]]:
 
 def _result(tmp_path: Path, accs: dict[str, list[float]], baseline: str | None = "auto",
             confusions: dict[str, list] | None = None) -> BenchResult:
-    """Summary and runs through the bench's own statistics (``_write_results``)."""
+    """Summary and runs through the bench's own statistics and results writer."""
     specs = parse_attentions(list(accs))
     seeds = list(range(len(next(iter(accs.values())))))
-    base = _resolve_baseline(specs, None) if baseline == "auto" else baseline
+    base = resolve_baseline(specs, None) if baseline == "auto" else baseline
     results = {}
     for label, values in accs.items():
         for seed, acc in zip(seeds, values):
@@ -57,13 +66,17 @@ def _result(tmp_path: Path, accs: dict[str, list[float]], baseline: str | None =
                 "train_acc": acc, "train_loss": 1.0, "train_seconds": 0.1,
                 "history": [{"epoch": 1, "test_acc": acc, "train_loss": 1.0}],
                 "confusion": None if confusions is None else confusions[label][seed]}
-    runs, summary = _write_results(tmp_path, specs, seeds, results, {}, CONFIG, "cmd",
-                                   partial=False, baseline=base)
-    return BenchResult(out=tmp_path, runs=runs, summary=summary, baseline=base)
+    bench = Bench(config=BenchConfig(seeds=seeds), task=TASK, specs=specs, baseline=base,
+                  model_name="cifar_resnet8", builder=None, out=tmp_path, run_config=CONFIG)
+    runs, summary = statistics(bench, results)
+    write_results(bench, runs, summary, "cmd", partial=False)
+    return BenchResult(out=tmp_path, runs=runs, summary=summary, baseline=base, config=CONFIG)
 
 
 def _html(result: BenchResult, data: BenchData | None = None) -> str:
-    secs = rep.build_sections(result, data or _data(), CONFIG, {"torch": "x"}, "cmd")
+    data = data or _data()
+    part = TASK.report(result, data, BenchConfig(localise=False), [])
+    secs = rep.build_sections(result, data, CONFIG, {"torch": "x"}, "cmd", part)
     return rep.render_html("report", secs)
 
 
@@ -207,12 +220,12 @@ def test_an_explicit_baseline_is_named_everywhere(tmp_path: Path) -> None:
 
 def test_baseline_must_be_one_of_the_attentions(tmp_path: Path) -> None:
     specs = parse_attentions("none,se,cbam:reduction=8")
-    assert _resolve_baseline(specs, None) == "none"
-    assert _resolve_baseline(specs, "cbam:reduction=8") == "cbam:reduction=8"
-    assert _resolve_baseline(parse_attentions("se,cbam"), None) is None
+    assert resolve_baseline(specs, None) == "none"
+    assert resolve_baseline(specs, "cbam:reduction=8") == "cbam:reduction=8"
+    assert resolve_baseline(parse_attentions("se,cbam"), None) is None
     with pytest.raises(ValueError, match=r"--baseline 'eca' is not among the attentions "
                                          r"\(none, se, cbam:reduction=8\)"):
-        _resolve_baseline(specs, "eca")
+        resolve_baseline(specs, "eca")
     with pytest.raises(ValueError, match="--baseline 'eca'"):
         run("none,se", baseline="eca", out=tmp_path, epochs=1, seeds=[0], progress=False)
     assert not (tmp_path / "runs").exists()
@@ -277,7 +290,7 @@ def test_grad_cam_is_not_repeated_for_modules_without_spatial_maps(tmp_path: Pat
                                                                   monkeypatch) -> None:
     from attnzoo import viz
     from attnzoo.bench.localisation import write_panels
-    from attnzoo.bench.small_models import cifar_resnet8
+    from attnzoo.models import cifar_resnet8
 
     drawn: dict[str, list[str]] = {}
     real = viz.save_panel

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.bench.run import parse_attentions, run
+from attnzoo.bench.run import run
 from attnzoo.cli import main
+from attnzoo.specs import parse_attentions
 
 TINY = dict(epochs=1, seeds=[0, 1], batch_size=32, n_train=96, n_test=37, progress=False,
             profile=True)
@@ -215,9 +216,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_load_run_model_gives_the_trained_network(tiny_bench) -> None:
+    from attnzoo.bench.checkpoints import load_run_model
     from attnzoo.bench.data import load_data
-    from attnzoo.bench.run import load_run_model
-    from attnzoo.bench.train import evaluate
+    from attnzoo.bench.tasks.classify import evaluate
 
     out, result = tiny_bench
     model, cfg = load_run_model(out / "runs" / "se" / "seed1")

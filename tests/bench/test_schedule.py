@@ -78,8 +78,8 @@ def test_run_checks_the_schedule_before_any_training(tmp_path: Path, monkeypatch
     def broken(cfg, steps):
         raise ValueError(f"bench: the learning-rate schedule fails for {cfg.epochs} x {steps}")
 
-    run_module = importlib.import_module("attnzoo.bench.run")  # the package exports run()
-    monkeypatch.setattr(run_module, "check_lr_schedule", broken)
+    classify = importlib.import_module("attnzoo.bench.tasks.classify")
+    monkeypatch.setattr(classify, "check_lr_schedule", broken)
     with pytest.raises(ValueError, match="fails for 2 x 2"):
         run("none", out=tmp_path, epochs=2, batch_size=64, n_train=90, n_test=20,
             progress=False, profile=False, localise=False)

@@ -26,15 +26,17 @@ def test_summarize_single_value_has_zero_std_and_empty_fails() -> None:
 
 @pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262),
                                          (30, 2.042)])
-def test_t_quantile_table_and_scipy_agree_with_published_values(df: int, expected: float) -> None:
-    assert t_quantile(df, use_scipy=False) == pytest.approx(expected, abs=5e-4)
+def test_t_quantile_agrees_with_published_values(df: int, expected: float) -> None:
     assert t_quantile(df) == pytest.approx(expected, abs=5e-4)
 
 
-def test_t_quantile_large_df_falls_back_to_normal_without_scipy() -> None:
-    assert t_quantile(1000, use_scipy=False) == pytest.approx(1.960)
+def test_t_quantile_large_df_approaches_the_normal_and_checks_its_arguments() -> None:
+    assert t_quantile(100_000) == pytest.approx(1.960, abs=5e-4)
+    assert t_quantile(4, 0.90) == pytest.approx(2.132, abs=5e-4)  # published t_{0.95, 4}
     with pytest.raises(ValueError, match="df"):
         t_quantile(0)
+    with pytest.raises(ValueError, match="confidence"):
+        t_quantile(3, 1.5)
 
 
 def test_paired_difference_interval_by_hand() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnzoo.bench.run import BenchResult
+from attnzoo.bench.engine import BenchResult
 
 
 def test_summary_fractions_and_table_percentage_points() -> None:

@@ -49,7 +49,7 @@ def test_reference_parameter_counts() -> None:
 
 @pytest.mark.parametrize(("phi", "name", "preset"), [
     (1, "se", "yolov4-tiny"), (2, "cbam", "yolov4-tiny"), (3, "eca", "yolov4-tiny"),
-    (4, "ca", None)])
+    (4, "ca", "yolov4-tiny")])
 def test_phi_maps_to_the_reference_variants(phi: int, name: str, preset: str | None) -> None:
     model = YoloV4Tiny(20, phi=phi)
     extra = sum(attnzoo.info(name).count_params(c, **attnzoo.info(name).presets[preset or
@@ -63,13 +63,20 @@ def test_phi_maps_to_the_reference_variants(phi: int, name: str, preset: str | N
 
 
 def test_reference_module_variants_counts() -> None:
-    """SE without FC bias (r16), CBAM r8 without bias/BN, ECA adaptive k: the reference's sizes."""
+    """SE without FC bias (r16), CBAM r8 without bias/BN, ECA adaptive k, CA_Block (r16, no
+    bias, BN, no floor on the hidden width): the reference's sizes (``nets/attention.py``)."""
     se = sum(2 * c * (c // 16) for c in (256, 512, 128))
     cbam = sum(2 * c * (c // 8) + 2 * 49 for c in (256, 512, 128))
     eca = 5 + 5 + 5  # k = int((log2 C + 1) / 2) = 4, 5, 4 for 256, 512, 128 -> odd: 5, 5, 5
+    # CA_Block: conv_1x1 C -> C/16, BN(C/16) weight + bias, F_h and F_w C/16 -> C, no biases
+    ca = sum(c * (c // 16) + 2 * (c // 16) + 2 * (c // 16) * c for c in (256, 512, 128))
+    assert ca == 64_624
     assert n_params(YoloV4Tiny(20, phi=1)) - 5_918_006 == se
     assert n_params(YoloV4Tiny(20, phi=2)) - 5_918_006 == cbam
     assert n_params(YoloV4Tiny(20, phi=3)) - 5_918_006 == eca
+    assert n_params(YoloV4Tiny(20, phi=4)) == 5_918_006 + ca == 5_982_630
+    assert n_params(YoloV4Tiny(80, phi=4)) == 6_056_606 + ca == 6_121_230
+    assert YoloV4Tiny(20, phi=4).upsample_att.mip == 8  # 128 // 16, no floor of 8 needed here
 
 
 @pytest.mark.parametrize("phi", [0, 1, 2, 3, 4])
@@ -111,6 +118,20 @@ def test_any_attention_and_kwargs() -> None:
     assert isinstance(YoloV4Tiny(80).feat1_att, nn.Identity)
 
 
+def test_attention_init_identity_wraps_the_inserted_modules() -> None:
+    model = YoloV4Tiny(20, phi=2, attention_init="identity")
+    for attr in ("feat1_att", "feat2_att", "upsample_att"):
+        module = getattr(model, attr)
+        assert isinstance(module, attnzoo.models.IdentityInit) and module.alpha.item() == 0.0
+        assert type(module.attn) is attnzoo.get("cbam")
+    assert n_params(model) == n_params(YoloV4Tiny(20, phi=2)) + 3
+    assert isinstance(YoloV4Tiny(20, attention_init="identity").feat1_att, nn.Identity)
+    # a module that already is the identity at initialisation (GC's zero-initialised last
+    # conv) is left bare: the wrapper would freeze both alpha and the module
+    gc = YoloV4Tiny(20, attention="gc", attention_init="identity")
+    assert type(gc.feat1_att) is attnzoo.get("gc")
+
+
 def test_errors() -> None:
     model = YoloV4Tiny(20).eval()
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -125,3 +146,5 @@ def test_errors() -> None:
         YoloV4Tiny(0)
     with pytest.raises(ValueError, match="without attention="):
         YoloV4Tiny(20, reduction=8)
+    with pytest.raises(ValueError, match="attention_init must be one of"):
+        YoloV4Tiny(20, phi=1, attention_init="zero")

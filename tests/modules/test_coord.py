@@ -27,7 +27,7 @@ def _conv1x1(conv, v):
     return out if conv.bias is None else out + conv.bias[None, :, None]
 
 
-def ca_ref(m: CoordinateAttention, x, training=False):
+def ca_ref(m: CoordinateAttention, x, training=False, act=h_swish_ref):
     _b, _c, h, w = x.shape
     z_h = x.sum(3) / w  # (B, C, H): average over the width
     z_w = x.sum(2) / h  # (B, C, W): average over the height
@@ -39,7 +39,7 @@ def ca_ref(m: CoordinateAttention, x, training=False):
     else:
         mean, var = bn.running_mean, bn.running_var
     y = (y - mean[:, None]) / torch.sqrt(var[:, None] + bn.eps)
-    y = h_swish_ref(y * bn.weight[:, None] + bn.bias[:, None])
+    y = act(y * bn.weight[:, None] + bn.bias[:, None])
     a_h = 1 / (1 + torch.exp(-_conv1x1(m.conv_h, y[:, :, :h])))  # (B, C, H)
     a_w = 1 / (1 + torch.exp(-_conv1x1(m.conv_w, y[:, :, h:])))  # (B, C, W)
     gate = torch.einsum("bch,bcw->bchw", a_h, a_w)
@@ -90,6 +90,56 @@ def test_hardswish_is_the_official_h_swish():
                    torch.tensor([-3.0, 3.0, 0.0], dtype=torch.float64)])
     torch.testing.assert_close(F.hardswish(v), h_swish_ref(v), rtol=0, atol=1e-15)
     assert isinstance(CoordinateAttention(64).act, torch.nn.Hardswish)
+
+
+def test_act_relu_matches_reference_formula():
+    m = randomize_(CoordinateAttention(24, mip=6, act="relu"), seed=6).double().train()
+    x = torch.randn(2, 24, 5, 3, dtype=torch.float64)
+    assert isinstance(m.act, torch.nn.ReLU)
+    torch.testing.assert_close(m(x), ca_ref(m, x, training=True, act=torch.relu)[0],
+                               **DOUBLE_TOL)
+    assert not torch.allclose(m(x), ca_ref(m, x, training=True)[0])  # h_swish differs
+
+
+# ------------------------------------------------------------------------------------------------
+# preset "yolov4-tiny": the CA_Block of bubbliiiing/yolov4-tiny-pytorch (nets/attention.py)
+def ca_block_ref(m: CoordinateAttention, x):
+    """The reference's CA_Block in eval mode, in its own layout: the H and W strips are laid
+    along the last axis, ``cat([mean_W(x)^T, mean_H(x)], 3)`` (B, C, 1, H + W); conv_1x1 (no
+    bias) -> BN -> ReLU; F_h, F_w (no bias) -> sigmoid; ``x * s_h * s_w``."""
+    _b, _c, h, w = x.shape
+    strip = torch.cat([x.mean(3, keepdim=True).permute(0, 1, 3, 2), x.mean(2, keepdim=True)], 3)
+    y = torch.relu(m.bn1(F.conv2d(strip, m.conv1.weight)))
+    y_h, y_w = y.split([h, w], 3)
+    s_h = torch.sigmoid(F.conv2d(y_h.permute(0, 1, 3, 2), m.conv_h.weight))
+    s_w = torch.sigmoid(F.conv2d(y_w, m.conv_w.weight))
+    return x * s_h * s_w
+
+
+def ca_block_params(channels: int) -> int:
+    """CA_Block(channel, reduction=16): conv_1x1 C -> C // 16 (no bias), BN(C // 16), F_h and
+    F_w C // 16 -> C (no bias)."""
+    mip = channels // 16
+    return channels * mip + 2 * mip + 2 * mip * channels
+
+
+def test_yolov4_tiny_preset_is_the_reference_ca_block():
+    assert attnzoo.info("ca").presets["yolov4-tiny"] == {
+        "reduction": 16, "min_mip": 1, "bias": False, "act": "relu"}
+    for channels in (16, 100, 128, 256, 512):
+        m = attnzoo.create("ca", channels, preset="yolov4-tiny")
+        assert m.mip == channels // 16  # no floor of 8 (128 // 16 = 8, 100 // 16 = 6, 16 -> 1)
+        assert m.conv1.bias is None and m.conv_h.bias is None and m.conv_w.bias is None
+        assert isinstance(m.act, torch.nn.ReLU) and isinstance(m.bn1, torch.nn.BatchNorm2d)
+        n = sum(p.numel() for p in m.parameters())
+        preset = attnzoo.info("ca").presets["yolov4-tiny"]
+        assert n == ca_block_params(channels) == attnzoo.info("ca").count_params(channels,
+                                                                                 **preset)
+    # the three neck positions of YOLOv4-tiny (feat1 256, feat2 512, upsampled P5 128)
+    assert sum(ca_block_params(c) for c in (256, 512, 128)) == 64_624
+    m = randomize_(attnzoo.create("ca", 48, preset="yolov4-tiny"), seed=8).double().eval()
+    x = torch.randn(2, 48, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ca_block_ref(m, x), **DOUBLE_TOL)
 
 
 def test_gate_hooks_and_attention_map():
@@ -170,6 +220,7 @@ def test_mobilenetv2_ca_parameter_count():
     ({"min_mip": 0}, r"CoordinateAttention: min_mip must be an integer >= 1"),
     ({"mip": 0}, r"CoordinateAttention: mip must be an integer >= 1"),
     ({"divisor": -8}, r"CoordinateAttention: divisor must be an integer >= 1"),
+    ({"act": "gelu"}, r"CoordinateAttention: act must be one of 'hardswish', 'relu'"),
 ])
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -12,8 +12,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 from torchvision.models import resnet18 as tv_resnet18
 
-from attnzoo.bench.small_models import SmallResNet, cifar_resnet8
-from attnzoo.models import cifar_resnet18, mobilenet_v2
+from attnzoo.models import SmallResNet, cifar_resnet8, cifar_resnet18, mobilenet_v2
 from attnzoo.viz import CAM_METHODS, cam, default_target_layer, energy_in_box, pointing_game
 from conftest import randomize_
 

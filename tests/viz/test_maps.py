@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnzoo
-from attnzoo.bench.small_models import cifar_resnet8
 from attnzoo.detection import YoloV4Tiny
-from attnzoo.viz import AttentionRecord, attention_maps, upsample_map
-from attnzoo.viz import maps as maps_mod
+from attnzoo.models import cifar_resnet8
 from attnzoo.modules import danet as danet_mod
 from attnzoo.modules import nonlocal_ as nonlocal_mod
+from attnzoo.viz import AttentionRecord, attention_maps, upsample_map
+from attnzoo.viz import maps as maps_mod
 from conftest import randomize_
 
 torch.set_num_threads(2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnzoo.bench.small_models import cifar_resnet8
+from attnzoo.models import cifar_resnet8
 from attnzoo.viz import attention_maps, panel_columns_for, save_panel, upsample_map
 from conftest import randomize_
 

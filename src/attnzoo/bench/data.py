@@ -48,10 +48,15 @@ import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from attnzoo.datasets.digits import ink_crop as _ink_crop
+from attnzoo.datasets.digits import split_sources as _split_sources
+from attnzoo.datasets.digits import upscaled_digits as _upscaled_digits
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -97,11 +102,6 @@ class TensorImageSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self.labels[index]
 
-    def subset(self, n: int) -> TensorImageSet:
-        """The first ``n`` items (see :func:`stratified_indices` for a subset keeping every
-        class)."""
-        return self.select(np.arange(min(n, len(self))))
-
     def select(self, indices: Sequence[int] | np.ndarray) -> TensorImageSet:
         """The items at ``indices``, in that order."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
@@ -138,6 +138,15 @@ class BenchData:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and images per class: part of a bench's fingerprint and configuration."""
+        return {"n_train": len(self.train), "n_test": len(self.test),
+                "class_counts": self.class_counts}
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         """Back to ``[0, 1]`` for display."""
@@ -294,28 +303,6 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def _upscaled_digits(scale: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    imgs = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    if scale > 1:
-        imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="bilinear",
-                                               align_corners=False)
-    return imgs[:, 0].clamp(0, 1).numpy(), bunch.target.astype(np.int64)
-
-
-def _split_sources(labels: np.ndarray, test_fraction: float,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(test_fraction * len(idx)))
-        test.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
 def _render_split(n: int, sources: np.ndarray, digits: np.ndarray, labels: np.ndarray, *,
                   canvas: int, clutter: int, fragment: int,
                   rng: np.random.Generator) -> ClutteredDigits:
@@ -345,19 +332,6 @@ def _render_split(n: int, sources: np.ndarray, digits: np.ndarray, labels: np.nd
         cols = np.flatnonzero(digit.max(axis=0) > 0.05)
         boxes[i] = (x + cols[0], y + rows[0], x + cols[-1] + 1, y + rows[-1] + 1)
     return ClutteredDigits(images, labels[chosen], boxes, chosen)
-
-
-def _ink_crop(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``size``×``size`` crop holding at least a fifth of the digit's ink (10 tries)."""
-    d = digit.shape[-1]
-    need = 0.2 * digit.sum() * min(1.0, (size / d) ** 2 * 2)
-    crop = digit[:size, :size]
-    for _ in range(10):
-        cy, cx = (int(v) for v in rng.integers(0, d - size + 1, size=2))
-        crop = digit[cy:cy + size, cx:cx + size]
-        if crop.sum() >= need:
-            break
-    return crop
 
 
 def _clutter_position(canvas: int, size: int, target: tuple[int, int, int],

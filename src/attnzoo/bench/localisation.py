@@ -35,11 +35,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.bench.report import write_json
+from attnzoo.bench.checkpoints import load_run_model
+from attnzoo.bench.data import IMAGE_EXTENSIONS, load_data
+from attnzoo.bench.report import (
+    Figure,
+    Section,
+    Table,
+    Text,
+    fmt_diff,
+    fmt_pct,
+    sample_per_class,
+    write_json,
+)
 from attnzoo.bench.stats import paired_difference, summarize
 
 __all__ = [
     "LOCALISATION_FILE",
+    "chance_of_boxes",
     "check_localisation_available",
     "localise_run",
     "score_localisation",
@@ -94,12 +106,18 @@ def score_localisation(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         cams = viz.cam(model, images[sl], method=method, targets=labels[sl])
         hits.append(viz.pointing_game(cams, boxes[sl]).double())
         energy.append(viz.energy_in_box(cams.double(), boxes[sl]).double())
-    h, w = images.shape[-2:]
-    chance = viz.box_area_fraction(boxes, h, w).double().mean()
     return {"method": method, "n": int(images.shape[0]),
             "pointing_game": float(torch.cat(hits).double().mean()),
             "energy_in_box": float(torch.cat(energy).double().mean()),
-            "chance": float(chance)}
+            "chance": chance_of_boxes(boxes, *images.shape[-2:])}
+
+
+def chance_of_boxes(boxes: torch.Tensor, height: int, width: int) -> float:
+    """The mean share of the image the boxes cover: what both scores give for a map without
+    information."""
+    from attnzoo import viz
+
+    return float(viz.box_area_fraction(boxes, height, width).double().mean())
 
 
 def _cache_key(data: Any, method: str) -> dict[str, Any]:
@@ -129,8 +147,6 @@ def localise_run(run_dir: str | os.PathLike, data: Any, *, method: str = "gradca
         if cached.get("key") == key:
             return cached["scores"]
     if model is None:
-        from attnzoo.bench.run import load_run_model
-
         model, _ = load_run_model(run_dir)
     scores = score_localisation(model, data.test.images, data.test.labels, data.test.boxes,
                                 method=method)
@@ -279,8 +295,6 @@ def localisation_table(summary: Sequence[dict], baseline: str | None = "none"
                        ) -> tuple[list[str], list[list[str]]]:
     """Rows of the report's localisation table from the bench summary (no Δ columns without a
     ``baseline``)."""
-    from attnzoo.bench.report import fmt_diff, fmt_pct
-
     def delta(s: dict, k: str) -> list[str]:
         if baseline is None:
             return []
@@ -302,23 +316,20 @@ def localisation_table(summary: Sequence[dict], baseline: str | None = "none"
     return headers, rows
 
 
-def report_sections(result: Any, data: Any, plan: Sequence[tuple[Any, int, Path]],
-                    seeds: Sequence[int], method: str, n_images: int) -> list[Any]:
+def report_sections(result: Any, data: Any, plan: Sequence[Any], seeds: Sequence[int],
+                    method: str, n_images: int) -> list[Any]:
     """The report's "Where the network looks" (the localisation table on data with boxes, and
     the CAM comparison panel) and, collapsed, "Attention maps per module" (the panels of the
     attentions that compute spatial maps). The panels show ``n_images`` test images drawn from
     every class in turn (:func:`~attnzoo.bench.report.sample_per_class`), seed ``min(seeds)``;
     their PNGs are written under ``figures/``."""
-    from attnzoo.bench.report import Figure, Section, Table, Text, sample_per_class
-    from attnzoo.bench.run import load_run_model
-
     title = _method_title(method)
     blocks: list[Any] = []
     headers, rows = localisation_table(result.summary, getattr(result, "baseline", "none"))
     if rows:
         blocks += [Table(headers, rows), Text(LOCALISATION_TEXT.format(method=title))]
     seed = min(seeds)
-    models = {spec.label: load_run_model(run_dir)[0] for spec, s, run_dir in plan if s == seed}
+    models = {run.spec.label: load_run_model(run.run_dir)[0] for run in plan if run.seed == seed}
     idx = sample_per_class(data.test.labels, n_images)
     images = data.test.images[idx]
     boxes = None if data.test.boxes is None else data.test.boxes[idx]
@@ -387,8 +398,6 @@ def _run_dirs(checkpoint: Path, seed: int | None) -> dict[str, Path]:
 def _read_image_files(folder: Path, size: int, n: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
-    from attnzoo.bench.data import IMAGE_EXTENSIONS
-
     if not folder.is_dir():
         raise ValueError(f"cam: --images {folder} is not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:n]
@@ -422,9 +431,6 @@ def make_cam_panels(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         n: number of images (rows).
         method: the ``attnzoo.viz.cam`` method.
     """
-    from attnzoo.bench.data import load_data
-    from attnzoo.bench.run import load_run_model
-
     check_localisation_available()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"cam: --n must be an integer >= 1; got {n!r}")
@@ -458,8 +464,6 @@ def make_cam_panels(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
             raise ValueError(f"cam: --data {spec} has {bench_data.num_classes} classes "
                              f"({', '.join(map(str, bench_data.classes))}) but the checkpoint "
                              f"was trained on {trained}; give data with the same classes")
-        from attnzoo.bench.report import sample_per_class
-
         idx = sample_per_class(bench_data.test.labels, n)
         inputs = bench_data.test.images[idx]
         display = bench_data.denormalise(inputs)

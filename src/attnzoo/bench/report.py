@@ -18,7 +18,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_text",
     "build_sections",
     "chance_level",
+    "csv_columns",
     "fmt_diff",
     "fmt_pct",
     "how_to_read",
@@ -69,17 +70,22 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
                                        allow_nan=True) + "\n")
 
 
-CSV_COLUMNS = ("row", "attention", "seed", "n_seeds", "test_acc", "test_acc_std", "baseline",
-               "diff_vs_baseline", "diff_low", "diff_high", "verdict", "test_n", "train_acc",
-               "train_loss",
-               "params", "flops", "extra_flops", "latency_ms", "peak_mb", "train_seconds")
+def csv_columns(metric: str = "test_acc", extra: Sequence[str] = ("test_n", "train_acc")
+                ) -> tuple[str, ...]:
+    """The columns of results.csv for a task with primary ``metric`` and per-run ``extra``
+    keys (the defaults are the classification task's)."""
+    return ("row", "task", "attention", "seed", "n_seeds", "metric", metric, f"{metric}_std",
+            "baseline", "diff_vs_baseline", "diff_low", "diff_high", "verdict", *extra,
+            "train_loss", "params", "flops", "extra_flops", "latency_ms", "peak_mb",
+            "train_seconds")
 
 
-def write_results_csv(path: str | os.PathLike, runs: Sequence[dict],
-                      summary: Sequence[dict]) -> None:
+def write_results_csv(path: str | os.PathLike, runs: Sequence[dict], summary: Sequence[dict],
+                      columns: Sequence[str] = csv_columns()) -> None:
     """One ``row=run`` line per attention × seed, then one ``row=summary`` line per attention."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore",
+                       lineterminator="\n")
     w.writeheader()
     for r in runs:
         w.writerow({"row": "run", **r})
@@ -269,12 +275,18 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_accuracy(summary: Sequence[dict], per_seed: dict[str, list[float]]) -> bytes:
-    """Bars of mean top-1 with ±1 std error bars, and each seed as a dot."""
+def _name(label: str) -> str:
+    """``"top-1 %"`` -> ``"top-1"`` (a metric label without its unit)."""
+    return label.removesuffix("%").strip()
+
+
+def plot_accuracy(summary: Sequence[dict], per_seed: dict[str, list[float]], *,
+                  metric: str = "test_acc", label: str = "top-1 %") -> bytes:
+    """Bars of the mean ``metric`` with ±1 std error bars, and each seed as a dot."""
     plt = _plt()
     labels = [s["attention"] for s in summary]
-    means = [100 * s["test_acc"] for s in summary]
-    stds = [100 * s["test_acc_std"] for s in summary]
+    means = [100 * s[metric] for s in summary]
+    stds = [100 * s[f"{metric}_std"] for s in summary]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.6))
     xs = range(len(labels))
     ax.bar(xs, means, yerr=stds, capsize=4, color="#9ecae1", edgecolor="#3182bd")
@@ -286,50 +298,53 @@ def plot_accuracy(summary: Sequence[dict], per_seed: dict[str, list[float]]) -> 
     pad = max(0.5, 0.15 * (hi - lo))
     ax.set_ylim(lo - pad, min(100.5, hi + pad))
     ax.set_xticks(list(xs), labels, rotation=30, ha="right")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Top-1 per attention: mean ± std over seeds (dots: seeds)")
+    ax.set_ylabel(f"test {_name(label)} (%)")
+    ax.set_title(f"{_name(label)} per attention: mean ± std over seeds (dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
 
-def plot_tradeoff(summary: Sequence[dict], key: str, xlabel: str, title: str) -> bytes:
-    """Mean top-1 (± std) against a cost (``params``, ``latency_ms``...)."""
+def plot_tradeoff(summary: Sequence[dict], key: str, xlabel: str, title: str, *,
+                  metric: str = "test_acc", label: str = "top-1 %") -> bytes:
+    """Mean ``metric`` (± std) against a cost (``params``, ``latency_ms``...)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for s in summary:
         x = s.get(key)
         if x is None or (isinstance(x, float) and math.isnan(x)):
             continue
-        ax.errorbar([x], [100 * s["test_acc"]], yerr=[100 * s["test_acc_std"]], fmt="o",
+        ax.errorbar([x], [100 * s[metric]], yerr=[100 * s[f"{metric}_std"]], fmt="o",
                     capsize=3)
-        ax.annotate(s["attention"], (x, 100 * s["test_acc"]), textcoords="offset points",
+        ax.annotate(s["attention"], (x, 100 * s[metric]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.ticklabel_format(axis="x", style="plain", useOffset=False)
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"test {_name(label)} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _png(fig)
 
 
-def plot_curves(histories: dict[str, list[list[dict]]]) -> bytes:
-    """Per attention, mean over seeds per epoch: test top-1 and training loss."""
+def plot_curves(histories: dict[str, list[list[dict]]], *, metric: str = "test_acc",
+                label: str = "top-1 %") -> bytes:
+    """Per attention, mean over seeds per epoch: the test ``metric`` and the training loss
+    (epochs without an evaluation are left out of the metric's curve)."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, runs in histories.items():
+    for att, runs in histories.items():
         runs = [r for r in runs if r]
         if not runs:
             continue
         n = min(len(r) for r in runs)
         ep = [runs[0][i]["epoch"] for i in range(n)]
-        acc = [100 * sum(r[i].get("test_acc", float("nan")) for r in runs) / len(runs)
-               for i in range(n)]
+        scored = [i for i in range(n) if all(r[i].get(metric) is not None for r in runs)]
+        acc = [100 * sum(r[i][metric] for r in runs) / len(runs) for i in scored]
         loss = [sum(r[i]["train_loss"] for r in runs) / len(runs) for i in range(n)]
-        a1.plot(ep, acc, marker="o", ms=3, label=label)
-        a2.plot(ep, loss, marker="o", ms=3, label=label)
+        a1.plot([ep[i] for i in scored], acc, marker="o", ms=3, label=att)
+        a2.plot(ep, loss, marker="o", ms=3, label=att)
     a1.set_xlabel("epoch")
-    a1.set_ylabel("test top-1 (%)")
-    a1.set_title("Test top-1 after each epoch (mean over seeds)")
+    a1.set_ylabel(f"test {_name(label)} (%)")
+    a1.set_title(f"Test {_name(label)} after each epoch (mean over seeds)")
     a2.set_xlabel("epoch")
     a2.set_ylabel("training loss")
     a2.set_title("Training loss (mean over seeds)")
@@ -456,16 +471,22 @@ def _whisker(ax: Any, y: float, m: float, lo: float, hi: float, color: str) -> N
 
 
 def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, float]],
-                baseline: str | None, chance: float) -> bytes:
-    """The answer in one figure: top-1 per attention with its 95 % CI and the chance level,
-    then the paired differences to ``baseline`` with their 95 % CIs (top-1, and the pointing
-    game and energy in the box when the summary has them), one row per attention."""
+                baseline: str | None, reference: float | None = None, *,
+                flagged: Collection[str] = (), label: str = "top-1 %",
+                reference_name: str = "chance",
+                diffs: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The answer in one figure: the metric (``label``) per attention with its 95 % CI
+    (``acc_ci``: label -> (mean, low, high)) and a ``reference`` level (dashed; the ``flagged``
+    attentions in orange), then the paired differences to ``baseline`` with their 95 % CIs (the
+    metric, and each ``(key, name)`` of ``diffs`` whose ``{key}_diff`` the summary has), one row
+    per attention."""
     plt = _plt()
-    panels: list[tuple[str, tuple[str, str, str] | None]] = [("top-1 % (mean, 95 % CI)", None)]
+    name = _name(label)
+    panels: list[tuple[str, tuple[str, str, str] | None]] = [(f"{label} (mean, 95 % CI)", None)]
     if baseline is not None:
-        panels.append((f"Δ top-1 vs {baseline} (points)",
+        panels.append((f"Δ {name} vs {baseline} (points)",
                        ("diff_vs_baseline", "diff_low", "diff_high")))
-        for key, name in (("pointing", "pointing game"), ("energy", "energy in box")):
+        for key, name in diffs:
             if any(f"{key}_diff" in s for s in summary):
                 panels.append((f"Δ {name} vs {baseline} (points)",
                                (f"{key}_diff", f"{key}_diff_low", f"{key}_diff_high")))
@@ -474,11 +495,11 @@ def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, f
                              figsize=(min(11.0, 2.8 * len(panels) + 1.6), 0.38 * n + 1.0))
     ys = list(range(n))[::-1]  # the first attention at the top
     for ax, (title, keys) in zip(axes[0], panels):
-        xs = [100 * chance] if keys is None else [0.0]
+        xs = [0.0] if keys is not None else [] if reference is None else [100 * reference]
         for y, s in zip(ys, summary):
             if keys is None:
                 m, lo, hi = acc_ci[s["attention"]]
-                color = "#e6550d" if near_chance(m, lo, chance) else "#08519c"
+                color = "#e6550d" if s["attention"] in flagged else "#08519c"
             elif keys[0] in s:
                 m, lo, hi = (s[k] for k in keys)
                 undecided = math.isnan(lo) or lo <= 0.0 <= hi
@@ -490,15 +511,16 @@ def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, f
                 continue
             _whisker(ax, y, 100 * m, 100 * lo, 100 * hi, color)
             xs += [100 * v for v in (m, lo, hi) if not math.isnan(v)]
+        xs = xs or [0.0]
         pad = max(1.0, 0.08 * (max(xs) - min(xs)))
         low, high = min(xs) - pad, max(xs) + pad
         if keys is None:  # an accuracy lies in [0, 100] whatever a wide CI says
             low, high = max(low, -pad), min(high, 100 + pad)
         ax.set_xlim(low, high)
-        if keys is None:
-            ax.axvline(100 * chance, color="#e6550d", ls="--", lw=1)
-            ax.set_xlabel(f"dashed: chance {100 * chance:.1f} %", fontsize=8)
-        else:
+        if keys is None and reference is not None:
+            ax.axvline(100 * reference, color="#e6550d", ls="--", lw=1)
+            ax.set_xlabel(f"dashed: {reference_name} {100 * reference:.1f} %", fontsize=8)
+        elif keys is not None:
             ax.axvline(0, color="black", lw=0.8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -550,79 +572,63 @@ def plot_confusion(confusions: dict[str, Any], classes: Sequence[str]) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # the bench report
-def how_to_read(baseline: str | None) -> str:
-    """The "how to read the numbers" notes of the report (``baseline``: its name or None)."""
-    base = baseline or "the baseline"
-    return (
-        "- **top-1** is the test accuracy after the last epoch, mean ± sample standard deviation "
+def how_to_read(baseline: str | None, label: str = "top-1 %", task_lines: str = "") -> str:
+    """The "how to read the numbers" notes: the metric (``label``), the paired Δ and its CI,
+    ``task_lines`` (the task's own bullets), the test set, and the cost columns."""
+    base, name = baseline or "the baseline", _name(label)
+    lines = [
+        f"- **{name}** is the test score after the last epoch, mean ± sample standard deviation "
         "over the seeds (the figure shows the mean with its 95 % CI). Each seed fixes the initial "
         "weights and the order of the training batches; every attention is trained with the "
-        "same seeds, so seed *s* of every attention saw the same batches in the same order.\n"
-        f"- **Δ vs {base}** is the mean over seeds of the paired difference top-1(attention) − "
-        f"top-1({base}), in percentage points, with its 95 % confidence interval from Student's "
+        "same seeds, so seed *s* of every attention saw the same batches in the same order.",
+        f"- **Δ vs {base}** is the mean over seeds of the paired difference {name}(attention) − "
+        f"{name}({base}), in percentage points, with its 95 % confidence interval from Student's "
         "t distribution with n−1 degrees of freedom. The baseline is `none` when it is among "
         "the attentions, else the one named by `--baseline` (API: `baseline=`); without either, "
-        "no Δ is computed.\n"
+        "no Δ is computed.",
         "- **no detectable effect**: the interval contains 0. With these seeds and this data the "
         "module cannot be told apart from the baseline; it does not mean the effect is exactly "
-        "0. More seeds narrow the interval.\n"
-        "- **chance level**: what guessing scores, the larger of 1 / classes and the share of "
-        "the most frequent test class. A top-1 within "
-        f"{100 * NEAR_CHANCE_POINTS:.0f} points of it (or whose 95 % CI reaches it) is flagged "
-        "**near chance**: such a network has learned little, and its differences say nothing "
-        "about the modules.\n"
+        "0. More seeds narrow the interval.",
+        *([task_lines.strip("\n")] if task_lines.strip() else []),
         "- The test images are never used for choosing anything (no early stopping, no "
-        "best-epoch pick); the curves are shown for information only.\n"
+        "best-epoch pick); the curves are shown for information only.",
         "- **params / MFLOPs / latency** are for the whole network and one image on this "
         "machine's CPU. MFLOPs are counted by `torch.utils.flop_counter` (convolutions, matmuls; "
         "2 FLOPs per multiply-add); **+elementwise** adds the pointwise, normalisation and "
         "pooling operations that counter ignores, which is where gating attention spends its "
         "time (`attnzoo.bench.profiling`). Latency is the median forward time in eval mode; it "
-        "is noisy on a busy machine.")
+        "is noisy on a busy machine."]
+    return "\n".join(lines)
 
 
 def _answer_section(result: Any, data: Any, run_config: dict,
-                    per_seed: dict[str, list[float]]) -> Section:
-    """Setup, forest plot, chance level (with flags), the results table, the baseline note."""
-    summary, baseline = result.summary, getattr(result, "baseline", "none")
-    seeds = sorted({r["seed"] for r in result.runs})
-    acc_ci = {lab: mean_ci(v) for lab, v in per_seed.items()}
-    ch = chance_level(data.test.labels, data.num_classes)
-    chance = ch["chance"]
-    blocks: list[Block] = [Text(
-        f"{run_config['model']} on {data.description}. {run_config['epochs']} epochs, batch "
-        f"{run_config['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule peaking at lr "
-        f"{run_config['lr']}, weight decay {run_config['weight_decay']}; seeds "
-        f"{', '.join(map(str, seeds))}.")]
-    has_loc = any("pointing_diff" in s for s in summary)
-    caption = ("Left: test top-1 per attention, mean over seeds with its 95 % CI; dashed: the "
-               "chance level; orange: near chance.")
+                    per_seed: dict[str, list[float]], part: Any) -> Section:
+    """Setup, forest plot, the task's notes, the results table (flags marked), the baseline
+    note."""
+    summary, baseline = result.summary, result.baseline
+    label = result.metric_label
+    ci = {lab: mean_ci(v) for lab, v in per_seed.items()}
+    setup = part.setup or f"{run_config.get('model', 'the model')} on {data.description}."
+    blocks: list[Block] = [Text(setup)]
+    caption = f"Left: test {_name(label)} per attention, mean over seeds with its 95 % CI"
+    if part.reference is not None:
+        caption += f"; dashed: {part.reference_label or 'the reference level'}"
+    caption += part.forest_note + "."
+    names = [n for k, n in part.diffs if any(f"{k}_diff" in s for s in summary)]
     if baseline is not None:
         caption += (f" Right: the paired difference to `{baseline}` in percentage points with "
                     "its 95 % CI (green: better, red: worse, grey: no detectable effect)"
-                    + (", for top-1, the pointing game and the energy in the box." if has_loc
-                       else "."))
-    blocks.append(Figure("forest.png", plot_forest(summary, acc_ci, baseline, chance), caption))
-    text = (f"**Chance level: {100 * chance:.1f} %** (1 of {data.num_classes} classes at random"
-            f": {100 * ch['uniform']:.1f} %")
-    if ch["majority"] > ch["uniform"] + 1e-9:
-        name = data.classes[ch["majority_class"]]
-        text += (f"; always answering the most frequent test class, `{name}`: "
-                 f"{100 * ch['majority']:.1f} %")
-    blocks.append(Text(text + ")."))
-    flagged = [s["attention"] for s in summary if near_chance(*acc_ci[s["attention"]][:2], chance)]
-    if flagged:
-        shown = ", ".join(f"`{lab}` ({100 * acc_ci[lab][0]:.1f} %)" for lab in flagged)
-        blocks.append(Text(
-            f"**Near chance**: {shown} — within {100 * NEAR_CHANCE_POINTS:.0f} points of the "
-            "chance level, or the 95 % CI reaches it. These networks learned little, so their "
-            "differences say nothing about the modules: train longer (`--epochs`), on more "
-            "images, or check the data.", note=True))
+                    + (f", for {', '.join([_name(label), *names[:-1]])} and {names[-1]}."
+                       if names else "."))
+    blocks.append(Figure("forest.png", plot_forest(
+        summary, ci, baseline, part.reference, flagged=part.flagged, label=label,
+        reference_name=part.reference_label.removeprefix("the "), diffs=part.diffs), caption))
+    blocks += part.notes
     headers, rows = result.table()
     rows = [list(r) for r in rows]
     for row, s in zip(rows, summary):
-        if s["attention"] in flagged:
-            row[1] = f"{row[1]} (near chance)"
+        if s["attention"] in part.flagged:
+            row[1] = f"{row[1]} ({part.flagged[s['attention']]})"
     blocks.append(Table(headers, rows))
     if baseline is None:
         blocks.append(Text(
@@ -632,98 +638,46 @@ def _answer_section(result: Any, data: Any, run_config: dict,
     return Section("Result", blocks)
 
 
-def _per_class_sections(result: Any, data: Any) -> list[Section]:
-    conf = pooled_confusions(result.runs, data.num_classes)
-    if not conf:
-        return [Section("Per-class accuracy", [Text(
-            "Not available: these runs were recorded without their confusion matrices.")])]
-    baseline = getattr(result, "baseline", "none")
-    acc = {lab: _per_class_accuracy(m) for lab, m in conf.items()}
-    test_counts = data.class_counts["test"]
-    rows = []
-    for k, name in enumerate(data.classes):
-        cells = []
-        for lab in conf:
-            cell = f"{100 * float(acc[lab][k]):.1f}"
-            if baseline in acc and lab != baseline:
-                cell += f" ({100 * float(acc[lab][k] - acc[baseline][k]):+.1f})"
-            cells.append(cell)
-        rows.append([name, test_counts[name], *cells])
-    table = Table(["class", "test images", *conf], rows,
-                  "Top-1 per class (%), pooled over seeds"
-                  + (f"; in parentheses the difference to `{baseline}` (points)."
-                     if baseline in acc else "."))
-    many = data.num_classes > 20
-    return [Section("Per-class accuracy", [
-        Figure("confusion.png", plot_confusion(conf, data.classes),
-               "Confusion matrices on the test set, summed over the seeds (row: true class, "
-               "column: predicted class; each row in % of the class's test images). Title: the "
-               "attention and its pooled top-1."), *([] if many else [table])]),
-        *([Section("Per-class accuracy: table", [table], collapsed=True)] if many else [])]
-
-
-def _data_section(data: Any) -> Section:
-    blocks: list[Block] = [Text(data.description + ".")]
-    if data.name == "digits":
-        blocks.append(Text(
-            "Each image is a 32×32 canvas holding one handwritten digit (8×8 from scikit-learn's "
-            "`load_digits`, upscaled to 16×16) at a random position, among fragments cut from "
-            "other digits of the same split. The class is the digit; the red box (shown here, "
-            "never given to the network) is the digit's bounding box. Train and test use "
-            "disjoint source digits. Generator: `attnzoo.bench.data.make_cluttered_digits`."))
-    counts = data.class_counts
-    if data.num_classes <= 20:
-        blocks.append(Table(["class", "train images", "test images"],
-                            [[c, counts["train"][c], counts["test"][c]] for c in data.classes],
-                            "Images per class used:"))
-    else:
-        lo = {s: min(counts[s].values()) for s in counts}
-        hi = {s: max(counts[s].values()) for s in counts}
-        blocks.append(Text(f"Images per class used: {lo['train']}–{hi['train']} train, "
-                           f"{lo['test']}–{hi['test']} test."))
-    idx = sample_per_class(data.test.labels, 16)
-    boxes = None if data.test.boxes is None else data.test.boxes[idx]
-    blocks.append(Figure("samples.png", plot_samples(
-        data.denormalise(data.test.images[idx]), data.test.labels[idx].tolist(), data.classes,
-        boxes), "Test images drawn from every class in turn, with their labels"
-        + (" (red box: the digit)." if boxes is not None else ".")))
-    return Section("Data", blocks)
-
-
 def build_sections(result: Any, data: Any, run_config: dict, env: dict, command: str,
-                   looks: Sequence[Section] = ()) -> list[Section]:
-    """The sections of the bench report, the answer first: the result (forest plot, chance
-    level, table), how to read it (collapsed), per-class accuracy, ``looks`` (the Grad-CAM
-    sections of :mod:`attnzoo.bench.localisation`), the data, then collapsed: more plots, the
-    runs, how to reproduce."""
+                   part: Any) -> list[Section]:
+    """The sections of the bench report, the answer first: the result (forest plot, the
+    task's notes, table), how to read it (collapsed), the task's sections (``part``, an
+    :class:`~attnzoo.bench.tasks.base.TaskReport`), then collapsed: more plots, the runs, how
+    to reproduce. ``result`` is a :class:`~attnzoo.bench.engine.BenchResult`."""
     summary, runs = result.summary, result.runs
+    metric, label = result.metric, result.metric_label
     per_seed: dict[str, list[float]] = {}
     histories: dict[str, list[list[dict]]] = {}
     for r in runs:
-        per_seed.setdefault(r["attention"], []).append(r["test_acc"])
+        per_seed.setdefault(r["attention"], []).append(r[metric])
         histories.setdefault(r["attention"], []).append(r.get("history", []))
-    secs = [_answer_section(result, data, run_config, per_seed),
+    secs = [_answer_section(result, data, run_config, per_seed, part),
             Section("How to read the numbers", [Text(how_to_read(
-                getattr(result, "baseline", "none")))], collapsed=True),
-            *_per_class_sections(result, data), *looks, _data_section(data)]
-    figs = [Figure("accuracy.png", plot_accuracy(summary, per_seed),
-                   "Test top-1 per attention (bars: mean, error bars: ±1 std, dots: seeds).")]
+                result.baseline, label, part.how_to_read))], collapsed=True),
+            *part.sections]
+    name = _name(label)
+    kw = {"metric": metric, "label": label}
+    figs = [Figure("accuracy.png", plot_accuracy(summary, per_seed, **kw),
+                   f"Test {name} per attention (bars: mean, error bars: ±1 std, dots: seeds).")]
     if any(s.get("params") for s in summary):
         figs.append(Figure("acc_vs_params.png", plot_tradeoff(
-            summary, "params", "parameters", "Top-1 vs parameters"), "Top-1 vs parameters."))
+            summary, "params", "parameters", f"{name} vs parameters", **kw),
+            f"{name} vs parameters."))
     if any(s.get("latency_ms") for s in summary):
         figs.append(Figure("acc_vs_latency.png", plot_tradeoff(
-            summary, "latency_ms", "CPU latency, batch 1 (ms)", "Top-1 vs CPU latency"),
-            "Top-1 vs CPU latency at batch 1."))
-    figs.append(Figure("curves.png", plot_curves(histories),
-                       "Test top-1 and training loss per epoch, mean over seeds."))
+            summary, "latency_ms", "CPU latency, batch 1 (ms)", f"{name} vs CPU latency", **kw),
+            f"{name} vs CPU latency at batch 1."))
+    figs.append(Figure("curves.png", plot_curves(histories, **kw),
+                       f"Test {name} and training loss per epoch, mean over seeds."))
     secs.append(Section("More plots", figs, collapsed=True))
-    run_rows = [[r["attention"], r["seed"], fmt_pct(r["test_acc"]), r["test_n"],
-                 fmt_pct(r["train_acc"]), f"{r['train_loss']:.4f}",
+    extra = [(h, k) for h, k in part.run_columns if any(k in r for r in runs)]
+    run_rows = [[r["attention"], r["seed"], fmt_pct(r[metric]),
+                 *(_cell(r.get(k)) for _, k in extra),
+                 "" if r.get("train_loss") is None else f"{r['train_loss']:.4f}",
                  f"{r.get('train_seconds', 0.0):.1f}",
                  r.get("resumed_from_epoch", 0) or ""] for r in runs]
     secs.append(Section("Runs", [Table(
-        ["attention", "seed", "test top-1 %", "test images", "train top-1 %", "train loss",
+        ["attention", "seed", f"test {label}", *(h for h, _ in extra), "train loss",
          "train s", "resumed at epoch"], run_rows)], collapsed=True))
     env_rows = [[k, v] for k, v in env.items()]
     cfg_rows = [[k, v] for k, v in run_config.items()]
@@ -736,3 +690,10 @@ def build_sections(result: Any, data: Any, run_config: dict, env: dict, command:
         Table(["software / hardware", "value"], env_rows, "Environment:"),
     ], collapsed=True))
     return secs
+
+
+def _cell(v: Any) -> str:
+    """A run-table cell: fractions (floats) in percent, counts as they are."""
+    if v is None:
+        return ""
+    return fmt_pct(v) if isinstance(v, float) else str(v)

@@ -10,8 +10,7 @@ estimates the effect of the module on this data. When the interval contains 0 th
 "no detectable effect": with these seeds the data cannot tell the module from the baseline (it
 does *not* prove the effect is zero). With one seed no interval exists (reported as n/a).
 
-The t quantile comes from SciPy when installed, else from the table below (df 1–30, then the
-normal quantile 1.960 as the df → ∞ limit for larger df; the table matches SciPy to 3 decimals).
+The t quantile is SciPy's (``scipy.stats.t``).
 """
 
 from __future__ import annotations
@@ -22,28 +21,16 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["PairedDifference", "Summary", "paired_difference", "summarize", "t_quantile"]
 
-#: two-sided 95 % critical values t_{0.975, df} for df = 1..30
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+def t_quantile(df: int, confidence: float = 0.95) -> float:
+    """Two-sided critical value ``t_{(1+confidence)/2, df}`` of Student's t distribution
+    (SciPy's, a dependency of the bench through scikit-learn)."""
+    from scipy.stats import t
 
-
-def t_quantile(df: int, confidence: float = 0.95, *, use_scipy: bool = True) -> float:
-    """Two-sided critical value ``t_{(1+confidence)/2, df}`` of Student's t distribution."""
-    if not isinstance(df, int) or df < 1:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
         raise ValueError(f"t_quantile: df must be an integer >= 1; got {df!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"t_quantile: confidence must be in (0, 1); got {confidence!r}")
-    if use_scipy:
-        try:
-            from scipy.stats import t
-        except ImportError:
-            pass
-        else:
-            return float(t.ppf(0.5 + confidence / 2.0, df))
-    if confidence != 0.95:
-        raise ValueError("t_quantile: without SciPy only confidence=0.95 is available")
-    return _T975[df - 1] if df <= len(_T975) else 1.960
+    return float(t.ppf(0.5 + confidence / 2.0, df))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,12 @@ one of the reference implementation (bubbliiiing/
 yolov4-tiny-pytorch, ``nets/yolo.py``): one module on each backbone output, ``feat1`` (256
 channels, stride 16) and ``feat2`` (512 channels, stride 32), and one on the upsampled P5 branch
 (128 channels, stride 16) before it is concatenated with ``feat1``. ``phi`` selects the module as
-in the reference: 0 none, 1 SE, 2 CBAM, 3 ECA, 4 Coordinate Attention.
+in the reference: 0 none, 1 SE, 2 CBAM, 3 ECA, 4 Coordinate Attention (the reference's
+``CA_Block``: the ``ca`` preset ``"yolov4-tiny"``).
+
+Pretrained weights: :func:`attnzoo.detection.load_reference_weights` loads the reference's state
+dicts (plain or with attention) into any ``YoloV4Tiny``; ``attention_init="identity"`` makes the
+inserted modules start as the identity so a pretrained detector starts where it was.
 
 Written from the architecture's description; layer by layer:
 
@@ -35,14 +40,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnzoo.models.attach import IdentityInit, _is_identity
 from attnzoo.registry import create, info
 
-__all__ = ["ANCHORS", "ANCHOR_MASKS", "PHI_ATTENTION", "CSPDarknet53Tiny", "YoloV4Tiny"]
+__all__ = ["ANCHORS", "ANCHOR_MASKS", "ATTENTION_INITS", "ATTENTION_SLOTS", "PHI_ATTENTION",
+           "CSPDarknet53Tiny", "YoloV4Tiny"]
 
 #: the reference's anchors (w, h) in pixels at 416x416 and the anchors each head uses
 ANCHORS: tuple[tuple[int, int], ...] = ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169),
                                         (344, 319))
 ANCHOR_MASKS: tuple[tuple[int, ...], ...] = ((3, 4, 5), (1, 2, 3))  # P5 (stride 32), P4 (16)
+
+#: the inserted modules' attribute names and channels (feat1, feat2, upsampled P5)
+ATTENTION_SLOTS: dict[str, int] = {"feat1_att": 256, "feat2_att": 512, "upsample_att": 128}
+#: accepted values of ``YoloV4Tiny(attention_init=...)``
+ATTENTION_INITS: tuple[str, ...] = ("default", "identity")
 
 #: phi -> (registry name, preset): the reference's module variants where a preset exists
 PHI_ATTENTION: dict[int, tuple[str, str | None] | None] = {
@@ -50,7 +62,7 @@ PHI_ATTENTION: dict[int, tuple[str, str | None] | None] = {
     1: ("se", "yolov4-tiny"),     # SE, reduction 16, FCs without bias
     2: ("cbam", "yolov4-tiny"),   # CBAM, reduction 8, no MLP bias, [avg, max], no BN
     3: ("eca", "yolov4-tiny"),    # ECA with the adaptive kernel size (gamma 2, b 1)
-    4: ("ca", None),              # Coordinate Attention, official defaults
+    4: ("ca", "yolov4-tiny"),     # CA_Block: reduction 16, mip = C // 16, no bias, BN, ReLU
 }
 
 
@@ -79,11 +91,11 @@ class CSPTinyBlock(nn.Module):
         self.conv3 = ConvBlock(half, half, 3)
         self.conv4 = ConvBlock(channels, channels, 1)
         self.pool = nn.MaxPool2d(2, 2)
-        self.half = half
+        self.half_channels = half  # not ``self.half``: that would hide nn.Module.half()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         route = self.conv1(x)
-        b = self.conv2(route[:, self.half:])
+        b = self.conv2(route[:, self.half_channels:])
         d = self.conv3(b)
         feat = self.conv4(torch.cat([d, b], dim=1))
         return self.pool(torch.cat([route, feat], dim=1)), feat
@@ -135,6 +147,18 @@ def _attention_factory(attention: Any, phi: int | None,
     return lambda channels: create(attention, channels, **kwargs)
 
 
+def _make_attention(factory: Callable[[int], nn.Module] | None, channels: int,
+                    attention_init: str) -> nn.Module:
+    """One inserted module: ``nn.Identity`` without attention, else the factory's module,
+    wrapped in ``IdentityInit`` for ``attention_init="identity"`` unless already the identity."""
+    if factory is None:
+        return nn.Identity()
+    module = factory(channels)
+    if attention_init == "identity" and not _is_identity(module, channels, None, None):
+        module = IdentityInit(module)
+    return module
+
+
 class YoloV4Tiny(nn.Module):
     """YOLOv4-tiny with optional attention on feat1, feat2 and the upsampled P5 branch.
 
@@ -145,9 +169,17 @@ class YoloV4Tiny(nn.Module):
             other), a module class or a factory; built with the official defaults unless
             keywords (``preset="yolov4-tiny"``, ``reduction=8``...) are given.
         phi: the reference's switch, 0-4 = none / SE / CBAM / ECA / CA, using the reference's
-            module variants (the ``"yolov4-tiny"`` presets; CA with its official defaults).
+            module variants (the ``"yolov4-tiny"`` presets of ``se``, ``cbam``, ``eca``, ``ca``).
             Exclusive with ``attention``.
         num_anchors: anchors per head cell (3 in YOLOv4-tiny).
+        attention_init: ``"default"`` (the modules' own initialisation, as the reference) or
+            ``"identity"``: each inserted module is wrapped in
+            :class:`attnzoo.models.IdentityInit`, ``x + alpha * (att(x) - x)`` with a learnable
+            scalar ``alpha = 0``, so the network computes exactly the plain detector's function at
+            initialisation and fine-tuning from plain pretrained weights starts where they were.
+            A deviation from the reference (off by default); modules that already are the
+            identity at initialisation are left unwrapped. Their keys then read
+            ``feat1_att.attn.*`` and ``feat1_att.alpha``.
         **attention_kwargs: keywords for the attention modules.
 
     Input ``(B, 3, H, W)`` with ``H`` and ``W`` multiples of 32. Output: a tuple
@@ -156,12 +188,20 @@ class YoloV4Tiny(nn.Module):
     ``feat2_att`` and ``upsample_att`` (``nn.Identity`` without attention).
     """
 
+    feat1_att: nn.Module
+    feat2_att: nn.Module
+    upsample_att: nn.Module
+
     def __init__(self, num_classes: int, attention: Any = None, *, phi: int | None = None,
-                 num_anchors: int = 3, **attention_kwargs: Any) -> None:
+                 num_anchors: int = 3, attention_init: str = "default",
+                 **attention_kwargs: Any) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("num_anchors", num_anchors)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"YoloV4Tiny: {name} must be a positive integer, got {value!r}")
+        if attention_init not in ATTENTION_INITS:
+            raise ValueError(f"YoloV4Tiny: attention_init must be one of {ATTENTION_INITS}, got "
+                             f"{attention_init!r}")
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         out = num_anchors * (5 + num_classes)
@@ -174,10 +214,8 @@ class YoloV4Tiny(nn.Module):
         self.head_p4 = nn.Sequential(ConvBlock(384, 256, 3), nn.Conv2d(256, out, 1))
         self._init_weights()
         # attention modules keep their own initialisation (e.g. zero-initialised branches)
-        make = factory if factory is not None else (lambda c: nn.Identity())
-        self.feat1_att = make(256)
-        self.feat2_att = make(512)
-        self.upsample_att = make(128)
+        for attr, channels in ATTENTION_SLOTS.items():
+            setattr(self, attr, _make_attention(factory, channels, attention_init))
 
     def _init_weights(self) -> None:
         # as the reference backbone: N(0, sqrt(2 / (k*k*C_out))) convs, BN weight 1 / bias 0

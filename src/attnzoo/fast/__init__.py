@@ -31,15 +31,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from attnzoo.fast.modules import FAST_CLASSES, FastCBAM, FastECA, qualifies
+from attnzoo.fast.modules import (
+    FAST_CLASSES,
+    BatchNormGate2d,
+    FastCBAM,
+    FastECA,
+    foldable,
+    qualifies,
+)
 from attnzoo.fast.switch import ENV_VAR, enabled, is_enabled, set_enabled
 
 __all__ = [
     "ENV_VAR",
+    "BatchNormGate2d",
     "FastCBAM",
     "FastECA",
     "accelerate",
     "enabled",
+    "foldable",
     "is_enabled",
     "plain",
     "qualifies",

@@ -63,6 +63,66 @@ void az_rows_scale_shift(const float* x, const float* a, const float* b, long ro
   }
 }
 
+/* Per row: mean[r] and m2[r] = sum_i (x[r, i] - mean[r])^2, one pass. The sums are taken around
+ * the row's first value (a shift that keeps the single-pass formula accurate when the mean is far
+ * from zero). A row holding NaN or an infinity gets torch's plain mean and a NaN m2. */
+void az_rows_mean_m2(const float* x, long rows, long n, float* mean, float* m2, int nt) {
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
+  for (long r = 0; r < rows; ++r) {
+    const float* p = x + r * n;
+    const float shift = p[0];
+    float s = 0.f, q = 0.f;
+#pragma omp simd reduction(+ : s, q)
+    for (long i = 0; i < n; ++i) {
+      const float d = p[i] - shift;
+      s += d;
+      q += d * d;
+    }
+    if (!isfinite(s) || !isfinite(q)) {
+      float t = 0.f;
+      for (long i = 0; i < n; ++i) t += p[i];
+      mean[r] = t / (float)n;
+      m2[r] = NAN;
+      continue;
+    }
+    mean[r] = shift + s / (float)n;
+    const float v = q - s * (s / (float)n);
+    m2[r] = v > 0.f ? v : 0.f; /* rounding may push a constant row slightly below zero */
+  }
+}
+
+/* Per row: total[r] = sum_i g[r, i] and dot[r] = sum_i g[r, i] * x[r, i], one pass. */
+void az_rows_sum_dot(const float* g, const float* x, long rows, long n, float* total, float* dot,
+                     int nt) {
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
+  for (long r = 0; r < rows; ++r) {
+    const float* p = g + r * n;
+    const float* q = x + r * n;
+    float s = 0.f, d = 0.f;
+#pragma omp simd reduction(+ : s, d)
+    for (long i = 0; i < n; ++i) {
+      s += p[i];
+      d += p[i] * q[i];
+    }
+    total[r] = s;
+    dot[r] = d;
+  }
+}
+
+/* out[r, i] = a[r] * g[r, i] + b[r] * x[r, i] + c[r]: two maps, per-row coefficients. */
+void az_rows_affine2(const float* g, const float* x, const float* a, const float* b,
+                     const float* c, long rows, long n, float* out, int nt) {
+#pragma omp parallel for schedule(static) num_threads(AZ_THREADS(rows * n, nt))
+  for (long r = 0; r < rows; ++r) {
+    const float* p = g + r * n;
+    const float* q = x + r * n;
+    const float ar = a[r], br = b[r], cr = c[r];
+    float* o = out + r * n;
+#pragma omp simd
+    for (long i = 0; i < n; ++i) o[i] = ar * p[i] + br * q[i] + cr;
+  }
+}
+
 /* For x (B, C, P) and a channel gate s (B, C): mean and max over channels of x * s, per pixel,
  * without writing x * s: mean (B, P), max (B, P). Pixels are processed in blocks that stay in
  * L1 while the channels stream past. */

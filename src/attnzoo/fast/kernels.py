@@ -50,9 +50,12 @@ __all__ = [
     "cbam_grad_spatial",
     "channel_mean_max_scaled",
     "conv_same",
+    "rows_affine2",
     "rows_dot",
+    "rows_mean_m2",
     "rows_mean_max",
     "rows_scale_shift",
+    "rows_sum_dot",
     "scale_channel_spatial",
     "unavailable_reason",
     "usable",
@@ -78,6 +81,9 @@ _SIGNATURES = {
     "az_rows_mean_max": [_P, _L, _L, _P, _P, _I],
     "az_rows_dot": [_P, _P, _L, _L, _P, _I],
     "az_rows_scale_shift": [_P, _P, _P, _L, _L, _P, _I],
+    "az_rows_mean_m2": [_P, _L, _L, _P, _P, _I],
+    "az_rows_sum_dot": [_P, _P, _L, _L, _P, _P, _I],
+    "az_rows_affine2": [_P, _P, _P, _P, _P, _L, _L, _P, _I],
     "az_cbam_grad_spatial": [_P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
     "az_cbam_grad_channel": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _I],
     "az_cbam_grad_input": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _I],
@@ -253,6 +259,38 @@ def rows_dot(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def rows_mean_m2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``x`` ``(B, C, *spatial)``, one pass: the mean and the sum of squared deviations
+    from it, two ``(B, C, 1, ..., 1)`` tensors (``x.var(dims, correction=0) * n`` for ``m2``)."""
+    _require("rows_mean_m2", x)
+    rows, n, shape = _rows("rows_mean_m2", x)
+    mean, m2 = x.new_empty(shape), x.new_empty(shape)
+    _lib.az_rows_mean_m2(_ptr(x), rows, n, _ptr(mean), _ptr(m2), _nt())
+    return mean, m2
+
+
+def rows_sum_dot(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``g.sum(spatial dims)`` and ``(g * x).sum(spatial dims)`` in one pass (``keepdim``), for
+    ``g``, ``x`` ``(B, C, *spatial)`` of the same shape."""
+    _require("rows_sum_dot", g, x)
+    _same_shape("rows_sum_dot", g, x)
+    rows, n, shape = _rows("rows_sum_dot", g)
+    total, dot = g.new_empty(shape), g.new_empty(shape)
+    _lib.az_rows_sum_dot(_ptr(g), _ptr(x), rows, n, _ptr(total), _ptr(dot), _nt())
+    return total, dot
+
+
+def rows_affine2(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``a * g + b * x + c`` for maps ``g``, ``x`` ``(B, C, *spatial)`` and per-row ``a``, ``b``,
+    ``c`` (contiguous, ``B * C`` values each), one pass."""
+    _require("rows_affine2", g, x, a, b, c)
+    _same_shape("rows_affine2", g, x)
+    rows, n, _ = _rows("rows_affine2", g)
+    for what, t in (("a", a), ("b", b), ("c", c)):
+        _require_numel("rows_affine2", what, t, rows)
+    out = torch.empty_like(g)
+    _lib.az_rows_affine2(_ptr(g), _ptr(x), _ptr(a), _ptr(b), _ptr(c), rows, n, _ptr(out), _nt())
+    return out
 
 
 def rows_scale_shift(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -266,10 +304,6 @@ def rows_scale_shift(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty_like(x)
     _lib.az_rows_scale_shift(_ptr(x), _ptr(a), _ptr(b), rows, n, _ptr(out), _nt())
     return out
-
-
-
-
 
 
 def channel_mean_max_scaled(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,9 +17,10 @@ from attnzoo.fast import ops
 from attnzoo.fast.switch import is_enabled
 from attnzoo.modules.cbam import CBAM, ChannelGate, SpatialGate
 from attnzoo.modules.eca import EfficientChannelAttention
+from attnzoo.modules.se import SqueezeExcitation
 from attnzoo.ops.validation import check_input
 
-__all__ = ["FastCBAM", "FastECA", "qualifies"]
+__all__ = ["BatchNormGate2d", "FastCBAM", "FastECA", "foldable", "qualifies"]
 
 
 def qualifies(x: object) -> bool:
@@ -107,6 +108,111 @@ class FastECA(EfficientChannelAttention):
             return super().forward(x)
         check_input("EfficientChannelAttention", x, self.channels)
         return ops.eca(x, self.conv.weight)[0]
+
+
+_SE_LAYERS = {"fc1": nn.Linear, "act": nn.ReLU, "fc2": nn.Linear, "gate": nn.Sigmoid}
+#: gate classes whose pairing with a preceding BatchNorm2d folds exactly: class -> (op kind, layers)
+_FOLDABLE_GATES: dict[type[nn.Module], tuple[str, dict[str, type]]] = {
+    SqueezeExcitation: ("se", _SE_LAYERS),
+    EfficientChannelAttention: ("eca", _ECA_LAYERS),
+    FastECA: ("eca", _ECA_LAYERS),
+}
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Any hook on ``module`` or a submodule, or a global module hook."""
+    from torch.nn.modules import module as nn_module
+
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+        return True
+    return any(getattr(m, d) for m in module.modules() for d in _HOOK_DICTS)
+
+
+def foldable(norm: nn.Module, gate: nn.Module) -> bool:
+    """Whether ``gate(norm(z))`` has a folded form: ``norm`` exactly an affine
+    :class:`torch.nn.BatchNorm2d`, ``gate`` exactly SE or ECA over the same channels, with the
+    layers the op computes (ECA's convolution as built: odd kernel, ``same`` padding, no bias)."""
+    entry = _FOLDABLE_GATES.get(type(gate))
+    if entry is None or type(norm) is not nn.BatchNorm2d or not norm.affine:
+        return False
+    if norm.num_features != gate.channels or not _untouched(gate, entry[1]):
+        return False
+    if entry[0] == "eca":
+        conv = gate.conv
+        k = conv.kernel_size[0]
+        return (conv.bias is None and k % 2 == 1 and conv.padding == (k // 2,)
+                and conv.stride == (1,) and conv.dilation == (1,) and conv.groups == 1)
+    return True
+
+
+class BatchNormGate2d(nn.Module):
+    """``gate(norm(z))`` for a :class:`torch.nn.BatchNorm2d` followed by a mean-pooled channel
+    gate (SE, ECA), as one custom op ``attnzoo::bn_gate`` (:mod:`attnzoo.fast.ops`: the gate's
+    descriptor and output are affine in ``z`` per row, so BatchNorm's two passes carry the gate,
+    forward and backward) when the switch is on and the input qualifies; else, or when a module
+    in the pair carries a hook, was replaced or changed, the two modules one after the other.
+    The running statistics are updated as ``norm`` updates them (momentum or cumulative average,
+    ``num_batches_tracked``).
+
+    Both modules are submodules (``norm``, ``gate``) and keep their parameters:
+    :func:`attnzoo.attach` (switch on) keeps such a layer beside a block's own BatchNorm and
+    attention children, which stay where they were (``state_dict`` keys unchanged), and the
+    block's forward calls it in place of the pair.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d, gate: nn.Module) -> None:
+        super().__init__()
+        if not foldable(norm, gate):
+            raise ValueError(
+                "attnzoo.fast.BatchNormGate2d: norm must be an affine nn.BatchNorm2d and gate an "
+                f"unmodified SqueezeExcitation or EfficientChannelAttention over the same "
+                f"channels; got {type(norm).__name__} and {type(gate).__name__}")
+        self.norm = norm
+        self.gate = gate
+
+    def _folds(self, z: Tensor) -> bool:
+        norm = self.norm
+        if (not qualifies(z) or isinstance(z, torch.fx.Proxy) or z.shape[1] != norm.num_features
+                or not foldable(norm, self.gate) or _hooked(self)):
+            return False
+        if norm.training and z.shape[0] * z.shape[2] * z.shape[3] <= 1:
+            return False  # BatchNorm's own error
+        return all(t.dtype == torch.float32 and t.device.type == "cpu"
+                   for t in self.parameters())
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self._folds(z):
+            return self.gate(self.norm(z))
+        norm, gate = self.norm, self.gate
+        kind = _FOLDABLE_GATES[type(gate)][0]
+        if kind == "se":
+            weights = (gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias)
+        else:
+            weights = (gate.conv.weight, None, None, None)
+        bn_w, bn_b, running_mean, running_var, use_batch, eps = _batchnorm_args(norm)
+        y, *_, mean, var = ops.bn_gate(z, bn_w, bn_b, running_mean, running_var, use_batch, eps,
+                                       kind, *weights)
+        if use_batch:
+            total = z.shape[0] * z.shape[2] * z.shape[3]
+            _update_running(norm, mean, var * (total / (total - 1)))
+        return y
+
+
+@torch.no_grad()
+def _update_running(bn: nn.BatchNorm2d, mean: Tensor, unbiased_var: Tensor) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update in training, from the batch's mean and
+    unbiased variance."""
+    if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean.detach(), factor)
+    bn.running_var.lerp_(unbiased_var.detach(), factor)
 
 
 #: plain class -> accelerated subclass (exact classes only: a user subclass keeps its forward)

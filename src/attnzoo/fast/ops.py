@@ -38,7 +38,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from attnzoo.fast import kernels
 
-__all__ = ["cbam", "cbam_plain", "eca", "eca_plain"]
+__all__ = ["bn_gate", "bn_gate_plain", "cbam", "cbam_plain", "eca", "eca_plain"]
 
 _aten = torch.ops.aten
 
@@ -363,3 +363,197 @@ def _eca_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.attnzoo.eca_backward)
 def _eca_backward_flops(g_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * _eca_flops(x_shape, w_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm2d followed by a mean-pooled channel gate (SE, ECA), folded
+#
+# u = bn(z) is an affine map of z per channel: u = a * (z - mu) + beta with a = gamma / sigma,
+# sigma = sqrt(var + eps) (batch statistics in training, running ones in eval). So
+#   the pooled descriptor  p = mean_hw(u) = a * (m - mu) + beta   (m = mean_hw(z), per row),
+#   the output             y = s * u = A * z + D,  A = s * a,  D = s * (beta - a * mu),
+# and BatchNorm's statistics and the row means come out of one pass over z; a second pass
+# writes y (u is never written). Backward, with g = dL/dy, G1 = sum_hw g, G2 = sum_hw g * z
+# (one pass) and gp = dL/dp from the gate's backward on (B, C):
+#   grad_s = a * (G2 - mu * G1) + beta * G1,
+#   du = s * g + gp / n  (n = H * W), whose row sums are s * G1 + gp and whose row sums against
+#   (z - mu) are s * (G2 - mu * G1) + gp * (m - mu); summed over the batch: S and T per channel;
+#   dbeta = S, dgamma = T / sigma, and (one more pass)
+#   dz = a * (du - S / N - (z - mu) * T / (N * sigma^2)) in training (N = B * H * W),
+#   dz = a * du in eval; i.e. dz = P * g + R * z + Q with per-row P, R, Q.
+_GATES = ("se", "eca")
+
+
+def _gate_logits(p: Tensor, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor | None,
+                 b2: Tensor | None) -> Tensor:
+    """The gate's logits for descriptors ``p`` ``(B, C)``: SE ``fc2(relu(fc1(p)))``, ECA
+    ``conv1d`` across channels (``w1`` the ``(1, 1, k)`` kernel)."""
+    if kind == "se":
+        return F.linear(F.relu(F.linear(p, w1, b1)), w2, b2)
+    return F.conv1d(p[:, None], w1, padding=w1.shape[-1] // 2)[:, 0]
+
+
+def bn_gate_plain(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | None,
+                  running_var: Tensor | None, use_batch_stats: bool, eps: float, kind: str,
+                  w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None) -> Tensor:
+    """``u * sigmoid(logits(mean_hw(u)))`` with ``u = batch_norm(z)``, with torch ops (running
+    statistics are read, never updated)."""
+    u = F.batch_norm(z, None if use_batch_stats else running_mean,
+                     None if use_batch_stats else running_var, bn_w, bn_b, use_batch_stats, 0.0, eps)
+    s = torch.sigmoid(_gate_logits(u.mean((2, 3)), kind, w1, b1, w2, b2))
+    return u * s[:, :, None, None]
+
+
+def _row_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (sample, channel): the mean and the sum of squared deviations, ``(B, C)`` each."""
+    b, c, h, w = z.shape
+    if kernels.usable(z):
+        mean, m2 = kernels.rows_mean_m2(z)
+        return mean.view(b, c), m2.view(b, c)
+    var, mean = torch.var_mean(z, (2, 3), correction=0)
+    return mean, var * (h * w)
+
+
+@torch.library.custom_op("attnzoo::bn_gate", mutates_args=())
+def bn_gate(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | None,
+            running_var: Tensor | None, use_batch_stats: bool, eps: float, kind: str,
+            w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BatchNorm2d then an SE / ECA gate, folded (section comment above). Returns ``y`` and what
+    the backward needs: the gate ``s`` and descriptors ``p`` ``(B, C)``, the row means ``(B, C)``,
+    and the mean and (biased) variance the normalisation used ``(C,)``: the batch's with
+    ``use_batch_stats`` (from which the caller updates the running statistics: the op is
+    functional), else copies of the running ones."""
+    if kind not in _GATES:
+        raise ValueError(f"attnzoo::bn_gate: kind must be one of {_GATES}, got {kind!r}")
+    b, c, h, w = z.shape
+    n = h * w
+    row_mean, row_m2 = _row_stats(z)
+    if use_batch_stats:  # Chan et al.'s combination of the per-row (mean, M2), in float64
+        rm = row_mean.double()
+        mean = rm.mean(0)
+        var = (row_m2.double().sum(0) + n * (rm - mean).square().sum(0)) / (b * n)
+        mean, var = mean.to(z.dtype), var.to(z.dtype)
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+    a = bn_w / (var + eps).sqrt()
+    p = a * (row_mean - mean) + bn_b
+    s = torch.sigmoid(_gate_logits(p, kind, w1, b1, w2, b2))
+    scale, shift = s * a, s * (bn_b - a * mean)
+    if kernels.usable(z, scale, shift):
+        y = kernels.rows_scale_shift(z, scale, shift)
+    else:
+        y = torch.addcmul(shift[:, :, None, None], z, scale[:, :, None, None])
+    return y, s, p, row_mean, mean, var
+
+
+@bn_gate.register_fake
+def _(z, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps, kind, w1, b1, w2, b2):
+    b, c = z.shape[:2]
+    row = z.new_empty(b, c)
+    return (torch.empty_like(z), row, torch.empty_like(row), torch.empty_like(row),
+            z.new_empty(c), z.new_empty(c))
+
+
+@torch.library.custom_op("attnzoo::bn_gate_backward", mutates_args=())
+def bn_gate_backward(g: Tensor, z: Tensor, bn_w: Tensor, bn_b: Tensor, use_batch_stats: bool,
+                     eps: float, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor | None,
+                     s: Tensor, p: Tensor, row_mean: Tensor, mean: Tensor, var: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`bn_gate`'s ``y`` w.r.t. ``z, bn_w, bn_b, w1, b1, w2, b2`` (ECA: ``w1``
+    only; placeholders for the absent ``b1, w2, b2``; SE without biases: their would-be
+    gradients, which the caller drops)."""
+    b, c, h, w = z.shape
+    n = h * w
+    g = g.contiguous()
+    fused = kernels.usable(g, z)
+    if fused:
+        g1, g2 = (t.view(b, c) for t in kernels.rows_sum_dot(g, z))
+    else:
+        g1, g2 = g.sum((2, 3)), (g * z).sum((2, 3))
+    sigma = (var + eps).sqrt()
+    a = bn_w / sigma
+    centred = g2 - mean * g1  # sum_hw g * (z - mu)
+    d_logits = (a * centred + bn_b * g1) * s * (1 - s)
+    if kind == "se":
+        pre = F.linear(p, w1, b1)
+        g_w2, g_b2 = d_logits.t() @ pre.clamp_min(0), d_logits.sum(0)
+        d_pre = (d_logits @ w2) * (pre > 0).to(pre.dtype)
+        g_w1, g_b1, gp = d_pre.t() @ p, d_pre.sum(0), d_pre @ w1
+    else:
+        k = w1.shape[-1]
+        d_p, g_w1, _ = _aten.convolution_backward(
+            d_logits[:, None], p[:, None], w1, None, [1], [k // 2], [1], False, [0], 1,
+            [True, True, False])
+        gp, g_b1, g_w2, g_b2 = d_p[:, 0], w1.new_zeros(1), w1.new_zeros(0), w1.new_zeros(0)
+    big_s = (s * g1 + gp).sum(0)
+    big_t = (s * centred + gp * (row_mean - mean)).sum(0)
+    scale_g = (a * s).contiguous()
+    if use_batch_stats:
+        total = b * n
+        scale_z = (-a * big_t / (total * sigma.square())).expand(b, c)
+        shift = a * gp / n - a * big_s / total - scale_z * mean
+    else:
+        scale_z, shift = torch.zeros_like(s), a * gp / n
+    scale_z, shift = scale_z.contiguous(), shift.contiguous()
+    if fused and kernels.usable(scale_g, scale_z, shift):
+        grad_z = kernels.rows_affine2(g, z, scale_g, scale_z, shift)
+    else:
+        grad_z = (scale_g[:, :, None, None] * g + scale_z[:, :, None, None] * z
+                  + shift[:, :, None, None])
+    return grad_z, big_t / sigma, big_s, g_w1, g_b1, g_w2, g_b2
+
+
+@bn_gate_backward.register_fake
+def _(g, z, bn_w, bn_b, use_batch_stats, eps, kind, w1, b1, w2, s, p, row_mean, mean, var):
+    if kind == "se":
+        return (torch.empty_like(z), torch.empty_like(bn_w), torch.empty_like(bn_b),
+                torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
+                w2.new_empty(w2.shape[0]))
+    return (torch.empty_like(z), torch.empty_like(bn_w), torch.empty_like(bn_b),
+            torch.empty_like(w1), w1.new_empty(1), w1.new_empty(0), w1.new_empty(0))
+
+
+def _bn_gate_setup(ctx, inputs, output) -> None:
+    (z, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps, kind, w1, b1, w2,
+     b2) = inputs
+    keep = not use_batch_stats
+    ctx.save_for_backward(z, bn_w, bn_b, w1, b1, w2, b2, running_mean if keep else None,
+                          running_var if keep else None, *output[1:])
+    ctx.flags = (use_batch_stats, eps, kind)
+
+
+def _bn_gate_backward(ctx, g: Tensor, *unused: Tensor):
+    (z, bn_w, bn_b, w1, b1, w2, b2, running_mean, running_var, s, p, row_mean, mean,
+     var) = ctx.saved_tensors
+    use_batch_stats, eps, kind = ctx.flags
+    params = [z, bn_w, bn_b, w1, b1, w2, b2]
+    if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+        def fn(z_, bn_w_, bn_b_, w1_, b1_, w2_, b2_):
+            return bn_gate_plain(z_, bn_w_, bn_b_, running_mean, running_var, use_batch_stats,
+                                 eps, kind, w1_, b1_, w2_, b2_)
+        grads = _plain_grads(fn, params, g, create_graph=True)
+    else:
+        grads = list(bn_gate_backward(g, z, bn_w, bn_b, use_batch_stats, eps, kind, w1, b1, w2,
+                                      s, p, row_mean, mean, var))
+        grads = [gr if t is not None else None for gr, t in zip(grads, params)]
+    z_g, bn_w_g, bn_b_g, w1_g, b1_g, w2_g, b2_g = grads
+    return z_g, bn_w_g, bn_b_g, None, None, None, None, None, w1_g, b1_g, w2_g, b2_g
+
+
+bn_gate.register_autograd(_bn_gate_backward, setup_context=_bn_gate_setup)
+
+
+@register_flop_formula(torch.ops.attnzoo.bn_gate)
+def _bn_gate_flops(z_shape, bn_w_shape, bn_b_shape, rm_shape, rv_shape, use_batch_stats, eps,
+                   kind, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    b, c = z_shape[:2]
+    if kind == "se":  # two (B, C) x (C, h) matmuls
+        return 2 * 2 * b * c * w1_shape[0]
+    return 2 * b * c * w1_shape[-1]
+
+
+@register_flop_formula(torch.ops.attnzoo.bn_gate_backward)
+def _bn_gate_backward_flops(g_shape, z_shape, bn_w_shape, bn_b_shape, use_batch_stats, eps,
+                            kind, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _bn_gate_flops(z_shape, None, None, None, None, None, None, kind, w1_shape)

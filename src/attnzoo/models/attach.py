@@ -92,6 +92,7 @@ _SLOT = {
     "after": "attention_out",
 }
 _RECORD = "_attnzoo_slots"  # host attribute: {child name: {"position": ..., "channels": ...}}
+_FOLDED = "_attnzoo_folded"  # host attribute, not a child: {slot: fast.BatchNormGate2d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,11 +129,20 @@ def _apply(host: nn.Module, name: str, x: Tensor) -> Tensor:
     return x if module is None else module(x)
 
 
+def _apply_norm(host: nn.Module, name: str, norm: nn.Module, z: Tensor) -> Tensor:
+    """``attention(norm(z))``: through the :class:`attnzoo.fast.BatchNormGate2d` that
+    :func:`attach` kept beside the pair (switch on), while it still holds this very pair."""
+    folded = getattr(host, _FOLDED, {}).get(name)
+    if folded is not None and folded.norm is norm and folded.gate is _slot(host, name):
+        return folded(z)
+    return _apply(host, name, norm(z))
+
+
 def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
     out = _apply(self, "attention_conv3x3", out)
-    out = _apply(self, "attention", self.bn2(self.conv2(out)))
+    out = _apply_norm(self, "attention", self.bn2, self.conv2(out))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -145,7 +155,7 @@ def _tv_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self.conv2(out)))
     out = _apply(self, "attention_conv3x3", out)
-    out = _apply(self, "attention", self.bn3(self.conv3(out)))
+    out = _apply_norm(self, "attention", self.bn3, self.conv3(out))
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -159,7 +169,7 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
     if self.se is None:
-        x = _apply(self, "attention", self.bn2(self.conv2(x)))
+        x = _apply_norm(self, "attention", self.bn2, self.conv2(x))
     else:
         x = _apply(self, "attention", self.se(self.bn2(self.conv2(x))))
     if self.drop_path is not None:
@@ -178,7 +188,7 @@ def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
     if self.se is None:
-        x = _apply(self, "attention", self.bn3(self.conv3(x)))
+        x = _apply_norm(self, "attention", self.bn3, self.conv3(x))
     else:
         x = _apply(self, "attention", self.se(self.bn3(self.conv3(x))))
     if self.drop_path is not None:
@@ -288,6 +298,20 @@ register_block(
               "before_add": lambda b: b.out_channels, "after_block": lambda b: b.out_channels},
     check=_check_inverted,
 )
+
+
+#: the BatchNorm right before the "before_add" slot, per block forward: the (norm, attention)
+#: pairs that attnzoo.fast folds into one layer while its switch is on
+_NORM_BEFORE_ADD = {_tv_basic_forward: "bn2", _tv_bottleneck_forward: "bn3",
+                    _timm_basic_forward: "bn2", _timm_bottleneck_forward: "bn3"}
+
+
+def _fold(host: nn.Module, child: str, module: nn.Module) -> None:
+    """Keep a :class:`attnzoo.fast.BatchNormGate2d` of (the block's last BatchNorm, ``module``)
+    beside them, for :func:`_apply_norm` (not a child: ``state_dict`` keys stay unchanged)."""
+    norm = getattr(host, _NORM_BEFORE_ADD.get(type(host).forward, ""), None)
+    if norm is not None and getattr(host, "se", None) is None and fast.foldable(norm, module):
+        host.__dict__.setdefault(_FOLDED, {})[child] = fast.BatchNormGate2d(norm, module)
 
 
 def _kind_of(cls: type) -> _Kind | None:
@@ -477,6 +501,8 @@ def _insert(host: nn.Module, child: str, module: nn.Module, position: str, chann
     host.add_module(child, module)
     host.__dict__.setdefault(_RECORD, {})[child] = {"position": position, "channels": channels,
                                                      "identity_init": identity_init}
+    if fast.is_enabled() and position == "before_add":
+        _fold(host, child, module)  # SE / ECA after a BatchNorm2d: one folded layer
 
 
 def _check_free(host: nn.Module, child: str, path: str) -> None:

@@ -10,12 +10,20 @@ import torch
 from torch import nn
 
 from attnzoo.ops.divisible import make_divisible
-from attnzoo.ops.validation import check_input, check_positive_float, check_positive_int
+from attnzoo.ops.validation import (
+    check_choice,
+    check_input,
+    check_positive_float,
+    check_positive_int,
+)
 from attnzoo.registry import register
 
 __all__ = ["CoordinateAttention", "ca_param_count"]
 
 _NAME = "CoordinateAttention"
+#: ``act`` keyword -> activation after the shared conv + BN (official h_swish; ReLU in the
+#: bubbliiiing/yolov4-tiny-pytorch ``CA_Block``)
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"hardswish": nn.Hardswish, "relu": nn.ReLU}
 
 
 def _mip(channels: int, reduction: float, min_mip: int, divisor: int | None) -> int:
@@ -26,8 +34,9 @@ def _mip(channels: int, reduction: float, min_mip: int, divisor: int | None) -> 
 
 
 def _check_args(channels: int, reduction: float, min_mip: int, divisor: int | None,
-                mip: int | None) -> int:
+                mip: int | None, act: str) -> int:
     channels = check_positive_int(_NAME, "channels", channels)
+    check_choice(_NAME, "act", act, _ACTIVATIONS)
     check_positive_float(_NAME, "reduction", reduction)
     check_positive_int(_NAME, "min_mip", min_mip)
     if divisor is not None:
@@ -45,12 +54,14 @@ def ca_param_count(
     divisor: int | None = None,
     mip: int | None = None,
     bias: bool = True,
+    act: str = "hardswish",
 ) -> int:
     """Closed-form parameter count of :class:`CoordinateAttention` (same keywords).
 
-    ``C m (+ m)`` (shared conv) ``+ 2m`` (BN) ``+ 2 (m C (+ C))`` (two output convs), ``m = mip``.
+    ``C m (+ m)`` (shared conv) ``+ 2m`` (BN) ``+ 2 (m C (+ C))`` (two output convs), ``m = mip``
+    (``act`` has no parameters).
     """
-    m = _check_args(channels, reduction, min_mip, divisor, mip)
+    m = _check_args(channels, reduction, min_mip, divisor, mip, act)
     b = 1 if bias else 0
     return channels * m + b * m + 2 * m + 2 * (m * channels + b * channels)
 
@@ -65,6 +76,9 @@ def ca_param_count(
     presets={
         # timm.layers.CoordAttn defaults: rd = make_divisible(C / 16 * 2/3, 8, round_limit=0).
         "timm": {"reduction": 24, "divisor": 8, "bias": False},
+        # bubbliiiing/yolov4-tiny-pytorch CA_Block (phi=4): mip = C // 16 without a floor, no
+        # conv biases, BN, ReLU.
+        "yolov4-tiny": {"reduction": 16, "min_mip": 1, "bias": False, "act": "relu"},
     },
     param_count=ca_param_count,
     spatial_dims=2,
@@ -97,6 +111,9 @@ class CoordinateAttention(nn.Module):
     its attention type ``"coord"``) defaults are ``reduction=24``
     (``rd_ratio 1/16 * se_factor 2/3``), ``divisor=8`` (round to the nearest multiple of 8,
     at least 8) and ``bias=False``; preset ``"timm"``. ``mip`` sets the hidden width directly.
+    The ``CA_Block`` of bubbliiiing/yolov4-tiny-pytorch (``nets/attention.py``, its ``phi=4``
+    neck module) is ``reduction=16``, ``min_mip=1`` (``mip = C // 16``, no floor), ``bias=False``
+    (BatchNorm kept) and ``act="relu"``; preset ``"yolov4-tiny"``.
 
     Args:
         channels: input (and output) channels ``C``.
@@ -106,6 +123,8 @@ class CoordinateAttention(nn.Module):
             multiple of it (timm).
         mip: explicit hidden width (overrides ``reduction``, ``min_mip`` and ``divisor``).
         bias: bias in the three 1x1 convolutions.
+        act: activation after the shared conv and BN: ``"hardswish"`` (official h_swish) or
+            ``"relu"``.
     """
 
     def __init__(
@@ -117,13 +136,14 @@ class CoordinateAttention(nn.Module):
         divisor: int | None = None,
         mip: int | None = None,
         bias: bool = True,
+        act: str = "hardswish",
     ) -> None:
         super().__init__()
         self.channels = channels
-        self.mip = m = _check_args(channels, reduction, min_mip, divisor, mip)
+        self.mip = m = _check_args(channels, reduction, min_mip, divisor, mip, act)
         self.conv1 = nn.Conv2d(channels, m, 1, bias=bias)
         self.bn1 = nn.BatchNorm2d(m)
-        self.act = nn.Hardswish()
+        self.act = _ACTIVATIONS[act]()
         self.conv_h = nn.Conv2d(m, channels, 1, bias=bias)
         self.conv_w = nn.Conv2d(m, channels, 1, bias=bias)
         self.gate_h = nn.Sigmoid()
