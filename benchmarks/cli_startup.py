@@ -42,7 +42,7 @@ def main() -> None:
                                              "cli_startup.md"))
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm the file cache once
+    for cmd in COMMANDS.values():  # warm the file cache once
         wall(cmd)
     for _ in range(args.rounds):
         for name, cmd in COMMANDS.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import statistics
 import time
@@ -125,8 +126,9 @@ def main() -> None:
     lines = [
         "# Detection evaluation cost", "",
         f"`python benchmarks/detection_eval.py --rounds {args.rounds}` - torch {torch.__version__},"
-        f" {platform.processor() or platform.machine()}, {args.threads} threads; medians of "
-        f"{args.rounds} alternating rounds.", "",
+        f" {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} "
+        f"threads, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} "
+        "alternating rounds (on a loaded machine compare the ratios, not the seconds).", "",
         f"## Post-processing a batch of {args.batch} at {args.size}x{args.size}, {args.classes} "
         "classes, random logits, conf 0.001, NMS 0.5, 100 boxes per image", "",
         "| step | median s | ratio to postprocess |", "|---|---:|---:|"]

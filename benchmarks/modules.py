@@ -316,7 +316,7 @@ def _table(rows: list[Row], what: str) -> list[str]:
             else:
                 cells.append(_ms(t.get(v)))
 
-        def q(a: str, b: str) -> str:
+        def q(a: str, b: str, t: dict[str, float] = t) -> str:
             value = _ratio(t.get(a), t.get(b))
             return "—" if value is None else f"{value:.2f}"
 

@@ -230,10 +230,11 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "- every attention in every bottleneck before the residual add; ours with the official "
         "defaults (GC: add fusion, ratio 1/8 as timm's 'gca'); timm via "
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
-        "- +fast: built and run with `attnzoo.fast` switched on (CBAM: its op; SE, ECA: each block's "
-        "last BatchNorm and the gate folded into one op, `attnzoo.fast.BatchNormGate2d`; GC has no "
-        "fast path: its +fast equals plain); +compile: `torch.compile` of the whole network, "
-        "against the compiled plain ResNet-50 of the same library",
+        "- +fast: built and run with `attnzoo.fast` switched on (CBAM: its op; SE, ECA: each "
+        "block's last BatchNorm and the gate folded into one op, "
+        "`attnzoo.fast.BatchNormGate2d`; GC has no fast path: its +fast equals plain); "
+        "+compile: `torch.compile` of the whole network, against the compiled plain "
+        "ResNet-50 of the same library",
         "- variants interleaved round by round, each timed right after its baseline; added = "
         "median over rounds of the paired ratio variant / baseline, minus 1; times are medians "
         "over rounds",

@@ -244,7 +244,7 @@ def test_vmap_grad_per_sample_gradients_equal_a_loop(name: str, preset: str) -> 
         scale = max(float(g.abs().max()) for g in expected.values())
         for n, g in expected.items():
             torch.testing.assert_close(per_sample[n][i], g, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
-                                       msg=lambda m, n=n: f"{name}[{preset}] {n}, sample {i}: {m}")
+                                       msg=lambda m, n=n, i=i: f"{name}[{preset}] {n}, sample {i}: {m}")
 
 
 # --------------------------------------------------------------------------------------------

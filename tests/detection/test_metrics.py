@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
+from torchmetrics.detection import MeanAveragePrecision
 
-pytest.importorskip("pycocotools")   # the ``det`` extra; part of the test requirements
-from torchmetrics.detection import MeanAveragePrecision  # noqa: E402
-
-from attnzoo.detection import (  # noqa: E402
+from attnzoo.detection import (
     COCOMeanAP,
     DetectionMetrics,
     VOCMeanAP,
@@ -198,7 +196,7 @@ def test_coco_difficult_boxes_are_crowd_regions() -> None:
 
 
 def test_coco_backends_agree() -> None:
-    pytest.importorskip("faster_coco_eval")
+    # both backends are in the ``det`` extra (a test requirement through ``bench``)
     preds, targets = random_dataset(30, 3, seed=5)
     results = []
     for backend in ("pycocotools", "faster_coco_eval"):

@@ -245,6 +245,11 @@ def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Sect
 
 # ---------------------------------------------------------------------------------------------
 # formatting
+def count(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def fmt_pct(mean: float, std: float | None = None) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"

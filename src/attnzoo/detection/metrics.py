@@ -165,8 +165,10 @@ def _check_batch(preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str,
 
 def _per_class_ap(scores: Tensor, labels: Tensor, tp: Tensor, n_pos: Tensor) -> list[float]:
     """AP of each class from the gathered detections and the positives per class."""
-    return [average_precision(scores[labels == c], tp[labels == c], int(n_pos[c]))
-            for c in range(len(n_pos))]
+    order = torch.sort(labels.double(), stable=True).indices   # by class, input order kept
+    sizes = torch.bincount(labels, minlength=len(n_pos)).tolist()
+    return [average_precision(s, t, int(n))
+            for s, t, n in zip(scores[order].split(sizes), tp[order].split(sizes), n_pos)]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -3,7 +3,8 @@
 The modules in :mod:`attnzoo.modules` are plain PyTorch; ``torch.compile`` of them is the first
 answer to "make it faster", on CPU and GPU. This package keeps hand-written fast paths only where
 they beat ``torch.compile`` of the plain module clearly (``benchmarks/results/modules.md``):
-CBAM and ECA, in float32 on the CPU.
+CBAM and ECA, and a BatchNorm2d followed by SE or ECA folded into one layer
+(:class:`BatchNormGate2d`), in float32 on the CPU.
 
 The switch (in the spirit of timm's ``set_fast_norm``)::
 
@@ -25,6 +26,14 @@ the plain ``forward``. Results equal the plain path up to float rounding, gradie
 double backward (``create_graph=True``) differentiates the plain formula. A module whose
 submodules (``fc1``, ``conv``, ``gate``, ...) carry forward hooks or were replaced (an adapter, a
 wrapper) runs the plain ``forward`` too, so hooks fire and replacements are used.
+
+BatchNorm folding: in a residual block SE and ECA sit right after the block's last BatchNorm.
+Both the gate's descriptor and its output are affine in the BatchNorm's input per (sample,
+channel), so :class:`BatchNormGate2d` computes ``gate(norm(z))`` in BatchNorm's own two passes
+(forward and backward; ``torch.ops.attnzoo.bn_gate``). While the switch is on,
+:func:`attnzoo.attach` keeps one beside every such (BatchNorm, SE / ECA) pair of a ResNet block
+and the block calls it instead of the two modules; the modules stay the block's children (same
+``state_dict``), and with the switch off, or a hook on either, the two run one after the other.
 """
 
 from __future__ import annotations

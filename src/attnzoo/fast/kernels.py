@@ -5,7 +5,9 @@ ops make one pass per op. ``_kernels.c`` (next to this file) holds a few loops t
 what takes torch two or three: the mean and the max of every row together, row-wise dot products
 without materialising the product, CBAM's channel statistics of ``x * s`` without writing
 ``x * s``, CBAM's two gates applied in one multiply, CBAM's backward in three passes, and its 7x7
-``2 -> 1`` convolution without oneDNN's fixed costs.
+``2 -> 1`` convolution without oneDNN's fixed costs; and for BatchNorm folding, per-row mean and
+squared deviations in one pass, ``sum g`` and ``sum g * x`` in one pass, ``a * g + b * x + c`` in
+one pass.
 
 Build: plain C99 + OpenMP (no Python or torch headers), compiled once per machine with the system
 C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``, else without

@@ -398,8 +398,8 @@ def bn_gate_plain(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | 
                   w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None) -> Tensor:
     """``u * sigmoid(logits(mean_hw(u)))`` with ``u = batch_norm(z)``, with torch ops (running
     statistics are read, never updated)."""
-    u = F.batch_norm(z, None if use_batch_stats else running_mean,
-                     None if use_batch_stats else running_var, bn_w, bn_b, use_batch_stats, 0.0, eps)
+    stats = (None, None) if use_batch_stats else (running_mean, running_var)
+    u = F.batch_norm(z, *stats, bn_w, bn_b, use_batch_stats, 0.0, eps)
     s = torch.sigmoid(_gate_logits(u.mean((2, 3)), kind, w1, b1, w2, b2))
     return u * s[:, :, None, None]
 

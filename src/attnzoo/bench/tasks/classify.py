@@ -377,7 +377,8 @@ class ClassifyTask(Task):
         chance, notes, flagged = _chance_notes(result, data, per_seed)
         c = result.config
         seeds = sorted({r["seed"] for r in result.runs})
-        setup = (f"{c['model']} on {data.description}. {c['epochs']} epochs, batch "
+        epochs = rep.count(c["epochs"], "epoch")
+        setup = (f"{c['model']} on {data.description}. {epochs}, batch "
                  f"{c['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule peaking at lr "
                  f"{c['lr']}, weight decay {c['weight_decay']}; seeds "
                  f"{', '.join(map(str, seeds))}.")
