@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-#	$(MAKE) lint  # enabled by the lead after the reformat
+	$(MAKE) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ruff (rules and line length in pyproject.toml) and mypy on the typed public API

@@ -38,8 +38,7 @@ def wall(cmd: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                             "cli_startup.md"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cli_startup.md"))
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     for cmd in COMMANDS.values():  # warm the file cache once

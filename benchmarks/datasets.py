@@ -59,8 +59,9 @@ def main() -> None:
     rows = []
     for canvas, background in ((128, "black"), (128, "photo"), (416, "black"), (416, "photo")):
         k = n if canvas == 128 else max(1, n // 8)
-        r = rate(partial(make_digit_scenes, k, 1, canvas=canvas, background=background), k,
-                 args.rounds)
+        r = rate(
+            partial(make_digit_scenes, k, 1, canvas=canvas, background=background), k, args.rounds
+        )
         rows.append((f"`make_digit_scenes`, {canvas}², {background}", "scenes", r))
     train, _ = make_digit_scenes(n, 1, canvas=128)
     for size in (None, 416):
@@ -70,15 +71,38 @@ def main() -> None:
     small = train.subset(range(min(n, 500)))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows.append(("`write_voc` (JPEG)", "images",
-                     rate(lambda: write_voc(small, root / "voc"), len(small), args.rounds)))
-        rows.append(("`read_voc` (parse + check headers)", "images",
-                     rate(lambda: read_voc(root / "voc", "train"), len(small), args.rounds)))
-        rows.append(("`write_coco` (JPEG, RLE masks)", "images",
-                     rate(lambda: write_coco(small, root / "coco"), len(small), args.rounds)))
-        rows.append(("`read_coco` (parse + check headers)", "images",
-                     rate(lambda: read_coco(root / "coco" / "annotations.json",
-                                            root / "coco" / "images"), len(small), args.rounds)))
+        rows.append(
+            (
+                "`write_voc` (JPEG)",
+                "images",
+                rate(lambda: write_voc(small, root / "voc"), len(small), args.rounds),
+            )
+        )
+        rows.append(
+            (
+                "`read_voc` (parse + check headers)",
+                "images",
+                rate(lambda: read_voc(root / "voc", "train"), len(small), args.rounds),
+            )
+        )
+        rows.append(
+            (
+                "`write_coco` (JPEG, RLE masks)",
+                "images",
+                rate(lambda: write_coco(small, root / "coco"), len(small), args.rounds),
+            )
+        )
+        rows.append(
+            (
+                "`read_coco` (parse + check headers)",
+                "images",
+                rate(
+                    lambda: read_coco(root / "coco" / "annotations.json", root / "coco" / "images"),
+                    len(small),
+                    args.rounds,
+                ),
+            )
+        )
     lines = [
         "# Built-in scenes and VOC / COCO I/O",
         "",
@@ -94,8 +118,9 @@ def main() -> None:
         "| what | per CPU second | per wall-clock second |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {what} | {cpu:,.0f} {unit} | {wall:,.0f} {unit} |"
-              for what, unit, (cpu, wall) in rows]
+    lines += [
+        f"| {what} | {cpu:,.0f} {unit} | {wall:,.0f} {unit} |" for what, unit, (cpu, wall) in rows
+    ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -66,12 +66,20 @@ def random_eval_set(n_images: int, num_classes: int) -> tuple[list, list]:
     preds, targets = [], []
     for _ in range(n_images):
         xy, wh = torch.rand(100, 2, generator=gen) * 300, torch.rand(100, 2, generator=gen) * 100
-        preds.append({"boxes": torch.cat([xy, xy + wh + 4], 1),
-                      "scores": torch.rand(100, generator=gen),
-                      "labels": torch.randint(num_classes, (100,), generator=gen)})
+        preds.append(
+            {
+                "boxes": torch.cat([xy, xy + wh + 4], 1),
+                "scores": torch.rand(100, generator=gen),
+                "labels": torch.randint(num_classes, (100,), generator=gen),
+            }
+        )
         xy, wh = torch.rand(5, 2, generator=gen) * 300, torch.rand(5, 2, generator=gen) * 100
-        targets.append({"boxes": torch.cat([xy, xy + wh + 4], 1),
-                        "labels": torch.randint(num_classes, (5,), generator=gen)})
+        targets.append(
+            {
+                "boxes": torch.cat([xy, xy + wh + 4], 1),
+                "labels": torch.randint(num_classes, (5,), generator=gen),
+            }
+        )
     return preds, targets
 
 
@@ -79,7 +87,7 @@ def metric_seconds(make: Callable[[], object], preds: list, targets: list) -> fl
     metric = make()
     t = time.perf_counter()
     for i in range(0, len(preds), 16):
-        metric.update(preds[i:i + 16], targets[i:i + 16])
+        metric.update(preds[i : i + 16], targets[i : i + 16])
     metric.compute()
     return time.perf_counter() - t
 
@@ -92,19 +100,22 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                             "detection_eval.md"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "detection_eval.md")
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = YoloV4Tiny(args.classes).eval()
     images = torch.rand(args.batch, 3, args.size, args.size)
     with torch.no_grad():
         outputs = tuple(torch.randn_like(o) for o in model(images))
-    post = {"postprocess (one sort, then nms per image and class)":
-            lambda: postprocess(outputs, args.size),
-            "same with torchvision batched_nms": lambda: with_batched_nms(outputs, args.size),
-            "reference loop (nms per image and class)":
-            lambda: reference_loop(outputs, args.size)}
+    post = {
+        "postprocess (one sort, then nms per image and class)": lambda: postprocess(
+            outputs, args.size
+        ),
+        "same with torchvision batched_nms": lambda: with_batched_nms(outputs, args.size),
+        "reference loop (nms per image and class)": lambda: reference_loop(outputs, args.size),
+    }
     with torch.no_grad():
         post["YoloV4Tiny forward (yardstick)"] = lambda: model(images)
         times: dict[str, list[float]] = {k: [] for k in post}
@@ -114,7 +125,8 @@ def main() -> None:
     preds, targets = random_eval_set(args.images, args.classes)
     metrics: dict[str, Callable[[], object]] = {
         "VOC AP (attnzoo VOCMeanAP)": lambda: VOCMeanAP(args.classes),
-        "COCO AP, pycocotools": lambda: COCOMeanAP(backend="pycocotools")}
+        "COCO AP, pycocotools": lambda: COCOMeanAP(backend="pycocotools"),
+    }
     if importlib.util.find_spec("faster_coco_eval"):
         metrics["COCO AP, faster-coco-eval"] = lambda: COCOMeanAP(backend="faster_coco_eval")
     mtimes: dict[str, list[float]] = {k: [] for k in metrics}
@@ -124,20 +136,30 @@ def main() -> None:
 
     base = statistics.median(times["postprocess (one sort, then nms per image and class)"])
     lines = [
-        "# Detection evaluation cost", "",
+        "# Detection evaluation cost",
+        "",
         f"`python benchmarks/detection_eval.py --rounds {args.rounds}` - torch {torch.__version__},"
         f" {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} "
         f"threads, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} "
-        "alternating rounds (on a loaded machine compare the ratios, not the seconds).", "",
+        "alternating rounds (on a loaded machine compare the ratios, not the seconds).",
+        "",
         f"## Post-processing a batch of {args.batch} at {args.size}x{args.size}, {args.classes} "
-        "classes, random logits, conf 0.001, NMS 0.5, 100 boxes per image", "",
-        "| step | median s | ratio to postprocess |", "|---|---:|---:|"]
+        "classes, random logits, conf 0.001, NMS 0.5, 100 boxes per image",
+        "",
+        "| step | median s | ratio to postprocess |",
+        "|---|---:|---:|",
+    ]
     for name, values in times.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {median:.3f} | {median / base:.2f} |")
-    lines += ["", f"## Metrics on {args.images} images, 100 detections and 5 boxes each, "
-              f"{args.classes} classes (update in batches of 16 + compute)", "",
-              "| metric | median s |", "|---|---:|"]
+    lines += [
+        "",
+        f"## Metrics on {args.images} images, 100 detections and 5 boxes each, "
+        f"{args.classes} classes (update in batches of 16 + compute)",
+        "",
+        "| metric | median s |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {statistics.median(v):.2f} |" for name, v in mtimes.items()]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

@@ -71,12 +71,16 @@ def make_batch(seed: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], l
     for _ in range(BATCH):
         centre = torch.rand(BOXES, 2, generator=gen) * SIZE
         wh = anchors[torch.randint(0, 6, (BOXES,), generator=gen)] * (
-            0.5 + 1.5 * torch.rand(BOXES, 2, generator=gen))
+            0.5 + 1.5 * torch.rand(BOXES, 2, generator=gen)
+        )
         boxes = torch.cat([(centre - wh / 2).clamp(min=0), (centre + wh / 2).clamp(max=SIZE)], 1)
-        targets.append({"boxes": boxes,
-                        "labels": torch.randint(0, CLASSES, (BOXES,), generator=gen)})
-    outputs = tuple(0.7 * torch.randn(BATCH, 3 * (5 + CLASSES), SIZE // s, SIZE // s,
-                                      generator=gen) for s in (32, 16))
+        targets.append(
+            {"boxes": boxes, "labels": torch.randint(0, CLASSES, (BOXES,), generator=gen)}
+        )
+    outputs = tuple(
+        0.7 * torch.randn(BATCH, 3 * (5 + CLASSES), SIZE // s, SIZE // s, generator=gen)
+        for s in (32, 16)
+    )
     return images, outputs, targets
 
 
@@ -99,14 +103,17 @@ def measure(rounds: int) -> dict[str, list[float]]:
             value = loss(heads(), targets)["loss"]
             if backward:
                 value.backward()
+
         return run
 
     def literal(backward: bool) -> Callable[[], None]:
         def run() -> None:
-            value = literal_yolo_loss(heads(), targets, CLASSES, anchors=ANCHORS,
-                                      anchor_masks=ANCHOR_MASKS)["loss"]
+            value = literal_yolo_loss(
+                heads(), targets, CLASSES, anchors=ANCHORS, anchor_masks=ANCHOR_MASKS
+            )["loss"]
             if backward:
                 value.backward()
+
         return run
 
     def network() -> None:
@@ -114,15 +121,19 @@ def measure(rounds: int) -> dict[str, list[float]]:
         p5, p4 = model(images)
         (p5.sum() + p4.sum()).backward()
 
-    variants = {"vectorised fwd": vectorised(False), "vectorised fwd+bwd": vectorised(True),
-                "literal fwd": literal(False), "literal fwd+bwd": literal(True),
-                "YOLOv4-tiny fwd+bwd": network}
+    variants = {
+        "vectorised fwd": vectorised(False),
+        "vectorised fwd+bwd": vectorised(True),
+        "literal fwd": literal(False),
+        "literal fwd+bwd": literal(True),
+        "YOLOv4-tiny fwd+bwd": network,
+    }
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(time_once(variants[name]))
     return times
 
@@ -137,7 +148,8 @@ def render(times: dict[str, list[float]], rounds: int, wall: float) -> str:
         return "met" if ok else "not met"
 
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
         f"{wall / 60:.1f} min; rounds: {rounds}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",

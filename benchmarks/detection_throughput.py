@@ -49,13 +49,19 @@ SECTION = "## Training throughput"
 def scenes(size: int, n: int) -> DetectionSplits:
     train, test = make_digit_scenes(n, 1, canvas=size, scales=(2, min(5, size // 8)), seed=0)
     classes = list(train.classes)
-    return DetectionSplits(name="scenes", description="", classes=classes,
-                           train=DetectionDataset(train, size), test=DetectionDataset(test, size),
-                           image_size=size)
+    return DetectionSplits(
+        name="scenes",
+        description="",
+        classes=classes,
+        train=DetectionDataset(train, size),
+        test=DetectionDataset(test, size),
+        image_size=size,
+    )
 
 
-def bare_epoch(model: nn.Module, loss_fn: nn.Module, loader, cfg: DetectConfig,
-               epoch: int) -> tuple[float, float]:
+def bare_epoch(
+    model: nn.Module, loss_fn: nn.Module, loader, cfg: DetectConfig, epoch: int
+) -> tuple[float, float]:
     """One epoch of a plain loop (same optimiser and schedule); (wall, CPU) seconds."""
     opt, sched = build_detect_optimizer(model, cfg, len(loader))
     model.train()
@@ -70,8 +76,9 @@ def bare_epoch(model: nn.Module, loss_fn: nn.Module, loader, cfg: DetectConfig,
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def engine_epoch(model: nn.Module, splits: DetectionSplits, loader, cfg: DetectConfig,
-                 log_dir: str) -> tuple[float, float]:
+def engine_epoch(
+    model: nn.Module, splits: DetectionSplits, loader, cfg: DetectConfig, log_dir: str
+) -> tuple[float, float]:
     """One epoch of the task's LightningModule through a Trainer; (wall, CPU) seconds."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
@@ -87,13 +94,21 @@ def engine_epoch(model: nn.Module, splits: DetectionSplits, loader, cfg: DetectC
 
     module = build_detect_module(model, splits.num_classes, cfg)
     with quiet_lightning(False):
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1,
-                             logger=CSVLogger(log_dir, name="", version="logs"),
-                             log_every_n_steps=10, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_val_batches=0,
-                             use_distributed_sampler=False, deterministic=True,
-                             callbacks=[Clock()])
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(log_dir, name="", version="logs"),
+            log_every_n_steps=10,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            deterministic=True,
+            callbacks=[Clock()],
+        )
         trainer.fit(module, loader)
     return marks["w1"] - marks["w0"], marks["c1"] - marks["c0"]
 
@@ -117,24 +132,36 @@ def measure(size: int, n: int, batch: int, rounds: int, attention: str) -> dict[
             w, c = engine_epoch(engine_model, splits, loader, cfg, logs)
             eng.append(w)
             eng_cpu.append(c)
-            print(f"{size}px round {r + 1}: bare {n / bare[-1]:.1f} img/s, engine "
-                  f"{n / eng[-1]:.1f} img/s; CPU ratio {eng_cpu[-1] / bare_cpu[-1]:.3f}",
-                  flush=True)
+            print(
+                f"{size}px round {r + 1}: bare {n / bare[-1]:.1f} img/s, engine "
+                f"{n / eng[-1]:.1f} img/s; CPU ratio {eng_cpu[-1] / bare_cpu[-1]:.3f}",
+                flush=True,
+            )
     ratios = sorted(e / b for b, e in zip(bare, eng))
     cpu_ratios = sorted(e / b for b, e in zip(bare_cpu, eng_cpu))
-    return {"size": size, "n": n, "bare": n / statistics.median(bare),
-            "engine": n / statistics.median(eng), "ratio": statistics.median(ratios),
-            "ratio_min": ratios[0], "ratio_max": ratios[-1],
-            "cpu_ratio": statistics.median(cpu_ratios), "cpu_min": cpu_ratios[0],
-            "cpu_max": cpu_ratios[-1]}
+    return {
+        "size": size,
+        "n": n,
+        "bare": n / statistics.median(bare),
+        "engine": n / statistics.median(eng),
+        "ratio": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "cpu_ratio": statistics.median(cpu_ratios),
+        "cpu_min": cpu_ratios[0],
+        "cpu_max": cpu_ratios[-1],
+    }
 
 
 def write_section(path: Path, text: str) -> None:
     """Replace this benchmark's section of ``path`` (or append it), keeping the others."""
     old = path.read_text() if path.is_file() else "# Detection benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + text)
+    new = (
+        pattern.sub(lambda _: text, old)
+        if pattern.search(old)
+        else (old.rstrip("\n") + "\n\n" + text)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new.rstrip("\n") + "\n")
 
@@ -145,8 +172,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--attention", default="none")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--sizes", default=f"416:32,{DEFAULT_IMAGE_SIZE}:160",
-                    help="size:images per epoch, comma-separated")
+    ap.add_argument(
+        "--sizes",
+        default=f"416:32,{DEFAULT_IMAGE_SIZE}:160",
+        help="size:images per epoch, comma-separated",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,23 +189,32 @@ def main() -> None:
     except OSError:
         load = "n/a"
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"The detect task's training step (`DetectModule` through a Lightning `Trainer`, as the "
         f"bench runs it) vs a bare PyTorch loop on the same YOLOv4-tiny (attention "
         f"`{args.attention}`), loss, data loader, optimiser and schedule; built-in scenes, batch "
         f"{args.batch_size}, {args.threads} thread(s), {args.rounds} interleaved rounds of one "
-        "epoch each (median). Target: within 10 %.", "",
+        "epoch each (median). Target: within 10 %.",
+        "",
         "| input | images / epoch | bare images/s | engine images/s | engine / bare time "
         "(min–max) | engine / bare CPU time (min–max) |",
         "|---|---:|---:|---:|---:|---:|",
-        *[f"| {r['size']}² | {r['n']} | {r['bare']:.1f} | {r['engine']:.1f} | "
-          f"**{r['ratio']:.3f}** ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | "
-          f"{r['cpu_ratio']:.3f} ({r['cpu_min']:.3f}–{r['cpu_max']:.3f}) |" for r in rows], "",
+        *[
+            f"| {r['size']}² | {r['n']} | {r['bare']:.1f} | {r['engine']:.1f} | "
+            f"**{r['ratio']:.3f}** ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | "
+            f"{r['cpu_ratio']:.3f} ({r['cpu_min']:.3f}–{r['cpu_max']:.3f}) |"
+            for r in rows
+        ],
+        "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-        f"average {load} (1/5/15 min) at the end; torch {torch.__version__}.", "",
+        f"average {load} (1/5/15 min) at the end; torch {torch.__version__}.",
+        "",
         "Command: `python benchmarks/detection_throughput.py --threads "
         f"{args.threads} --rounds {args.rounds} --attention {args.attention} --batch-size "
-        f"{args.batch_size} --sizes {args.sizes}`", ""]
+        f"{args.batch_size} --sizes {args.sizes}`",
+        "",
+    ]
     write_section(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
 

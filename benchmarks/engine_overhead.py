@@ -35,12 +35,23 @@ def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> tuple[
     seconds."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     other = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": other, "weight_decay": 0.0}], lr=cfg.lr,
-                          momentum=cfg.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=len(loader),
-                                                pct_start=0.25, div_factor=10.0,
-                                                final_div_factor=100.0)
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=cfg.lr,
+        total_steps=len(loader),
+        pct_start=0.25,
+        div_factor=10.0,
+        final_div_factor=100.0,
+    )
     model.train()
     loader.sampler.set_epoch(epoch)
     start, cpu = time.perf_counter(), time.process_time()
@@ -53,8 +64,9 @@ def bare_epoch(model: nn.Module, loader, cfg: TrainConfig, epoch: int) -> tuple[
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def engine_epoch(model: nn.Module, train_loader, cfg: TrainConfig, progress: bool
-                 ) -> tuple[float, float, float]:
+def engine_epoch(
+    model: nn.Module, train_loader, cfg: TrainConfig, progress: bool
+) -> tuple[float, float, float]:
     """One epoch through the bench's Lightning module/Trainer; (wall, CPU, whole fit) seconds."""
     import lightning.pytorch as pl
 
@@ -70,11 +82,20 @@ def engine_epoch(model: nn.Module, train_loader, cfg: TrainConfig, progress: boo
     module = _module_class()(model, 10, cfg)
     with quiet_lightning(False):
         t0 = time.perf_counter()
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=progress,
-                             enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0, use_distributed_sampler=False,
-                             deterministic=True, callbacks=[Clock(), *_progress_bar(progress)])
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            deterministic=True,
+            callbacks=[Clock(), *_progress_bar(progress)],
+        )
         trainer.fit(module, train_loader)
         fit = time.perf_counter() - t0
     return marks["end"] - marks["start"], marks["cpu1"] - marks["cpu0"], fit
@@ -108,9 +129,12 @@ def main() -> None:
         engine.append(w)
         engine_cpu.append(c)
         fits.append(f)
-        print(f"round {r + 1}: bare {len(data.train) / bare[-1]:.0f} img/s, engine "
-              f"{len(data.train) / engine[-1]:.0f} img/s (wall); CPU-time ratio "
-              f"{engine_cpu[-1] / bare_cpu[-1]:.3f}", flush=True)
+        print(
+            f"round {r + 1}: bare {len(data.train) / bare[-1]:.0f} img/s, engine "
+            f"{len(data.train) / engine[-1]:.0f} img/s (wall); CPU-time ratio "
+            f"{engine_cpu[-1] / bare_cpu[-1]:.3f}",
+            flush=True,
+        )
     n = len(data.train)
     b, e = statistics.median(bare), statistics.median(engine)
     ratios = sorted(eng / bar for bar, eng in zip(bare, engine))
@@ -121,27 +145,40 @@ def main() -> None:
     except OSError:
         load = "n/a"
     lines = [
-        "# Engine overhead: the bench's Lightning training step vs a bare PyTorch loop", "",
+        "# Engine overhead: the bench's Lightning training step vs a bare PyTorch loop",
+        "",
         f"Model `cifar_resnet8` (attention `{args.attention}`), built-in cluttered digits, "
         f"{n} images per epoch, batch {args.batch_size}, {args.threads} thread(s), "
         f"{args.rounds} interleaved rounds (one epoch each, median). Progress bar "
-        f"{'on' if args.progress else 'off'}.", "",
-        "| loop | images/s (median) |", "|---|---|",
+        f"{'on' if args.progress else 'off'}.",
+        "",
+        "| loop | images/s (median) |",
+        "|---|---|",
         f"| bare PyTorch | {n / b:.0f} |",
         f"| bench engine (Lightning + torchmetrics) | {n / e:.0f} |",
-        "", f"Engine time / bare time per epoch: median **{statistics.median(ratios):.3f}** "
+        "",
+        f"Engine time / bare time per epoch: median **{statistics.median(ratios):.3f}** "
         f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}); overhead "
-        f"**{100 * (statistics.median(ratios) - 1):+.1f} %** (target: within 10 %).", "",
+        f"**{100 * (statistics.median(ratios) - 1):+.1f} %** (target: within 10 %).",
+        "",
         f"Process CPU time per epoch, engine / bare (robust to other processes on the machine; "
         f"meaningful with 1 thread): median **{statistics.median(cpu_ratios):.3f}** (min "
-        f"{cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f}).", "",
+        f"{cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f}).",
+        "",
         f"Fixed cost per run (Trainer construction + fit setup/teardown, outside the epoch): "
-        f"{setup:.2f} s.", "",
+        f"{setup:.2f} s.",
+        "",
         f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} "
-        f"cores, load average {load} (1/5/15 min) at the end; torch {torch.__version__}.", "",
-        "Command: `python benchmarks/engine_overhead.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("out", "progress")) + (" --progress" if args.progress else "") + "`",
+        f"cores, load average {load} (1/5/15 min) at the end; torch {torch.__version__}.",
+        "",
+        "Command: `python benchmarks/engine_overhead.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k not in ("out", "progress")
+        )
+        + (" --progress" if args.progress else "")
+        + "`",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

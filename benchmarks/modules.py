@@ -86,8 +86,9 @@ def _timm_factory(name: str) -> Callable[[int], nn.Module] | None:
         "cbam": lambda c: tcbam.CbamModule(c),
         "cbam_channel": lambda c: tcbam.ChannelAttn(c),
         "cbam_spatial": lambda c: tcbam.SpatialAttn(7),
-        "gc": lambda c: tl.GlobalContext(c, use_attn=True, fuse_add=True, fuse_scale=False,
-                                         rd_ratio=1 / 16),
+        "gc": lambda c: tl.GlobalContext(
+            c, use_attn=True, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16
+        ),
         "sk": lambda c: tl.SelectiveKernel(c),
     }
     try:
@@ -99,8 +100,15 @@ def _timm_factory(name: str) -> Callable[[int], nn.Module] | None:
     return table.get(name)
 
 
-_OUR_PRESET = {"se": "timm", "eca": "timm", "cbam": "timm", "cbam_channel": "timm",
-               "cbam_spatial": "timm", "sk": "timm", "ca": "timm"}
+_OUR_PRESET = {
+    "se": "timm",
+    "eca": "timm",
+    "cbam": "timm",
+    "cbam_channel": "timm",
+    "cbam_spatial": "timm",
+    "sk": "timm",
+    "ca": "timm",
+}
 
 
 #: BatchNorm2d + gate pairs, as in a residual block (the fast variant: attnzoo.fast's folded layer)
@@ -156,8 +164,9 @@ def _fwd(module: nn.Module, x: torch.Tensor, switch: bool) -> Callable[[], objec
     return run
 
 
-def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
-             switch: bool) -> Callable[[], None]:
+def _fwd_bwd(
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, switch: bool
+) -> Callable[[], None]:
     from attnzoo import fast
 
     def run() -> None:
@@ -169,8 +178,9 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
     return run
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float
-                ) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float
+) -> dict[str, float]:
     """Median (over rounds) of blocked_autorange medians, in ms; the callables take turns."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
@@ -221,8 +231,7 @@ def bench_one(name: str, shape: tuple[int, ...], rounds: int, min_run_time: floa
     row.fwd = interleaved(fwd, rounds, min_run_time) if fwd else {}
     for m in modules.values():
         m.train()
-    fb = _warm({k: _fwd_bwd(m, x, grad, k == "fast") for k, m in modules.items()}, row,
-               "fwd+bwd")
+    fb = _warm({k: _fwd_bwd(m, x, grad, k == "fast") for k, m in modules.items()}, row, "fwd+bwd")
     row.fwd_bwd = interleaved(fb, rounds, min_run_time) if fb else {}
     return row
 
@@ -257,8 +266,10 @@ def _versions() -> str:
         timm_version = "not installed"
     import attnzoo
 
-    return (f"torch {torch.__version__}, timm {timm_version}, attnzoo {attnzoo.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"torch {torch.__version__}, timm {timm_version}, attnzoo {attnzoo.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -268,17 +279,24 @@ def targets(rows: list[Row]) -> list[str]:
     for r in at:
         if r.has_fast:
             q = _ratio(r.fwd_bwd.get("fast"), r.fwd_bwd.get("plain+compile"))
-            verdict = "not measured" if q is None else ("kept" if q <= KEEP_RATIO else
-                                                        "NOT clearly faster")
-            lines.append(f"- {r.module}: fast / plain+compile = "
-                         f"{'—' if q is None else f'{q:.2f}'} (keep if <= {KEEP_RATIO}): "
-                         f"**{verdict}**")
+            verdict = (
+                "not measured"
+                if q is None
+                else ("kept" if q <= KEEP_RATIO else "NOT clearly faster")
+            )
+            lines.append(
+                f"- {r.module}: fast / plain+compile = "
+                f"{'—' if q is None else f'{q:.2f}'} (keep if <= {KEEP_RATIO}): "
+                f"**{verdict}**"
+            )
     for r in at:
         if r.has_timm:
             q = _ratio(r.fwd_bwd.get("plain+compile"), r.fwd_bwd.get("timm+compile"))
             verdict = "not measured" if q is None else ("met" if q <= 1.0 else "NOT met")
-            lines.append(f"- {r.module}: plain+compile / timm+compile = "
-                         f"{'—' if q is None else f'{q:.2f}'} (target <= 1): **{verdict}**")
+            lines.append(
+                f"- {r.module}: plain+compile / timm+compile = "
+                f"{'—' if q is None else f'{q:.2f}'} (target <= 1): **{verdict}**"
+            )
     return lines
 
 
@@ -294,16 +312,21 @@ def _load_lines(load_start: float | None, load_end: float | None) -> list[str]:
         return []
     lines = [f"- System load average (1 min) at start / end: {load_start:.1f} / {load_end:.1f}"]
     if max(load_start, load_end) > (os.cpu_count() or 1):
-        lines += ["", "**Warning: the machine was busy (load above the number of logical CPUs); "
-                      "absolute times are inflated. The variants are interleaved, so their "
-                      "ratios are the numbers to read.**"]
+        lines += [
+            "",
+            "**Warning: the machine was busy (load above the number of logical CPUs); "
+            "absolute times are inflated. The variants are interleaved, so their "
+            "ratios are the numbers to read.**",
+        ]
     return lines
 
 
 def _table(rows: list[Row], what: str) -> list[str]:
-    head = ["| module | shape | " + " | ".join(VARIANTS) + " | fast / plain+compile "
-            "| plain+compile / timm+compile | plain / timm |",
-            "|---|---|" + "---:|" * (len(VARIANTS) + 3)]
+    head = [
+        "| module | shape | " + " | ".join(VARIANTS) + " | fast / plain+compile "
+        "| plain+compile / timm+compile | plain / timm |",
+        "|---|---|" + "---:|" * (len(VARIANTS) + 3),
+    ]
     body = []
     for r in rows:
         t = getattr(r, what)
@@ -320,10 +343,13 @@ def _table(rows: list[Row], what: str) -> list[str]:
             value = _ratio(t.get(a), t.get(b))
             return "—" if value is None else f"{value:.2f}"
 
-        body.append(f"| {r.module} | {'x'.join(map(str, r.shape))} | " + " | ".join(cells)
-                    + f" | {q('fast', 'plain+compile') if r.has_fast else 'n/a'} "
-                    f"| {q('plain+compile', 'timm+compile') if r.has_timm else 'n/a'} "
-                    f"| {q('plain', 'timm') if r.has_timm else 'n/a'} |")
+        body.append(
+            f"| {r.module} | {'x'.join(map(str, r.shape))} | "
+            + " | ".join(cells)
+            + f" | {q('fast', 'plain+compile') if r.has_fast else 'n/a'} "
+            f"| {q('plain+compile', 'timm+compile') if r.has_timm else 'n/a'} "
+            f"| {q('plain', 'timm') if r.has_timm else 'n/a'} |"
+        )
     return head + body
 
 
@@ -342,7 +368,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         f" the five variants interleaved over {args.rounds} rounds, median of the round medians",
         "- fwd: eval + no_grad; fwd+bwd: train mode, input requires grad, `backward(G)`",
         "- plain = ours eager (timm preset where timm has the module); +compile = "
-        "`torch.compile` (inductor); fast = `attnzoo.fast.accelerate` + switch on (\"= plain\": "
+        '`torch.compile` (inductor); fast = `attnzoo.fast.accelerate` + switch on ("= plain": '
         "no fast path for this module); timm counterparts configured alike (script docstring)",
         *_load_lines(args.load_start, _load()),
         "",
@@ -391,15 +417,26 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=_parse_shapes, default=[TARGET_SHAPE],
-                        help="comma-separated BxCxHxW (default: 8x64x56x56)")
-    parser.add_argument("--modules", default=None,
-                        help="comma-separated registry names (default: every gating module)")
+    parser.add_argument(
+        "--shapes",
+        type=_parse_shapes,
+        default=[TARGET_SHAPE],
+        help="comma-separated BxCxHxW (default: 8x64x56x56)",
+    )
+    parser.add_argument(
+        "--modules",
+        default=None,
+        help="comma-separated registry names (default: every gating module)",
+    )
     parser.add_argument("--quick", action="store_true", help="short timings, a smoke run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3; quick 1)")
-    parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds per blocked_autorange (0.2; quick 0.05)")
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds per blocked_autorange (0.2; quick 0.05)",
+    )
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -414,16 +451,21 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [m.strip() for m in args.modules.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in names]
         if unknown:
-            parser.error(f"not gating modules in the registry: {', '.join(unknown)}; "
-                         f"available: {', '.join(names)}")
+            parser.error(
+                f"not gating modules in the registry: {', '.join(unknown)}; "
+                f"available: {', '.join(names)}"
+            )
         names = wanted
     rows = []
     for shape in args.shapes:
         for name in names:
             row = bench_one(name, shape, args.rounds, args.min_run_time)
             rows.append(row)
-            print(f"{name:14s} {'x'.join(map(str, shape)):12s} fwd+bwd "
-                  + "  ".join(f"{k} {_ms(v)}" for k, v in row.fwd_bwd.items()), flush=True)
+            print(
+                f"{name:14s} {'x'.join(map(str, shape)):12s} fwd+bwd "
+                + "  ".join(f"{k} {_ms(v)}" for k, v in row.fwd_bwd.items()),
+                flush=True,
+            )
     text = render(rows, args)
     write_atomic(args.output, text)
     print(f"wrote {args.output}")

@@ -77,8 +77,9 @@ def _cpu_name() -> str:
 FAST = ("se", "cbam", "eca")
 
 
-def build_variants(attentions: tuple[str, ...], compile_: bool
-                   ) -> tuple[dict[str, Callable[[], nn.Module]], list[tuple[str, str]]]:
+def build_variants(
+    attentions: tuple[str, ...], compile_: bool
+) -> tuple[dict[str, Callable[[], nn.Module]], list[tuple[str, str]]]:
     """Model makers by variant name, and the (variant, baseline) pairs to time."""
     import timm
 
@@ -87,15 +88,18 @@ def build_variants(attentions: tuple[str, ...], compile_: bool
 
     def ours(name: str | None, accelerated: bool = False) -> nn.Module:
         with fast.enabled(accelerated):
-            return resnet50() if name is None else resnet50(attention=name,
-                                                            **OUR_KWARGS.get(name, {}))
+            return (
+                resnet50() if name is None else resnet50(attention=name, **OUR_KWARGS.get(name, {}))
+            )
 
     def theirs(name: str | None) -> nn.Module:
         extra = {} if name is None else {"block_args": dict(attn_layer=TIMM_NAMES[name])}
         return timm.create_model("resnet50", pretrained=False, **extra)
 
-    makers: dict[str, Callable[[], nn.Module]] = {"ours/none": lambda: ours(None),
-                                                   "timm/none": lambda: theirs(None)}
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "ours/none": lambda: ours(None),
+        "timm/none": lambda: theirs(None),
+    }
     pairs = []
     for name in attentions:
         makers[f"ours/{name}"] = lambda name=name: ours(name)
@@ -133,8 +137,9 @@ def time_once(fn: Callable[[], None]) -> float:
 INFER_REPEATS = 3
 
 
-def _time_variant(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                  switch: bool) -> dict[str, float]:
+def _time_variant(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, switch: bool
+) -> dict[str, float]:
     from attnzoo import fast
 
     with fast.enabled(switch):
@@ -146,8 +151,14 @@ def _time_variant(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return {"train": train, "infer": infer}
 
 
-def measure(rounds: int, batch: int, size: int, attentions: tuple[str, ...], compile_: bool,
-            log: Callable[[str], None]) -> dict:
+def measure(
+    rounds: int,
+    batch: int,
+    size: int,
+    attentions: tuple[str, ...],
+    compile_: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Time every pair once per round: the variant right after its baseline.
 
     Returns ``{"times": {variant: {"train": [...], "infer": [...]}}, "ratios": {variant:
@@ -168,7 +179,7 @@ def measure(rounds: int, batch: int, size: int, attentions: tuple[str, ...], com
             _time_variant(model, x, target, name.endswith("+fast"))
         log(f"warmed up {name}")
     for r in range(rounds):
-        order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
+        order = pairs[r % len(pairs) :] + pairs[: r % len(pairs)]
         for variant, baseline in order:
             base = _time_variant(models[baseline], x, target, False)
             this = _time_variant(models[variant], x, target, variant.endswith("+fast"))
@@ -191,14 +202,16 @@ def _iqr_ratio(values: list[float]) -> float:
 def summarise(measured: dict, attentions: tuple[str, ...]) -> dict:
     times, pair_ratios = measured["times"], measured["ratios"]
     med = {n: {k: statistics.median(v) * 1e3 for k, v in t.items()} for n, t in times.items()}
-    added = {n: {k: statistics.median(v) - 1.0 for k, v in r.items()}
-             for n, r in pair_ratios.items()}
+    added = {
+        n: {k: statistics.median(v) - 1.0 for k, v in r.items()} for n, r in pair_ratios.items()
+    }
     ratios = {}
     for a in attentions:
         ours = added.get(f"ours/{a}+fast", added[f"ours/{a}"])
         theirs = added[f"timm/{a}"]
-        ratios[a] = {k: ours[k] / theirs[k] if theirs[k] > 0 else float("nan")
-                     for k in ("train", "infer")}
+        ratios[a] = {
+            k: ours[k] / theirs[k] if theirs[k] > 0 else float("nan") for k in ("train", "infer")
+        }
     # how steady was the machine? spread of the plain networks' train-step times over rounds
     spread = {n: _iqr_ratio(t["train"]) for n, t in times.items() if "/none" in n}
     return {"median_ms": med, "added": added, "ratio": ratios, "spread": spread}
@@ -240,9 +253,16 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "over rounds",
         "- steadiness: plain ResNet-50 train step, upper / lower quartile over rounds: "
         + ", ".join(f"{n} {v:.2f}x" for n, v in summary["spread"].items()),
-        *([""] + ["**The machine was busy during this run (the plain ResNet-50's quartiles differ "
-                  "by more than 10 %): the added costs below are noisy. Re-run on a quiet "
-                  "machine.**"] if max(summary["spread"].values()) > 1.1 else []),
+        *(
+            [""]
+            + [
+                "**The machine was busy during this run (the plain ResNet-50's quartiles differ "
+                "by more than 10 %): the added costs below are noisy. Re-run on a quiet "
+                "machine.**"
+            ]
+            if max(summary["spread"].values()) > 1.1
+            else []
+        ),
         "",
         "## Added train-step cost (inference in brackets)",
         "",
@@ -252,8 +272,13 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
     added = summary["added"]
     for a in summary["ratio"]:
         cells = []
-        for key in (f"ours/{a}", f"ours/{a}+fast", f"ours/{a}+compile", f"timm/{a}",
-                    f"timm/{a}+compile"):
+        for key in (
+            f"ours/{a}",
+            f"ours/{a}+fast",
+            f"ours/{a}+compile",
+            f"timm/{a}",
+            f"timm/{a}+compile",
+        ):
             if key.endswith("+fast") and key not in added:
                 cells.append("= plain")
             elif key.endswith("+compile") and key not in added:
@@ -271,10 +296,17 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
     for a, r in summary["ratio"].items():
         key = f"ours/{a}+fast" if f"ours/{a}+fast" in added else f"ours/{a}"
         met = "yes" if r["train"] == r["train"] and r["train"] <= 0.5 else "no"
-        lines.append(f"| {a} | {_pct(added, key, 'train')} | {_pct(added, f'timm/{a}', 'train')} "
-                     f"| {r['train']:.2f} | {met} |")
-    lines += ["", "## Median times (ms)", "", "| variant | train step | inference |",
-              "|---|---:|---:|"]
+        lines.append(
+            f"| {a} | {_pct(added, key, 'train')} | {_pct(added, f'timm/{a}', 'train')} "
+            f"| {r['train']:.2f} | {met} |"
+        )
+    lines += [
+        "",
+        "## Median times (ms)",
+        "",
+        "| variant | train step | inference |",
+        "|---|---:|---:|",
+    ]
     med = summary["median_ms"]
     for n in med:
         lines.append(f"| {n} | {med[n]['train']:.1f} | {med[n]['infer']:.1f} |")
@@ -302,10 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the networks under torch.compile (slow to compile)")
-    parser.add_argument("--attention", default=",".join(ATTENTIONS),
-                        help="subset of se,cbam,eca,gc (default: all)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the networks under torch.compile (slow to compile)",
+    )
+    parser.add_argument(
+        "--attention", default=",".join(ATTENTIONS), help="subset of se,cbam,eca,gc (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -316,8 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown attention(s) {sorted(unknown)}; choose from {ATTENTIONS}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    times = measure(args.rounds, args.batch_size, args.size, attentions, args.compile,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    times = measure(
+        args.rounds,
+        args.batch_size,
+        args.size,
+        attentions,
+        args.compile,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     text = render(summarise(times, attentions), args, time.perf_counter() - start)
     print(text)
     if not args.no_write:

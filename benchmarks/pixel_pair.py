@@ -121,8 +121,9 @@ def build_naive(module: str, dims: int):  # noqa: C901 - one small class per mod
                 self.theta = conv_nd(C, inter, 1)
                 self.phi = conv_nd(C, inter, 1)
             if mode == "concatenation":
-                self.concat_project = nn.Sequential(nn.Conv2d(2 * inter, 1, 1, bias=False),
-                                                    nn.ReLU())
+                self.concat_project = nn.Sequential(
+                    nn.Conv2d(2 * inter, 1, 1, bias=False), nn.ReLU()
+                )
             self.W = nn.Sequential(conv_nd(inter, C, 1), bn_nd(C))
 
         def forward(self, x):
@@ -209,8 +210,13 @@ def build_naive(module: str, dims: int):  # noqa: C901 - one small class per mod
         if mode == "concatenation_folded":
             return NaiveNonLocal("concatenation", folded=True)
         return NaiveNonLocal(mode)
-    return {"sagan": NaiveSelfAttn, "pam": NaiveSelfAttn, "cam": NaiveCAM, "dual": NaiveDual,
-            "sagan_tf": lambda: NaiveSelfAttn(tf=True)}[module]()
+    return {
+        "sagan": NaiveSelfAttn,
+        "pam": NaiveSelfAttn,
+        "cam": NaiveCAM,
+        "dual": NaiveDual,
+        "sagan_tf": lambda: NaiveSelfAttn(tf=True),
+    }[module]()
 
 
 class _LinearReference:
@@ -350,8 +356,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         xg = x.clone()
         try:
             t0 = time.perf_counter()
-            results[impl] = {"mem_fwd": _peak_bytes(lambda fwd=fwd, x=x: fwd(x)),
-                             "mem_fwd_bwd": _peak_bytes(lambda f=fwd_bwd, x=xg: f(x))}
+            results[impl] = {
+                "mem_fwd": _peak_bytes(lambda fwd=fwd, x=x: fwd(x)),
+                "mem_fwd_bwd": _peak_bytes(lambda f=fwd_bwd, x=xg: f(x)),
+            }
             slowest = max(slowest, time.perf_counter() - t0)
         except RuntimeError as err:  # e.g. out of memory
             results[impl] = {"error": str(err).splitlines()[0][:200]}
@@ -374,8 +382,12 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(spec["threads"]),
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        OMP_NUM_THREADS=str(spec["threads"]),
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     cmd = [sys.executable, __file__, "--case", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -383,7 +395,7 @@ def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         return {"error": f"timeout after {timeout:.0f} s"}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": tail[:200]}
 
@@ -457,17 +469,23 @@ def build_report(rows: list[dict[str, Any]], elapsed: float, threads: int) -> st
                 )
                 continue
             if "error" in res:
-                lines.append(f"| {r['module']} | {fmt_size(r['size'])} | {name} | error: "
-                             f"{res['error']} | | | | | |")
+                lines.append(
+                    f"| {r['module']} | {fmt_size(r['size'])} | {name} | error: "
+                    f"{res['error']} | | | | | |"
+                )
                 continue
             ratio_t = ratio_m = ""
             if impl == "ours":
                 ref = r["results"].get(r["reference"], {})
                 if "t_fwd" in ref:
-                    ratio_t = (f"{res['t_fwd'] / ref['t_fwd']:.2f}, "
-                               f"{res['t_fwd_bwd'] / ref['t_fwd_bwd']:.2f}")
-                    ratio_m = (f"{res['mem_fwd'] / max(ref['mem_fwd'], 1):.3f}, "
-                               f"{res['mem_fwd_bwd'] / max(ref['mem_fwd_bwd'], 1):.3f}")
+                    ratio_t = (
+                        f"{res['t_fwd'] / ref['t_fwd']:.2f}, "
+                        f"{res['t_fwd_bwd'] / ref['t_fwd_bwd']:.2f}"
+                    )
+                    ratio_m = (
+                        f"{res['mem_fwd'] / max(ref['mem_fwd'], 1):.3f}, "
+                        f"{res['mem_fwd_bwd'] / max(ref['mem_fwd_bwd'], 1):.3f}"
+                    )
             lines.append(
                 f"| {r['module']} | {fmt_size(r['size'])} | {name} | {fmt_ms(res['t_fwd'])} | "
                 f"{fmt_mb(res['mem_fwd'])} | {fmt_ms(res['t_fwd_bwd'])} | "
@@ -482,9 +500,12 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     by_key = {(r["module"], tuple(r["size"])): r for r in rows}
 
     # 1. at 64x64: peak memory <= 1/4 naive, time no worse
-    out += ["### 1. At 64x64: peak memory <= 1/4 of the naive form's, time no worse", "",
-            "| module | memory ratio fwd / fwd+bwd | time ratio fwd / fwd+bwd | memory | time |",
-            "|---|---:|---:|---|---|"]
+    out += [
+        "### 1. At 64x64: peak memory <= 1/4 of the naive form's, time no worse",
+        "",
+        "| module | memory ratio fwd / fwd+bwd | time ratio fwd / fwd+bwd | memory | time |",
+        "|---|---:|---:|---|---|",
+    ]
     all_mem = all_time = True
     for r in rows:
         if tuple(r["size"]) != (64, 64) or r["reference"] != "naive":
@@ -495,25 +516,35 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             all_mem = all_time = False
             continue
         if "skipped" in ref:
-            out.append(f"| {r['module']} | naive needs > "
-                       f"{ref['bwd_bytes'] / 2**30:.1f} GB (not run) | | yes | n/a |")
+            out.append(
+                f"| {r['module']} | naive needs > "
+                f"{ref['bwd_bytes'] / 2**30:.1f} GB (not run) | | yes | n/a |"
+            )
             continue
         if "t_fwd" not in ref:
             out.append(f"| {r['module']} | naive failed: {ref.get('error', '?')} | | n/a | n/a |")
             continue
-        mem = (ours["mem_fwd"] / max(ref["mem_fwd"], 1),
-               ours["mem_fwd_bwd"] / max(ref["mem_fwd_bwd"], 1))
+        mem = (
+            ours["mem_fwd"] / max(ref["mem_fwd"], 1),
+            ours["mem_fwd_bwd"] / max(ref["mem_fwd_bwd"], 1),
+        )
         tim = (ours["t_fwd"] / ref["t_fwd"], ours["t_fwd_bwd"] / ref["t_fwd_bwd"])
         mem_ok = max(mem) <= 0.25 or r["module"] == "cam"
         tim_ok = max(tim) <= 1.0
         all_mem &= mem_ok
         all_time &= tim_ok
         note = " (C x C; no N x N in either)" if r["module"] == "cam" else ""
-        out.append(f"| {r['module']} | {mem[0]:.3f} / {mem[1]:.3f} | {tim[0]:.2f} / {tim[1]:.2f} | "
-                   f"{'yes' if mem_ok else 'NO'}{note} | {'yes' if tim_ok else 'NO'} |")
-    out += ["", f"Memory target met for every module: **{'yes' if all_mem else 'no'}**; "
-            f"time target: **{'yes' if all_time else 'no'}** (single run on a shared machine: "
-            "ratios within ~10% of 1 are noise).", ""]
+        out.append(
+            f"| {r['module']} | {mem[0]:.3f} / {mem[1]:.3f} | {tim[0]:.2f} / {tim[1]:.2f} | "
+            f"{'yes' if mem_ok else 'NO'}{note} | {'yes' if tim_ok else 'NO'} |"
+        )
+    out += [
+        "",
+        f"Memory target met for every module: **{'yes' if all_mem else 'no'}**; "
+        f"time target: **{'yes' if all_time else 'no'}** (single run on a shared machine: "
+        "ratios within ~10% of 1 are noise).",
+        "",
+    ]
 
     # 2. at 128x128 all modes run while the naive form needs > 4 GB
     out += ["### 2. At 128x128 every module runs where the naive form needs > 4 GB", ""]
@@ -525,19 +556,32 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         ref = r["results"].get(r["reference"], {})
         ran = "t_fwd" in ours
         ok &= ran
-        naive_size = (f"naive needs > {ref['bwd_bytes'] / 2**30:.1f} GB (fwd+bwd)"
-                      if "skipped" in ref else "naive run" if "t_fwd" in ref else "")
-        out.append(f"- {r['module']}: ours {'ran' if ran else 'FAILED'}"
-                   + (f" (fwd+bwd {fmt_ms(ours['t_fwd_bwd'])} ms, {fmt_mb(ours['mem_fwd_bwd'])} MB)"
-                      if ran else "") + (f"; {naive_size}" if naive_size else ""))
+        naive_size = (
+            f"naive needs > {ref['bwd_bytes'] / 2**30:.1f} GB (fwd+bwd)"
+            if "skipped" in ref
+            else "naive run"
+            if "t_fwd" in ref
+            else ""
+        )
+        out.append(
+            f"- {r['module']}: ours {'ran' if ran else 'FAILED'}"
+            + (
+                f" (fwd+bwd {fmt_ms(ours['t_fwd_bwd'])} ms, {fmt_mb(ours['mem_fwd_bwd'])} MB)"
+                if ran
+                else ""
+            )
+            + (f"; {naive_size}" if naive_size else "")
+        )
     if not any(tuple(r["size"]) == (128, 128) for r in rows):
         out.append("- not measured (--quick run)")
         ok = False
     out += ["", f"Met: **{'yes' if ok else 'no'}**", ""]
 
     # 3. growth of dot_product and concatenation no faster than N log N
-    out += ["### 3. dot_product and concatenation time grows no faster than N log N "
-            "(32x32 -> 128x128)", ""]
+    out += [
+        "### 3. dot_product and concatenation time grows no faster than N log N (32x32 -> 128x128)",
+        "",
+    ]
     n0, n1 = 32 * 32, 128 * 128
     bound = (n1 * math.log(n1)) / (n0 * math.log(n0))
     ok = True
@@ -552,15 +596,23 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         g = (b["t_fwd"] / a["t_fwd"], b["t_fwd_bwd"] / a["t_fwd_bwd"])
         met = max(g) <= bound
         if mode == "linear_reference":
-            out.append(f"- for comparison, the block's O(N) convs + BN + add alone "
-                       f"(`linear_reference`): x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd)")
+            out.append(
+                f"- for comparison, the block's O(N) convs + BN + add alone "
+                f"(`linear_reference`): x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd)"
+            )
             continue
         ok &= met
-        out.append(f"- {mode}: time x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd) for N x16; "
-                   f"N log N bound x{bound:.1f}: {'yes' if met else 'NO'}")
-    out += ["", f"Met: **{'yes' if ok else 'no'}** (N grows x16; the bound is "
-            f"16 log(16384) / log(1024) = x{bound:.1f}; timings on a shared machine are noisy "
-            "and small maps fit in the caches, so even O(N) work grows faster than x16)", ""]
+        out.append(
+            f"- {mode}: time x{g[0]:.1f} (fwd), x{g[1]:.1f} (fwd+bwd) for N x16; "
+            f"N log N bound x{bound:.1f}: {'yes' if met else 'NO'}"
+        )
+    out += [
+        "",
+        f"Met: **{'yes' if ok else 'no'}** (N grows x16; the bound is "
+        f"16 log(16384) / log(1024) = x{bound:.1f}; timings on a shared machine are noisy "
+        "and small maps fit in the caches, so even O(N) work grows faster than x16)",
+        "",
+    ]
     return out
 
 
@@ -615,13 +667,22 @@ def main() -> None:
             if "skipped" in res:
                 text = f"not run (> {res['bwd_bytes'] / 2**30:.1f} GB)"
             elif "t_fwd" in res:
-                text = (f"fwd {fmt_ms(res['t_fwd'])} ms {fmt_mb(res['mem_fwd'])} MB | fwd+bwd "
-                        f"{fmt_ms(res['t_fwd_bwd'])} ms {fmt_mb(res['mem_fwd_bwd'])} MB")
+                text = (
+                    f"fwd {fmt_ms(res['t_fwd'])} ms {fmt_mb(res['mem_fwd'])} MB | fwd+bwd "
+                    f"{fmt_ms(res['t_fwd_bwd'])} ms {fmt_mb(res['mem_fwd_bwd'])} MB"
+                )
             else:
                 text = res.get("error", "?")
             print(f"{module:28s} {fmt_size(size):9s} {impl:12s} {text}", flush=True)
-        rows.append({"module": module, "size": size, "impls": impls, "results": results,
-                     "reference": reference})
+        rows.append(
+            {
+                "module": module,
+                "size": size,
+                "impls": impls,
+                "results": results,
+                "reference": reference,
+            }
+        )
     elapsed = time.perf_counter() - start
     write_atomic(args.output, build_report(rows, elapsed, args.threads))
     print(f"wrote {args.output} ({elapsed / 60:.1f} min)")

@@ -41,8 +41,15 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def make(name: str, channels: int | None = None, *, seed: int = 0, randomize: bool = True,
-         preset: str | None = None, **kwargs) -> nn.Module:
+def make(
+    name: str,
+    channels: int | None = None,
+    *,
+    seed: int = 0,
+    randomize: bool = True,
+    preset: str | None = None,
+    **kwargs,
+) -> nn.Module:
     meta = attnzoo.info(name)
     channels = meta.example_channels if channels is None else channels
     torch.manual_seed(seed)
@@ -50,8 +57,15 @@ def make(name: str, channels: int | None = None, *, seed: int = 0, randomize: bo
     return randomize_(module, seed) if randomize else module
 
 
-def example_input(name: str, batch: int, spatial: tuple[int, ...], *, channels: int | None = None,
-                  dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
+def example_input(
+    name: str,
+    batch: int,
+    spatial: tuple[int, ...],
+    *,
+    channels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 1,
+) -> torch.Tensor:
     meta = attnzoo.info(name)
     channels = meta.example_channels if channels is None else channels
     gen = torch.Generator().manual_seed(seed)
@@ -73,9 +87,16 @@ def _fast_switch_restored():
     fast.set_enabled(state)
 
 
-def forward_backward_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rtol: float = 1e-6,
-                          atol: float = 1e-6, grad_rtol: float = 1e-5,
-                          grad_atol: float = 1e-6) -> None:
+def forward_backward_pair(
+    a: nn.Module,
+    b: nn.Module,
+    x: torch.Tensor,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    grad_rtol: float = 1e-5,
+    grad_atol: float = 1e-6,
+) -> None:
     """Run ``a`` and ``b`` on copies of ``x``, backpropagate the same random gradient through
     both, and assert equal outputs and input gradients (the parameters' ``.grad`` are left set
     for the caller to compare)."""

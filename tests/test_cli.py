@@ -39,6 +39,7 @@ def test_info_unknown_name_fails_cleanly(capsys) -> None:
 
 
 def test_console_script_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "attnzoo.cli", "list"], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "attnzoo.cli", "list"], capture_output=True, text=True, check=True
+    )
     assert "se" in result.stdout

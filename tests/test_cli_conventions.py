@@ -21,13 +21,19 @@ from attnzoo.models import BUILDERS, cifar_resnet8
 
 SUBCOMMANDS = ("list", "info", "profile", "bench", "cam")
 #: the smallest valid argument list of each subcommand (for the failure test)
-VALID = {"list": ["list"], "info": ["info", "se"], "profile": ["profile"], "bench": ["bench"],
-         "cam": ["cam", "--checkpoint", "x"]}
+VALID = {
+    "list": ["list"],
+    "info": ["info", "se"],
+    "profile": ["profile"],
+    "bench": ["bench"],
+    "cam": ["cam", "--checkpoint", "x"],
+}
 
 
 def _attnzoo(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "attnzoo", *argv], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "attnzoo", *argv], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_python_m_attnzoo_is_the_command() -> None:
@@ -50,9 +56,9 @@ def test_parser_and_help_import_no_heavy_library() -> None:
         "    except SystemExit:\n"
         "        pass\n"
         "heavy = ('torch', 'torchvision', 'lightning', 'matplotlib', 'timm')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
@@ -82,8 +88,9 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_bad_input_exits_2_with_a_message(command: str, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_a_message(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = BAD_INPUT[command]
     if command in ("bench", "cam"):
         argv = [*argv, "--out", str(tmp_path / "out")]
@@ -96,8 +103,9 @@ def test_bad_input_exits_2_with_a_message(command: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_a_failure_while_working_exits_1(command: str, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_failure_while_working_exits_1(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def broken(args: object) -> int:
         raise RuntimeError("disk on fire")
 
@@ -134,10 +142,22 @@ def test_one_builder_table_for_bench_profile_and_cam() -> None:
         resolve_builder("cifar_resnet9")
 
 
-def test_profile_takes_the_bench_model_and_name_key_value(capsys: pytest.CaptureFixture[str]
-                                                          ) -> None:
-    argv = ["profile", "--model", "cifar_resnet8", "--attention", "none,cbam:reduction=8",
-            "--input-size", "32", "--no-latency", "--no-memory", "--format", "json"]
+def test_profile_takes_the_bench_model_and_name_key_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "profile",
+        "--model",
+        "cifar_resnet8",
+        "--attention",
+        "none,cbam:reduction=8",
+        "--input-size",
+        "32",
+        "--no-latency",
+        "--no-memory",
+        "--format",
+        "json",
+    ]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["attention"] for r in rows] == ["none", "cbam:reduction=8"]
@@ -145,9 +165,19 @@ def test_profile_takes_the_bench_model_and_name_key_value(capsys: pytest.Capture
     assert rows[0]["params"] == count(cifar_resnet8())
     assert rows[1]["params"] == count(cifar_resnet8(attention="cbam", reduction=8))
     assert rows[1]["params"] != count(cifar_resnet8(attention="cbam"))
-    argv = ["profile", "--model", "cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}",
-            "--attention", "none", "--input-size", "32", "--no-latency", "--no-memory",
-            "--format", "json"]
+    argv = [
+        "profile",
+        "--model",
+        "cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}",
+        "--attention",
+        "none",
+        "--input-size",
+        "32",
+        "--no-latency",
+        "--no-memory",
+        "--format",
+        "json",
+    ]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["params"] == count(cifar_resnet8(model_kwargs={"widths": (16, 32, 64)}))
@@ -156,7 +186,7 @@ def test_profile_takes_the_bench_model_and_name_key_value(capsys: pytest.Capture
 # ---------------------------------------------------------------------------------------------
 # devices
 def test_gpu_request_without_gpu_is_a_clear_error_before_any_work(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     out = tmp_path / "out"
@@ -194,20 +224,45 @@ def _fake_run(root: Path, classes: list[str]) -> Path:
     run_dir.mkdir(parents=True)
     torch.manual_seed(0)
     model = cifar_resnet8(num_classes=len(classes))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-               run_dir / "last.ckpt")
-    cfg = {"model": "cifar_resnet8", "data": "digits", "data_seed": 0, "image_size": 32,
-           "n_train": 100, "n_test": 40, "attention": "none", "seed": 0,
-           "num_classes": len(classes), "classes": classes, "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+        run_dir / "last.ckpt",
+    )
+    cfg = {
+        "model": "cifar_resnet8",
+        "data": "digits",
+        "data_seed": 0,
+        "image_size": 32,
+        "n_train": 100,
+        "n_test": 40,
+        "attention": "none",
+        "seed": 0,
+        "num_classes": len(classes),
+        "classes": classes,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     (run_dir / "config.json").write_text(json.dumps(cfg))
     return run_dir
 
 
-def test_cam_rejects_data_with_another_class_count(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cam_rejects_data_with_another_class_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = _fake_run(tmp_path, ["circle", "square", "triangle"])
-    code = main(["cam", "--checkpoint", str(run_dir), "--data", "digits", "--n", "2",
-                 "--out", str(tmp_path / "cams")])
+    code = main(
+        [
+            "cam",
+            "--checkpoint",
+            str(run_dir),
+            "--data",
+            "digits",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "cams"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--data digits has 10 classes" in err and "trained on 3" in err
@@ -215,7 +270,8 @@ def test_cam_rejects_data_with_another_class_count(tmp_path: Path,
 
 
 def test_cam_labels_image_rows_with_the_checkpoint_class_names(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from PIL import Image
 
     from attnzoo.bench import localisation
@@ -227,8 +283,9 @@ def test_cam_labels_image_rows_with_the_checkpoint_class_names(
         Image.new("RGB", (40, 30), (60 * i, 90, 200)).save(images / f"im{i}.png")
     seen: dict[str, object] = {}
 
-    def capture(models: object, inputs: object, display: object, out: object,
-                **kwargs: object) -> list[Path]:
+    def capture(
+        models: object, inputs: object, display: object, out: object, **kwargs: object
+    ) -> list[Path]:
         seen.update(kwargs)
         return []
 
@@ -236,4 +293,6 @@ def test_cam_labels_image_rows_with_the_checkpoint_class_names(
     localisation.make_cam_panels(run_dir, tmp_path / "cams", images=images, n=2)
     assert seen["classes"] == ["circle", "square", "triangle"]
     assert localisation._row_labels(torch.tensor([2, 0]), None, seen["classes"]) == [
-        "pred triangle", "pred circle"]
+        "pred triangle",
+        "pred circle",
+    ]

@@ -10,8 +10,16 @@ import sys
 
 from attnzoo.cli import main
 
-ARGS = ["profile", "--model", "resnet18", "--input-size", "32", "--min-run-time", "0.01",
-        "--no-memory"]
+ARGS = [
+    "profile",
+    "--model",
+    "resnet18",
+    "--input-size",
+    "32",
+    "--min-run-time",
+    "0.01",
+    "--no-memory",
+]
 
 
 def test_json_and_csv(capsys) -> None:
@@ -43,8 +51,20 @@ def test_errors(capsys) -> None:
 
 def test_profile_stderr_has_no_profiler_traces() -> None:
     """The profiler's C++ lines (USDT, gpuGetDeviceCount, No CUDA runtime) stay hidden."""
-    cmd = [sys.executable, "-m", "attnzoo", "profile", "--model", "cifar_resnet8",
-           "--input-size", "32", "--min-run-time", "0.01", "--attention", "none,se"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnzoo",
+        "profile",
+        "--model",
+        "cifar_resnet8",
+        "--input-size",
+        "32",
+        "--min-run-time",
+        "0.01",
+        "--attention",
+        "none,se",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for text in ("USDT", "STAGE:", "gpuGetDeviceCount", "No CUDA runtime"):

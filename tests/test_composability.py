@@ -37,8 +37,14 @@ def _build(name: str, preset: str, dtype: torch.dtype = torch.float32) -> nn.Mod
     return make(name, CHANNELS, preset=None if preset == "official" else preset).to(dtype)
 
 
-def _input(name: str, batch: int = 2, *, other: bool = False, dtype: torch.dtype = torch.float32,
-           seed: int = 1) -> torch.Tensor:
+def _input(
+    name: str,
+    batch: int = 2,
+    *,
+    other: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 1,
+) -> torch.Tensor:
     dims = attnzoo.info(name).spatial_dims
     spatial = (OTHER_SIZE if other else SIZE)[dims]
     return example_input(name, batch, spatial, channels=CHANNELS, dtype=dtype, seed=seed)
@@ -66,7 +72,8 @@ def test_forward_hooks_fire_on_every_submodule_with_parameters(name: str, preset
     fired: set[str] = set()
     for path in owners:
         module.get_submodule(path).register_forward_hook(
-            lambda m, args, out, path=path: fired.add(path))
+            lambda m, args, out, path=path: fired.add(path)
+        )
     with torch.no_grad():
         module(_input(name))
     assert fired == set(owners), f"{name}[{preset}]: no hook call for {set(owners) - fired}"
@@ -104,8 +111,13 @@ def test_wrapping_a_layer_acts_like_changing_its_weights(name: str, preset: str)
             got = wrapped(x)
             assert wrapper.calls >= 1, f"{name}[{preset}]: wrapper at {path} never called"
             changed.append(not torch.allclose(got, plain))
-            torch.testing.assert_close(got, scaled(x), rtol=1e-9, atol=1e-10,
-                                       msg=lambda m, path=path: f"{name}[{preset}] {path}: {m}")
+            torch.testing.assert_close(
+                got,
+                scaled(x),
+                rtol=1e-9,
+                atol=1e-10,
+                msg=lambda m, path=path: f"{name}[{preset}] {path}: {m}",
+            )
     # a layer right before a scale-invariant norm (GC's LayerNorm) may not change the output
     assert any(changed), f"{name}[{preset}]: no wrapped layer changed the output"
 
@@ -141,7 +153,8 @@ def _check_feature_extractor(model: nn.Module, nodes: list[str], x: torch.Tensor
     eager: dict[str, torch.Tensor] = {}
     for n in nodes:
         model.get_submodule(n).register_forward_hook(
-            lambda m, args, out, n=n: eager.__setitem__(n, out))
+            lambda m, args, out, n=n: eager.__setitem__(n, out)
+        )
     with torch.no_grad():
         model(x)
         got = extractor(x)
@@ -154,18 +167,19 @@ def _check_feature_extractor(model: nn.Module, nodes: list[str], x: torch.Tensor
 def test_create_feature_extractor_on_resnet50_with_attention(name: str) -> None:
     pytest.importorskip("torchvision")
     # attention in stage 1 only (3 blocks): the tracing is the same, the test stays fast
-    model = _randomize_attached(attnzoo.models.resnet50(attention=name, stages=(1,),
-                                                        num_classes=10))
-    _check_feature_extractor(model, [_first_host(model), "layer2", "layer4", "fc"],
-                             torch.randn(1, 3, 64, 64))
+    model = _randomize_attached(
+        attnzoo.models.resnet50(attention=name, stages=(1,), num_classes=10)
+    )
+    _check_feature_extractor(
+        model, [_first_host(model), "layer2", "layer4", "fc"], torch.randn(1, 3, 64, 64)
+    )
 
 
 @pytest.mark.parametrize("name", NAMES_2D)
 def test_create_feature_extractor_on_attached_torchvision_resnet18(name: str) -> None:
     tv = pytest.importorskip("torchvision")
     model = _randomize_attached(attnzoo.models.attach(tv.models.resnet18(num_classes=10), name))
-    _check_feature_extractor(model, [_first_host(model), "layer3", "fc"],
-                             torch.randn(2, 3, 40, 36))
+    _check_feature_extractor(model, [_first_host(model), "layer3", "fc"], torch.randn(2, 3, 40, 36))
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,10 +190,12 @@ def test_gradgradcheck_float64(name: str, preset: str, train: bool) -> None:
     """Second derivatives with respect to the input (gradient penalties, Hessian-vector
     products). Pixel-pair modules use the explicit softmax here (see ``ops/pairwise.py``)."""
     module = _build(name, preset, torch.float64).train(train)
-    x = example_input(name, 2, TINY[attnzoo.info(name).spatial_dims], channels=CHANNELS,
-                      dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradgradcheck(module, (x,), eps=1e-6, atol=1e-5, rtol=1e-4,
-                                        fast_mode=True)
+    x = example_input(
+        name, 2, TINY[attnzoo.info(name).spatial_dims], channels=CHANNELS, dtype=torch.float64
+    ).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        module, (x,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+    )
 
 
 @pytest.mark.parametrize("name", attnzoo.available())
@@ -189,14 +205,16 @@ def test_gradgradcheck_float64_through_parameters(name: str) -> None:
     module = _build(name, "official", torch.float64).train()
     names = [n for n, _ in module.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in module.parameters()]
-    x = example_input(name, 2, TINY[attnzoo.info(name).spatial_dims], channels=CHANNELS,
-                      dtype=torch.float64).requires_grad_()
+    x = example_input(
+        name, 2, TINY[attnzoo.info(name).spatial_dims], channels=CHANNELS, dtype=torch.float64
+    ).requires_grad_()
 
     def fn(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         return functional_call(module, dict(zip(names, params)), (x,))
 
-    assert torch.autograd.gradgradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4,
-                                        fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,14 +255,20 @@ def test_vmap_grad_per_sample_gradients_equal_a_loop(name: str, preset: str) -> 
     for i in range(x.shape[0]):
         leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
         grads = torch.autograd.grad(loss(leaves, x[i]), list(leaves.values()), allow_unused=True)
-        expected = {n: torch.zeros_like(p) if g is None else g
-                    for (n, p), g in zip(leaves.items(), grads)}
+        expected = {
+            n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(leaves.items(), grads)
+        }
         # float32; some gradients are exactly 0 in exact arithmetic (key biases before a softmax):
         # the absolute tolerance follows the scale of this sample's gradients
         scale = max(float(g.abs().max()) for g in expected.values())
         for n, g in expected.items():
-            torch.testing.assert_close(per_sample[n][i], g, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
-                                       msg=lambda m, n=n, i=i: f"{name}[{preset}] {n}, sample {i}: {m}")
+            torch.testing.assert_close(
+                per_sample[n][i],
+                g,
+                rtol=1e-4,
+                atol=1e-5 * max(scale, 1.0),
+                msg=lambda m, n=n, i=i: f"{name}[{preset}] {n}, sample {i}: {m}",
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,8 +314,9 @@ def test_weight_parametrizations_apply(name: str, preset: str, kind: str) -> Non
     assert torch.isfinite(x.grad).all()
     for path in _layers(trained):
         weight = trained.get_submodule(path).parametrizations.weight
-        leaves = [weight.original] if kind == "spectral_norm" else [weight.original0,
-                                                                    weight.original1]
+        leaves = (
+            [weight.original] if kind == "spectral_norm" else [weight.original0, weight.original1]
+        )
         assert all(p.grad is not None for p in leaves), f"{name}[{preset}]: no grad at {path}"
 
     module.eval()
@@ -307,8 +332,11 @@ def test_weight_parametrizations_apply(name: str, preset: str, kind: str) -> Non
 # --------------------------------------------------------------------------------------------
 # dynamic quantization
 #: one module per stage of a ResNet-18; together every 2-D module family
-QUANTIZE_GROUPS = [("se", "cbam", "eca", "sagan"), ("gc", "ca", "ema", "dual_attention"),
-                   ("sk", "nonlocal2d", "pam", "cam")]
+QUANTIZE_GROUPS = [
+    ("se", "cbam", "eca", "sagan"),
+    ("gc", "ca", "ema", "dual_attention"),
+    ("sk", "nonlocal2d", "pam", "cam"),
+]
 
 
 @pytest.mark.parametrize("names", QUANTIZE_GROUPS, ids="-".join)
@@ -321,8 +349,9 @@ def test_quantize_dynamic_on_attached_resnet(names: tuple[str, ...]) -> None:
     model = _randomize_attached(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
-                                                           dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
+        )
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     for path in linears:
         assert not isinstance(quantized.get_submodule(path), nn.Linear), f"{path} not quantized"
@@ -345,9 +374,16 @@ def test_onnx_torchscript_exporter_dynamic_batch_and_size(name: str, preset: str
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": axes, "y": axes})
+        torch.onnx.export(
+            module,
+            (x,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": axes, "y": axes},
+        )
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     for other in (_input(name, 3, other=True), _input(name, 1, other=True, seed=2)):
         with torch.no_grad():

@@ -101,8 +101,9 @@ def test_samples_are_independent_in_eval(name: str) -> None:
     dims = _dims(name)
 
     @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(batch=st.integers(2, 3), spatial=st.lists(st.integers(1, 11), min_size=dims,
-                                                     max_size=dims))
+    @given(
+        batch=st.integers(2, 3), spatial=st.lists(st.integers(1, 11), min_size=dims, max_size=dims)
+    )
     def check(batch: int, spatial: list[int]) -> None:
         x = example_input(name, batch, tuple(spatial), dtype=torch.float64)
         with torch.no_grad():
@@ -159,8 +160,9 @@ def _export_onnx(module: torch.nn.Module, x: torch.Tensor, path: str) -> None:
         dims[i] = torch.export.Dim(f"s{i}", min=1, max=1024)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, (x,), dynamo=True, opset_version=18,
-                                    dynamic_shapes=(dims,), verbose=False)
+        program = torch.onnx.export(
+            module, (x,), dynamo=True, opset_version=18, dynamic_shapes=(dims,), verbose=False
+        )
     program.save(path)
 
 
@@ -239,7 +241,9 @@ def test_non_integer_channels_raise_type_error(name: str) -> None:
 def test_wrong_channel_count_at_forward(name: str) -> None:
     meta = attnzoo.info(name)
     module = make(name).eval()
-    x = example_input(name, 2, SPATIAL_SIZES[meta.spatial_dims][1], channels=2 * meta.example_channels)
+    x = example_input(
+        name, 2, SPATIAL_SIZES[meta.spatial_dims][1], channels=2 * meta.example_channels
+    )
     with pytest.raises(ValueError, match=rf"{meta.cls.__name__}.*channels={meta.example_channels}"):
         module(x)
 
@@ -249,7 +253,9 @@ def test_wrong_rank_at_forward(name: str) -> None:
     meta = attnzoo.info(name)
     module = make(name).eval()
     x = torch.randn(2, meta.example_channels, *([5] * (meta.spatial_dims + 1)))
-    with pytest.raises(ValueError, match=rf"{meta.cls.__name__}.*{meta.spatial_dims + 2} dimensions"):
+    with pytest.raises(
+        ValueError, match=rf"{meta.cls.__name__}.*{meta.spatial_dims + 2} dimensions"
+    ):
         module(x)
 
 
@@ -267,7 +273,9 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize(("name", "channels", "kwargs", "argument"), BAD_ARGUMENTS)
-def test_bad_arguments_raise_value_error(name: str, channels: int, kwargs: dict, argument: str) -> None:
+def test_bad_arguments_raise_value_error(
+    name: str, channels: int, kwargs: dict, argument: str
+) -> None:
     cls = attnzoo.get(name)
     with pytest.raises(ValueError, match=rf"{cls.__name__}.*{argument}"):
         attnzoo.create(name, channels, **kwargs)

@@ -40,7 +40,7 @@ def _blocks(path: Path) -> list[tuple[int, str, str | None]]:
             while i < len(lines) and lines[i].strip() != "```":
                 code.append(lines[i])
                 i += 1
-            before = next((ln for ln in reversed(lines[:start - 1]) if ln.strip()), "")
+            before = next((ln for ln in reversed(lines[: start - 1]) if ln.strip()), "")
             mark = NO_RUN_MARK.search(before)
             out.append((start + 1, "\n".join(code) + "\n", mark.group(1) if mark else None))
         i += 1
@@ -49,11 +49,21 @@ def _blocks(path: Path) -> list[tuple[int, str, str | None]]:
 
 ALL = [(p, line, code, reason) for p in DOC_FILES for line, code, reason in _blocks(p)]
 #: blocks that take more than a few seconds on a 2-core CPU, by a phrase of their code
-SLOW = ("viz.cam(",  # Grad-CAM, Grad-CAM++ and attention maps of a CBAM-ResNet-50
-        "count(resnet50(")  # builds seven ImageNet-size networks
-RUN = [pytest.param(p, line, code, id=f"{p.name}:{line}",
-                    marks=[pytest.mark.slow] if any(k in code for k in SLOW) else [])
-       for p, line, code, reason in ALL if reason is None]
+SLOW = (
+    "viz.cam(",  # Grad-CAM, Grad-CAM++ and attention maps of a CBAM-ResNet-50
+    "count(resnet50(",
+)  # builds seven ImageNet-size networks
+RUN = [
+    pytest.param(
+        p,
+        line,
+        code,
+        id=f"{p.name}:{line}",
+        marks=[pytest.mark.slow] if any(k in code for k in SLOW) else [],
+    )
+    for p, line, code, reason in ALL
+    if reason is None
+]
 
 
 def _first_line(code: str) -> str:
@@ -69,10 +79,12 @@ def test_docs_have_python_blocks_and_the_no_run_list_is_exact() -> None:
 def test_every_code_block_says_what_it_is() -> None:
     """A fenced block is Python (run by this file), shell or plain text, so a reader knows which
     blocks are checked; a bare fence is neither."""
-    fences = [(p.name, i + 1, line.strip()[3:])
-              for p in DOC_FILES
-              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines())
-              if line.strip().startswith("```")]
+    fences = [
+        (p.name, i + 1, line.strip()[3:])
+        for p in DOC_FILES
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines())
+        if line.strip().startswith("```")
+    ]
     openers = fences[::2]  # fences alternate: opening, closing
     assert all(lang == "" for *_, lang in fences[1::2]), "unbalanced code fences"
     assert [f for f in openers if f[2] not in CODE_LANGUAGES] == []
@@ -87,10 +99,12 @@ def test_readme_is_a_landing_page() -> None:
 def test_docs_cite_public_sources_only() -> None:
     """Code, docs and benchmarks cite papers and public repositories, not private notes."""
     files = [*DOC_FILES, *(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
-    hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
-            for f in files
-            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
-            if INTERNAL.search(line)]
+    hits = [
+        f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
+        for f in files
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
     assert hits == []
 
 
@@ -120,8 +134,9 @@ def test_readme_links_resolve() -> None:
 
 
 @pytest.mark.parametrize(("path", "line", "code"), RUN)
-def test_python_block_runs(path: Path, line: int, code: str, tmp_path: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_block_runs(
+    path: Path, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # blocks may write files (panels, checkpoints)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace = {"__name__": "__docs__"}

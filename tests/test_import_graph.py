@@ -15,11 +15,21 @@ ROOT = "attnzoo"
 
 #: top-level part of a module name -> its layer (a module may import its own layer and below)
 LAYERS = {
-    "_atomic": 0, "registry": 0, "ops": 0, "specs": 0,
+    "_atomic": 0,
+    "registry": 0,
+    "ops": 0,
+    "specs": 0,
     "modules": 1,
-    "models": 2, "detection": 2, "segmentation": 2, "datasets": 2, "integrations": 2, "fast": 2,
-    "bench": 3, "viz": 3,
-    "cli": 4, "__main__": 4,
+    "models": 2,
+    "detection": 2,
+    "segmentation": 2,
+    "datasets": 2,
+    "integrations": 2,
+    "fast": 2,
+    "bench": 3,
+    "viz": 3,
+    "cli": 4,
+    "__main__": 4,
 }
 
 #: the known upward edges, each with its reason (keep this short; a new entry needs one)
@@ -40,7 +50,8 @@ def _module_name(path: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, name: str, is_package: bool, known: set[str]) -> set[str]:
@@ -58,7 +69,7 @@ def _imports(tree: ast.AST, name: str, is_package: bool, known: set[str]) -> set
             base = node.module or ""
             if node.level:  # relative import
                 pkg = name.split(".") if is_package else name.split(".")[:-1]
-                pkg = pkg[:len(pkg) - node.level + 1]
+                pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
@@ -70,9 +81,12 @@ def _imports(tree: ast.AST, name: str, is_package: bool, known: set[str]) -> set
 def import_graph() -> dict[str, set[str]]:
     files = {_module_name(p): p for p in (SRC / ROOT).rglob("*.py")}
     known = set(files)
-    return {name: _imports(ast.parse(path.read_text(), str(path)), name,
-                           path.name == "__init__.py", known)
-            for name, path in files.items()}
+    return {
+        name: _imports(
+            ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", known
+        )
+        for name, path in files.items()
+    }
 
 
 def _layer(module: str) -> int:
@@ -126,17 +140,23 @@ def test_the_graph_is_read() -> None:
 
 def test_no_import_cycles() -> None:
     # an allowed upward edge runs inside a function, after both modules are loaded
-    graph = {a: {b for b in targets if (a, b) not in ALLOWED_UPWARD}
-             for a, targets in import_graph().items()}
+    graph = {
+        a: {b for b in targets if (a, b) not in ALLOWED_UPWARD}
+        for a, targets in import_graph().items()
+    }
     cycles = _cycles(graph)
-    assert not cycles, "modules that import each other (directly or through others): " + \
-        "; ".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "modules that import each other (directly or through others): " + "; ".join(
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_no_upward_imports_between_layers() -> None:
-    bad = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
-           for a, targets in import_graph().items() for b in sorted(targets)
-           if a != ROOT and _layer(b) > _layer(a) and (a, b) not in ALLOWED_UPWARD]
+    bad = [
+        f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+        for a, targets in import_graph().items()
+        for b in sorted(targets)
+        if a != ROOT and _layer(b) > _layer(a) and (a, b) not in ALLOWED_UPWARD
+    ]
     assert not bad, "\n".join(bad)
     graph = import_graph()
     stale = [edge for edge in ALLOWED_UPWARD if edge[1] not in graph.get(edge[0], set())]
@@ -144,11 +164,17 @@ def test_no_upward_imports_between_layers() -> None:
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_edge() -> None:
-    graph = {"attnzoo.a": {"attnzoo.b"}, "attnzoo.b": {"attnzoo.c"}, "attnzoo.c": {"attnzoo.a"},
-             "attnzoo.d": set()}
+    graph = {
+        "attnzoo.a": {"attnzoo.b"},
+        "attnzoo.b": {"attnzoo.c"},
+        "attnzoo.c": {"attnzoo.a"},
+        "attnzoo.d": set(),
+    }
     assert _cycles(graph) == [["attnzoo.a", "attnzoo.b", "attnzoo.c"]]
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import attnzoo.x\n"
-                     "def f():\n    from attnzoo.models import y\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import attnzoo.x\n"
+        "def f():\n    from attnzoo.models import y\n"
+    )
     known = {"attnzoo.x", "attnzoo.models", "attnzoo.models.y"}
     assert _imports(tree, "attnzoo.ops.z", False, known) == {"attnzoo.models.y"}
     assert _layer("attnzoo.models.y") > _layer("attnzoo.ops.z")

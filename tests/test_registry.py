@@ -52,7 +52,9 @@ def test_create_accepts_class_and_partial() -> None:
     made = attnzoo.create(functools.partial(cls, reduction=4), 64)
     assert isinstance(made, cls)
     assert made.state_dict().keys() == cls(64, reduction=4).state_dict().keys()
-    assert sum(p.numel() for p in made.parameters()) == attnzoo.info("se").count_params(64, reduction=4)
+    assert sum(p.numel() for p in made.parameters()) == attnzoo.info("se").count_params(
+        64, reduction=4
+    )
 
 
 def test_create_accepts_any_factory() -> None:

@@ -39,8 +39,9 @@ def _sync_playwright() -> Any:
     except ImportError:
         _unavailable("playwright is not installed (pip install -e '.[test]')")
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        _unavailable(f"no Chromium at {CHROMIUM} "
-                     "(apt-get install chromium, or set ATTNZOO_CHROMIUM)")
+        _unavailable(
+            f"no Chromium at {CHROMIUM} (apt-get install chromium, or set ATTNZOO_CHROMIUM)"
+        )
     return sync_playwright
 
 
@@ -51,11 +52,24 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("bench")
     # for the documentation's screenshot, a bench whose numbers say something (two seeds: CIs)
-    size = (["--seeds", "2", "--epochs", "3", "--n-train", "1000", "--n-test", "500"]
-            if os.environ.get("ATTNZOO_SCREENSHOT")
-            else ["--seeds", "1", "--epochs", "1", "--n-train", "200", "--n-test", "100"])
-    code = main(["bench", "--attention", ",".join(ATTENTIONS), *size, "--panel-images", "4",
-                 "--no-progress", "--out", str(out)])
+    size = (
+        ["--seeds", "2", "--epochs", "3", "--n-train", "1000", "--n-test", "500"]
+        if os.environ.get("ATTNZOO_SCREENSHOT")
+        else ["--seeds", "1", "--epochs", "1", "--n-train", "200", "--n-test", "100"]
+    )
+    code = main(
+        [
+            "bench",
+            "--attention",
+            ",".join(ATTENTIONS),
+            *size,
+            "--panel-images",
+            "4",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out / "report.html"
 
@@ -66,8 +80,7 @@ def test_report_renders_in_chromium(report: Path) -> None:
     errors: list[str] = []
     with sync_playwright() as p:
         # --no-sandbox: Chromium refuses to start as root (CI runs as root) with its sandbox
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -75,9 +88,11 @@ def test_report_renders_in_chromium(report: Path) -> None:
             page.goto(report.as_uri(), wait_until="load")
             images = page.evaluate(
                 "Array.from(document.images).map(i => "
-                "({alt: i.alt.slice(0, 60), ok: i.complete && i.naturalWidth > 0}))")
+                "({alt: i.alt.slice(0, 60), ok: i.complete && i.naturalWidth > 0}))"
+            )
             tables = page.evaluate(
-                "Array.from(document.querySelectorAll('table')).map(t => t.innerText)")
+                "Array.from(document.querySelectorAll('table')).map(t => t.innerText)"
+            )
             title = page.title()
             if os.environ.get("ATTNZOO_SCREENSHOT"):
                 page.screenshot(path=str(SCREENSHOT), full_page=False)

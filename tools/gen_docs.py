@@ -76,8 +76,9 @@ def _section(lines: list[str]) -> list[str]:
             items[-1] += " " + line.strip()
         else:
             m = re.match(r"([\w*, ]+):(?:\s+(.*))?$", line.strip())
-            items.append(f"- `{m.group(1)}`: {m.group(2) or ''}".rstrip() if m
-                         else f"- {line.strip()}")
+            items.append(
+                f"- `{m.group(1)}`: {m.group(2) or ''}".rstrip() if m else f"- {line.strip()}"
+            )
     return items
 
 
@@ -92,7 +93,7 @@ def docstring_markdown(cls: type) -> str:
             j = i + 1
             while j < len(lines) and (not lines[j].strip() or lines[j].startswith(" ")):
                 j += 1
-            out += ["", f"**{head}**", "", *_section([ln[4:] for ln in lines[i + 1:j]]), ""]
+            out += ["", f"**{head}**", "", *_section([ln[4:] for ln in lines[i + 1 : j]]), ""]
             i = j
             continue
         line = lines[i]
@@ -120,8 +121,11 @@ def _signature(cls: type) -> str:
             star = True
         text = name
         if p.annotation is not p.empty:
-            ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(
-                p.annotation)
+            ann = (
+                p.annotation
+                if isinstance(p.annotation, str)
+                else inspect.formatannotation(p.annotation)
+            )
             text += f": {ann}"
         if p.default is not p.empty:
             text += f" = {p.default!r}" if p.annotation is not p.empty else f"={p.default!r}"
@@ -136,28 +140,30 @@ def _entry(name: str) -> str:
         for p, kw in i.presets.items()
     )
     shape = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[i.spatial_dims]
-    return "\n".join([
-        f"## `{name}`",
-        "",
-        f"`attnzoo.create(\"{name}\", channels, **kwargs)`"
-        f" → `{i.cls.__module__}.{i.cls.__name__}` · family **{i.family}** · input `{shape}`"
-        f" · identity at initialisation: {'yes' if i.identity_at_init else 'no'}",
-        "",
-        f"*{i.paper}*, {i.venue} {i.year}. Official code: [{_repo(i.code)}]({i.code}).",
-        "",
-        "```text",
-        _signature(i.cls),
-        "```",
-        "",
-        f"Parameters at C={i.example_channels}: {i.count_params(i.example_channels):,}; "
-        f"at C={TABLE_CHANNELS}: {i.count_params(TABLE_CHANNELS):,}.",
-        "",
-        "**Presets** (`attnzoo.create(name, C, preset=...)`)",
-        "",
-        presets,
-        "",
-        docstring_markdown(i.cls),
-    ])
+    return "\n".join(
+        [
+            f"## `{name}`",
+            "",
+            f'`attnzoo.create("{name}", channels, **kwargs)`'
+            f" → `{i.cls.__module__}.{i.cls.__name__}` · family **{i.family}** · input `{shape}`"
+            f" · identity at initialisation: {'yes' if i.identity_at_init else 'no'}",
+            "",
+            f"*{i.paper}*, {i.venue} {i.year}. Official code: [{_repo(i.code)}]({i.code}).",
+            "",
+            "```text",
+            _signature(i.cls),
+            "```",
+            "",
+            f"Parameters at C={i.example_channels}: {i.count_params(i.example_channels):,}; "
+            f"at C={TABLE_CHANNELS}: {i.count_params(TABLE_CHANNELS):,}.",
+            "",
+            "**Presets** (`attnzoo.create(name, C, preset=...)`)",
+            "",
+            presets,
+            "",
+            docstring_markdown(i.cls),
+        ]
+    )
 
 
 def module_reference() -> str:
@@ -201,7 +207,7 @@ def _with_block(text: str, label: str, begin: str, end: str, content: str) -> st
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
         raise ValueError(f"{label}: expected the markers {begin!r} ... {end!r}")
-    return text[:start + len(begin)] + "\n" + content + text[stop:]
+    return text[: start + len(begin)] + "\n" + content + text[stop:]
 
 
 def readme_with_table(text: str) -> str:

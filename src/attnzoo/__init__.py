@@ -26,10 +26,11 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _API = {
-    **dict.fromkeys(("FAMILIES", "ModuleInfo", "available", "create", "get", "info",
-                     "register"), "attnzoo.registry"),
-    **dict.fromkeys(("attach", "attached", "detach", "load_pretrained"),
-                    "attnzoo.models.attach"),
+    **dict.fromkeys(
+        ("FAMILIES", "ModuleInfo", "available", "create", "get", "info", "register"),
+        "attnzoo.registry",
+    ),
+    **dict.fromkeys(("attach", "attached", "detach", "load_pretrained"), "attnzoo.models.attach"),
 }
 
 

@@ -98,8 +98,9 @@ class ModuleInfo:
             return int(self.param_count(channels, **kwargs))
         return sum(p.numel() for p in self.cls(channels, **kwargs).parameters())
 
-    def resolve_kwargs(self, kwargs: Mapping[str, Any],
-                       preset: str | None = None) -> dict[str, Any]:
+    def resolve_kwargs(
+        self, kwargs: Mapping[str, Any], preset: str | None = None
+    ) -> dict[str, Any]:
         """Merge a preset's keywords with explicit ones (explicit ones win)."""
         preset = "official" if preset is None else preset
         if preset not in self.presets:
@@ -136,8 +137,9 @@ def register(
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         _accept_factory_kwargs(cls)
         if key in _REGISTRY and _REGISTRY[key].cls is not cls:
-            raise ValueError(f"register: the name {key!r} is taken by "
-                             f"{_REGISTRY[key].cls.__name__}")
+            raise ValueError(
+                f"register: the name {key!r} is taken by {_REGISTRY[key].cls.__name__}"
+            )
         _REGISTRY[key] = ModuleInfo(
             name=key,
             cls=cls,
@@ -170,8 +172,9 @@ def _accept_factory_kwargs(cls: type[nn.Module]) -> None:
         return
 
     @functools.wraps(init)
-    def __init__(self: nn.Module, *args: Any, device: Any = None, dtype: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self: nn.Module, *args: Any, device: Any = None, dtype: Any = None, **kwargs: Any
+    ) -> None:
         init(self, *args, **kwargs)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -218,8 +221,9 @@ def _info_for_class(cls: Any) -> ModuleInfo | None:
     return next((v for v in _REGISTRY.values() if v.cls is cls), None)
 
 
-def resolve(attention: str | type[nn.Module] | Callable[..., nn.Module]
-            ) -> Callable[..., nn.Module]:
+def resolve(
+    attention: str | type[nn.Module] | Callable[..., nn.Module],
+) -> Callable[..., nn.Module]:
     """Turn a registry name, a class or a factory (e.g. ``functools.partial``) into a factory.
 
     The factory is called as ``factory(channels, **kwargs)``.

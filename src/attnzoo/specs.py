@@ -47,8 +47,11 @@ class AttentionSpec:
     def label(self) -> str:
         if not self.kwargs:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                                          for k, v in self.kwargs)
+        return (
+            self.name
+            + ":"
+            + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self.kwargs)
+        )
 
     @property
     def dirname(self) -> str:
@@ -92,8 +95,9 @@ def parse_attentions(spec: str | Sequence[str], *, prog: str = "bench") -> list[
         for kv in filter(None, (s.strip() for s in rest.split(":"))):
             key, eq, val = kv.partition("=")
             if not eq or not key.strip():
-                raise ValueError(f"{prog}: cannot read {kv!r} in --attention {tok!r}; "
-                                 "expected name:key=value")
+                raise ValueError(
+                    f"{prog}: cannot read {kv!r} in --attention {tok!r}; expected name:key=value"
+                )
             kwargs[key.strip()] = _value(val.strip())
         specs.append((name.strip().lower(), kwargs))
     out = [AttentionSpec(n, tuple(sorted(k.items()))) for n, k in specs]
@@ -113,27 +117,34 @@ def validate_attentions(specs: Sequence[AttentionSpec], *, prog: str = "bench") 
     avail = attnzoo.available()
     unknown = [s.name for s in specs if s.name != BASELINE and s.name not in avail]
     if unknown:
-        raise ValueError(f"{prog}: unknown attention {', '.join(map(repr, unknown))}. Available: "
-                         f"{BASELINE} (the baseline), {', '.join(avail)}")
+        raise ValueError(
+            f"{prog}: unknown attention {', '.join(map(repr, unknown))}. Available: "
+            f"{BASELINE} (the baseline), {', '.join(avail)}"
+        )
     for s in specs:
         if s.name == BASELINE:
             if s.kwargs:
-                raise ValueError(f"{prog}: {BASELINE} (no attention) takes no arguments; got "
-                                 f"{s.label}")
+                raise ValueError(
+                    f"{prog}: {BASELINE} (no attention) takes no arguments; got {s.label}"
+                )
             continue
         meta = attnzoo.info(s.name)
         if meta.spatial_dims != 2:
-            raise ValueError(f"{prog}: {s.name} works on {meta.spatial_dims}-D feature maps; the "
-                             "networks need a 2-D module (B, C, H, W)")
+            raise ValueError(
+                f"{prog}: {s.name} works on {meta.spatial_dims}-D feature maps; the "
+                "networks need a 2-D module (B, C, H, W)"
+            )
         params = inspect.signature(meta.cls.__init__).parameters
         takes_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         allowed = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         allowed.add("preset")
         bad = [k for k, _ in s.kwargs if k not in allowed]
         if bad and not takes_var:
-            raise ValueError(f"{prog}: {meta.cls.__name__} ({s.name}) takes no argument "
-                             f"{', '.join(map(repr, bad))}; it takes: "
-                             f"{', '.join(sorted(allowed - {'preset'})) or 'none'}")
+            raise ValueError(
+                f"{prog}: {meta.cls.__name__} ({s.name}) takes no argument "
+                f"{', '.join(map(repr, bad))}; it takes: "
+                f"{', '.join(sorted(allowed - {'preset'})) or 'none'}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,15 +156,17 @@ def parse_model(spec: str, *, prog: str = "bench") -> tuple[str, dict[str, Any]]
     (``model_kwargs={'widths': (16, 32, 64)}`` works) or plain strings.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{prog}: --model must be a builder name such as {DEFAULT_MODEL!r}; "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"{prog}: --model must be a builder name such as {DEFAULT_MODEL!r}; got {spec!r}"
+        )
     name, _, rest = spec.strip().partition(":")
     kwargs: dict[str, Any] = {}
     # split at the colons that start a "key=" (a dict literal's colons stay in its value)
     for kv in filter(None, (s.strip() for s in re.split(r":(?=\s*[A-Za-z_]\w*\s*=)", rest))):
         key, eq, val = kv.partition("=")
         if not eq or not key.strip().isidentifier():
-            raise ValueError(f"{prog}: cannot read {kv!r} in --model {spec!r}; expected "
-                             "name:key=value")
+            raise ValueError(
+                f"{prog}: cannot read {kv!r} in --model {spec!r}; expected name:key=value"
+            )
         kwargs[key.strip()] = _value(val.strip())
     return name.strip(), kwargs

@@ -71,7 +71,7 @@ def test_box_holds_the_digit_and_the_digit_is_in_the_image(digits) -> None:
         digit = up[train.sources[i]]
         rows = np.flatnonzero(digit.max(1) > 0.05)
         cols = np.flatnonzero(digit.max(0) > 0.05)
-        tight = digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        tight = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         assert tight.shape == (y1 - y0, x1 - x0)
         # max-composition: the image is at least the digit everywhere inside the box
         assert (train.images[i, y0:y1, x0:x1] >= tight - 1e-6).all()
@@ -93,9 +93,15 @@ def test_clutter_adds_ink_outside_the_box() -> None:
     assert outside_ink(busy) > 50 * 20
 
 
-@pytest.mark.parametrize("kwargs,match", [({"n_train": 0}, "n_train"), ({"canvas": 10}, "canvas"),
-                                          ({"fragment": 17}, "fragment"),
-                                          ({"test_fraction": 1.0}, "test_fraction")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_train": 0}, "n_train"),
+        ({"canvas": 10}, "canvas"),
+        ({"fragment": 17}, "fragment"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+    ],
+)
 def test_digits_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         make_cluttered_digits(**kwargs)
@@ -158,14 +164,18 @@ def test_unreadable_images_are_listed(tmp_path: Path) -> None:
             _png(tmp_path / c / f"{k}.png", (9, 9, 9))
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png at all")
     (tmp_path / "b" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(ValueError,
-                       match=r"2 image file\(s\) cannot be read.*broken\.png.*cut\.jpg"):
+    with pytest.raises(
+        ValueError, match=r"2 image file\(s\) cannot be read.*broken\.png.*cut\.jpg"
+    ):
         load_data(str(tmp_path))
 
 
 def test_cifar_missing_files_explain_what_to_place_where(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"never downloads.*cifar-100-python.tar.gz.*"
-                                         r"cifar-100-python"):
+    with pytest.raises(
+        ValueError,
+        match=r"never downloads.*cifar-100-python.tar.gz.*"
+        r"cifar-100-python",
+    ):
         check_data_spec(f"cifar100:{tmp_path}")
     with pytest.raises(ValueError, match="needs the folder"):
         check_data_spec("cifar10")
@@ -176,8 +186,10 @@ def test_cifar10_from_local_pickles(tmp_path: Path) -> None:
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, 4).tolist()}
+        entry = {
+            "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, 4).tolist(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
     with open(folder / "batches.meta", "wb") as f:
@@ -227,8 +239,10 @@ def test_n_train_on_a_class_sorted_folder_keeps_every_class(tmp_path: Path) -> N
     root = _class_sorted_folder(tmp_path)
     data = load_data(str(root), image_size=8, n_train=12, n_test=9)
     assert len(data.train) == 12 and len(data.test) == 9
-    assert data.class_counts == {"train": dict.fromkeys(SHAPES, 4),
-                                 "test": dict.fromkeys(SHAPES, 3)}
+    assert data.class_counts == {
+        "train": dict.fromkeys(SHAPES, 4),
+        "test": dict.fromkeys(SHAPES, 3),
+    }
     # the labels match the images (class c is the image whose channel c is bright)
     back = data.denormalise(data.train.images)
     assert torch.equal(back.mean(dim=(2, 3)).argmax(1), data.train.labels)
@@ -264,8 +278,11 @@ def test_stratified_counts_largest_remainder() -> None:
 
 def test_a_class_left_with_no_image_is_named(tmp_path: Path) -> None:
     root = _class_sorted_folder(tmp_path)
-    with pytest.raises(ValueError, match=r"--n-train=2 .*leaves 'triangle' with no image; use "
-                                         r"--n-train >= 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"--n-train=2 .*leaves 'triangle' with no image; use "
+        r"--n-train >= 3",
+    ):
         load_data(str(root), image_size=8, n_train=2)
     with pytest.raises(ValueError, match=r"--n-test=1 .*'square', 'triangle'"):
         load_data(str(root), image_size=8, n_test=1)
@@ -283,9 +300,25 @@ def test_cli_rejects_an_empty_class_before_training(tmp_path: Path, capsys) -> N
 
     root = _class_sorted_folder(tmp_path / "data")
     out = tmp_path / "out"
-    code = main(["bench", "--data", str(root), "--attention", "none", "--n-train", "2",
-                 "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress",
-                 "--no-localise"])
+    code = main(
+        [
+            "bench",
+            "--data",
+            str(root),
+            "--attention",
+            "none",
+            "--n-train",
+            "2",
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-localise",
+        ]
+    )
     assert code == 2
     assert "'triangle' with no image" in capsys.readouterr().err
     assert not (out / "runs").exists()
@@ -297,8 +330,10 @@ def test_cifar_subsets_are_stratified(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         labels = np.sort(np.arange(20) % 10)  # class-sorted files
-        entry = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
-                 "labels": labels.tolist()}
+        entry = {
+            "data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+            "labels": labels.tolist(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
     data = load_data(f"cifar10:{tmp_path}", n_train=30, n_test=10)
@@ -310,6 +345,9 @@ def test_a_class_too_small_to_split_is_named(tmp_path: Path) -> None:
     for name, n in (("many", 6), ("single", 1)):
         for k in range(n):
             _png(tmp_path / name / f"{k}.png", (k * 30, 0, 0), size=(4, 4))
-    with pytest.raises(ValueError, match=r"too few images of 'single' .*test split would have "
-                                         r"none"):
+    with pytest.raises(
+        ValueError,
+        match=r"too few images of 'single' .*test split would have "
+        r"none",
+    ):
         load_data(str(tmp_path), image_size=4)

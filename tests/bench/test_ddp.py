@@ -22,13 +22,40 @@ N_TEST = 41  # odd: a padded DistributedSampler would count one image twice
 @pytest.mark.slow
 def test_two_process_ddp_accuracy_is_over_the_whole_test_set(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "attnzoo.cli", "bench", "--attention", "none,se",
-           "--seeds", "1", "--epochs", "2", "--batch-size", "16", "--n-train", "96",
-           "--n-test", str(N_TEST), "--out", str(out), "--no-progress", "--no-profile",
-           "--threads", "1", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-           "--verbose"]  # Lightning's own messages show the second process
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONHASHSEED": "0"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnzoo.cli",
+        "bench",
+        "--attention",
+        "none,se",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--n-train",
+        "96",
+        "--n-test",
+        str(N_TEST),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-profile",
+        "--threads",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--verbose",
+    ]  # Lightning's own messages show the second process
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONHASHSEED": "0"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in done.stderr  # really two processes
     assert done.stdout.count("attnzoo bench: top-1") == 1  # the table, from rank 0 only
@@ -38,12 +65,14 @@ def test_two_process_ddp_accuracy_is_over_the_whole_test_set(tmp_path: Path) -> 
         assert run["test_n"] == N_TEST
         for row in run["history"]:
             assert row["test_n"] == N_TEST
-        ckpt = torch.load(out / "runs" / run["attention"] / "seed0" / "last.ckpt",
-                          weights_only=True)
+        ckpt = torch.load(
+            out / "runs" / run["attention"] / "seed0" / "last.ckpt", weights_only=True
+        )
         attention = None if run["attention"] == "none" else run["attention"]
         model = cifar_resnet8(attention, 10)
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()
-                 if k.startswith("model.")}
+        state = {
+            k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+        }
         model.load_state_dict(state)
         correct, total = evaluate(model, data.test)
         assert total == N_TEST

@@ -24,9 +24,20 @@ from attnzoo.detection import YoloV4Tiny
 
 pytest.importorskip("lightning")
 
-TINY = dict(task="detect", data="scenes", attention="none,se", epochs=2, seeds=[0, 1], batch_size=4,
-            n_train=8, n_test=4, image_size=64, progress=False, profile=False,
-            panel_images=2)
+TINY = dict(
+    task="detect",
+    data="scenes",
+    attention="none,se",
+    epochs=2,
+    seeds=[0, 1],
+    batch_size=4,
+    n_train=8,
+    n_test=4,
+    image_size=64,
+    progress=False,
+    profile=False,
+    panel_images=2,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +65,7 @@ def test_warm_cosine_is_defined_for_every_step_count(total: int) -> None:
     shape = WarmCosine(total, warmup=total, flat=total, min_ratio=0.01, warmup_ratio=0.1)
     values = [shape(i) for i in range(total)]
     assert all(math.isfinite(v) and 0.01 - 1e-12 <= v <= 1 + 1e-12 for v in values)
-    after = values[shape.warmup:]
+    after = values[shape.warmup :]
     assert all(a >= b - 1e-12 for a, b in zip(after, after[1:]))  # no rise after the warm-up
     assert shape.warmup + shape.flat < total or total < 3
 
@@ -106,31 +117,32 @@ def test_builder_gives_the_reference_phi_variants() -> None:
     assert _params(yolov4_tiny(None, num_classes=5)) == _params(YoloV4Tiny(5))
     # keywords override the preset: the reference's CBAM (reduction 8) with reduction 4
     r4 = yolov4_tiny("cbam", num_classes=5, reduction=4)
-    assert _params(r4) == _params(YoloV4Tiny(5, phi=2, reduction=4)) > _params(
-        YoloV4Tiny(5, phi=2))
+    assert _params(r4) == _params(YoloV4Tiny(5, phi=2, reduction=4)) > _params(YoloV4Tiny(5, phi=2))
     # any other registry module goes to the same three places
     gc = yolov4_tiny("gc", num_classes=5)
     assert type(gc.feat1_att).__name__ != "Identity"
-    assert {type(gc.feat1_att), type(gc.feat2_att), type(gc.upsample_att)} == {
-        type(gc.feat1_att)}
+    assert {type(gc.feat1_att), type(gc.feat2_att), type(gc.upsample_att)} == {type(gc.feat1_att)}
 
 
 # ---------------------------------------------------------------------------------------------
 # errors before any training
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(data="pictures"), "unknown --data 'pictures'"),
-    (dict(data="voc:/no/such/folder"), "not a VOC-layout folder"),
-    (dict(data="voc:"), "voc needs a folder"),
-    (dict(data="coco:/no/such.json:/tmp"), "annotation file"),
-    (dict(data="coco:/only.json"), "coco needs an annotation file and an image folder"),
-    (dict(data="scenes:/x"), "scenes takes no path"),
-    (dict(model="resnet18"), "unknown --model 'resnet18'; detection models: yolov4_tiny"),
-    (dict(attention="none,cbam:bogus=1"), "takes no argument 'bogus'"),
-    (dict(attention="none,nosuch"), "unknown attention 'nosuch'"),
-    (dict(image_size=100), "multiple of 32"),
-    (dict(options={"eval_every": 0}), "eval_every must be an integer >= 1"),
-    (dict(options={"nms": 0.3}), "takes no option 'nms'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(data="pictures"), "unknown --data 'pictures'"),
+        (dict(data="voc:/no/such/folder"), "not a VOC-layout folder"),
+        (dict(data="voc:"), "voc needs a folder"),
+        (dict(data="coco:/no/such.json:/tmp"), "annotation file"),
+        (dict(data="coco:/only.json"), "coco needs an annotation file and an image folder"),
+        (dict(data="scenes:/x"), "scenes takes no path"),
+        (dict(model="resnet18"), "unknown --model 'resnet18'; detection models: yolov4_tiny"),
+        (dict(attention="none,cbam:bogus=1"), "takes no argument 'bogus'"),
+        (dict(attention="none,nosuch"), "unknown attention 'nosuch'"),
+        (dict(image_size=100), "multiple of 32"),
+        (dict(options={"eval_every": 0}), "eval_every must be an integer >= 1"),
+        (dict(options={"nms": 0.3}), "takes no option 'nms'"),
+    ],
+)
 def test_bad_options_are_clear_errors(tmp_path: Path, kwargs: dict, match: str) -> None:
     args = {**TINY, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -166,8 +178,9 @@ def test_voc_and_coco_folders_load(tmp_path: Path) -> None:
     assert image.shape == (3, 96, 96) and target["boxes"].shape[1] == 4
     assert data.classes == sorted(data.classes)
     ann = write_coco(train, tmp_path / "coco")
-    coco = load_detection_data(f"coco:{ann}:{tmp_path / 'coco' / 'images'}", image_size=64,
-                               n_train=5, seed=0)
+    coco = load_detection_data(
+        f"coco:{ann}:{tmp_path / 'coco' / 'images'}", image_size=64, n_train=5, seed=0
+    )
     assert (len(coco.train), len(coco.test)) == (5, 3)
 
 
@@ -179,7 +192,8 @@ def test_tiny_detect_bench_writes_results_and_report(tiny_bench) -> None:
     assert payload["complete"] and payload["task"] == "detect" and payload["metric"] == "map50"
     runs = payload["runs"]
     assert {(r["attention"], r["seed"]) for r in runs} == {
-        (a, s) for a in ("none", "se") for s in (0, 1)}
+        (a, s) for a in ("none", "se") for s in (0, 1)
+    }
     for r in runs:
         assert 0.0 <= r["map50"] <= 1.0 and 0.0 <= r["map"] <= 1.0
         assert r["test_n"] == 4 and len(r["per_class_ap50"]) == 10
@@ -189,7 +203,8 @@ def test_tiny_detect_bench_writes_results_and_report(tiny_bench) -> None:
     assert se["diff_seeds"] == [0, 1] and se["diff_low"] <= se["diff_vs_baseline"]
     pairs = {(r["attention"], r["seed"]): r["map50"] for r in runs}
     assert se["diff_vs_baseline"] == pytest.approx(
-        sum(pairs[("se", s)] - pairs[("none", s)] for s in (0, 1)) / 2)
+        sum(pairs[("se", s)] - pairs[("none", s)] for s in (0, 1)) / 2
+    )
     md = (out / "report.md").read_text()
     assert "mAP50 %" in md and "Per-class AP50" in md and "figures/detections.png" in md
     assert (out / "figures" / "detections.png").stat().st_size > 1000
@@ -203,8 +218,9 @@ def test_eval_every_skips_evaluations_but_not_the_last() -> None:
     assert [e for e in range(1, 8) if detect.is_eval_epoch(e, cfg)] == [3, 6, 7]
 
 
-def test_resume_after_an_interruption_gives_identical_results(tiny_bench, tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_resume_after_an_interruption_gives_identical_results(
+    tiny_bench, tmp_path: Path, monkeypatch
+) -> None:
     out, _ = tiny_bench
     cls = detect._module_class()
     original = cls.training_step
@@ -251,14 +267,26 @@ def test_overfits_a_handful_of_images() -> None:
     pl.seed_everything(0, verbose=False)
     train, _ = make_digit_scenes(8, 1, canvas=64, objects=(1, 2), clutter=0, seed=1)
     ds = DetectionDataset(train, 64)
-    splits = DetectionSplits(name="overfit", description="", classes=list(train.classes),
-                             train=ds, test=ds, image_size=64)
+    splits = DetectionSplits(
+        name="overfit",
+        description="",
+        classes=list(train.classes),
+        train=ds,
+        test=ds,
+        image_size=64,
+    )
     cfg = DetectConfig(epochs=100, batch_size=8, lr=0.02, eval_every=100)
     module = build_detect_module(yolov4_tiny(None, num_classes=10), 10, cfg)
     train_loader, test_loader = detect_loaders(splits, cfg, seed=0)
-    trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_loader, test_loader)
     first, last = module.history[0], module.history[-1]
     assert last["train_loss"] < first["train_loss"] / 4

@@ -35,8 +35,9 @@ def test_tasks_are_found_by_name_and_unknown_ones_are_clear_errors() -> None:
         get_task("classification")
 
 
-def test_a_task_without_its_plug_in_says_so(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_task_without_its_plug_in_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import importlib.util
 
     if importlib.util.find_spec("attnzoo.bench.tasks.segment") is not None:
@@ -55,7 +56,14 @@ def test_validate_fills_the_task_defaults_and_normalises(tmp_path: Path) -> None
     bench = validate(BenchConfig(attention="none,se", seeds=2, out=tmp_path, localise=False))
     c = bench.config
     assert (c.model, c.data, c.epochs, c.batch_size, c.lr, c.weight_decay, c.image_size) == (
-        "cifar_resnet8", "digits", 8, 64, 0.1, 5e-4, 32)
+        "cifar_resnet8",
+        "digits",
+        8,
+        64,
+        0.1,
+        5e-4,
+        32,
+    )
     assert c.seeds == [0, 1] and [s.label for s in bench.specs] == ["none", "se"]
     assert bench.baseline == "none" and bench.model_name == "cifar_resnet8"
     assert BenchConfig().epochs is None  # unset: the task decides
@@ -134,9 +142,16 @@ def _toy_module(model: nn.Module, lr: float) -> Any:
         def on_train_epoch_end(self) -> None:
             hits = torch.cat(self._hits).float()
             self._hits = []
-            self.history.append({"epoch": self.current_epoch + 1, "train_loss": self._loss,
-                                 "hit_rate": float(hits.mean()), "n": len(hits),
-                                 "lr": lr, "seconds": 0.0})
+            self.history.append(
+                {
+                    "epoch": self.current_epoch + 1,
+                    "train_loss": self._loss,
+                    "hit_rate": float(hits.mean()),
+                    "n": len(hits),
+                    "lr": lr,
+                    "seconds": 0.0,
+                }
+            )
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.model.parameters(), lr=lr)
@@ -148,9 +163,16 @@ class ToyTask(Task):
     name = "toy"
     metric = "hit_rate"
     metric_label = "hit rate %"
-    defaults = {"attention": ("none", "se"), "model": "cifar_resnet8", "data": "toy",
-                "epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 0.0,
-                "image_size": 8}
+    defaults = {
+        "attention": ("none", "se"),
+        "model": "cifar_resnet8",
+        "data": "toy",
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 0.05,
+        "weight_decay": 0.0,
+        "image_size": 8,
+    }
     options = {"brightness": 1.0}
     csv_columns = ("n",)
 
@@ -174,11 +196,15 @@ class ToyTask(Task):
     def make_module(self, model: nn.Module, data: Any, config: Any) -> Any:
         return _toy_module(model, config.lr)
 
-    def make_loaders(self, data: Any, config: Any, *, seed: int
-                     ) -> tuple[DataLoader, DataLoader]:
-        return (DataLoader(data.train, batch_size=config.batch_size,
-                           sampler=SeededSampler(len(data.train), seed=seed)),
-                DataLoader(data.test, batch_size=64))
+    def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[DataLoader, DataLoader]:
+        return (
+            DataLoader(
+                data.train,
+                batch_size=config.batch_size,
+                sampler=SeededSampler(len(data.train), seed=seed),
+            ),
+            DataLoader(data.test, batch_size=64),
+        )
 
     def final_row(self, history: Any, module: Any) -> dict[str, Any]:
         return {**super().final_row(history, module), "n": history[-1]["n"]}
@@ -196,16 +222,27 @@ def _one_thread():
 
 
 @pytest.mark.slow
-def test_another_task_runs_through_the_same_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   _one_thread: None) -> None:
+def test_another_task_runs_through_the_same_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _one_thread: None
+) -> None:
     task = ToyTask()
     monkeypatch.setattr(engine, "get_task", lambda name: task)
-    result = run("none,se", task="toy", seeds=[0, 1], out=tmp_path, progress=False,
-                 profile=False, options={"brightness": 2.0})
+    result = run(
+        "none,se",
+        task="toy",
+        seeds=[0, 1],
+        out=tmp_path,
+        progress=False,
+        profile=False,
+        options={"brightness": 2.0},
+    )
     assert task.steps == [2]  # 32 images at batch 16, checked before training
     payload = json.loads((tmp_path / "results.json").read_text())
     assert (payload["task"], payload["metric"], payload["metric_label"]) == (
-        "toy", "hit_rate", "hit rate %")
+        "toy",
+        "hit_rate",
+        "hit rate %",
+    )
     assert payload["config"]["brightness"] == 2.0 and payload["config"]["task"] == "toy"
     for r in payload["runs"]:
         assert r["metric"] == r["hit_rate"] and 0.0 <= r["hit_rate"] <= 1.0 and r["n"] == 20
@@ -214,8 +251,7 @@ def test_another_task_runs_through_the_same_stages(tmp_path: Path, monkeypatch: 
     hits = {r["seed"]: r["hit_rate"] for r in payload["runs"] if r["attention"] == "se"}
     base = {r["seed"]: r["hit_rate"] for r in payload["runs"] if r["attention"] == "none"}
     assert se["metric"] == se["hit_rate"] == pytest.approx(sum(hits.values()) / 2)
-    assert se["diff_vs_baseline"] == pytest.approx(
-        sum(hits[s] - base[s] for s in (0, 1)) / 2)
+    assert se["diff_vs_baseline"] == pytest.approx(sum(hits[s] - base[s] for s in (0, 1)) / 2)
     csv_header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"task", "metric", "hit_rate", "hit_rate_std", "n"} <= set(csv_header)
     md = result.report_md.read_text()
@@ -225,13 +261,29 @@ def test_another_task_runs_through_the_same_stages(tmp_path: Path, monkeypatch: 
     assert cfg["task"] == "toy" and cfg["classes"] == ["dark", "bright"]
     ckpt = torch.load(tmp_path / "runs" / "se" / "seed1" / "last.ckpt", weights_only=True)
     assert ckpt["bench_history"] == next(
-        r["history"] for r in payload["runs"] if (r["attention"], r["seed"]) == ("se", 1))
-    again = run("none,se", task="toy", seeds=[0, 1], out=tmp_path, progress=False,
-                profile=False, report=False, options={"brightness": 2.0})
+        r["history"] for r in payload["runs"] if (r["attention"], r["seed"]) == ("se", 1)
+    )
+    again = run(
+        "none,se",
+        task="toy",
+        seeds=[0, 1],
+        out=tmp_path,
+        progress=False,
+        profile=False,
+        report=False,
+        options={"brightness": 2.0},
+    )
     assert len(again.skipped) == 4
     assert [r["hit_rate"] for r in again.runs] == [r["hit_rate"] for r in payload["runs"]]
     with pytest.raises(ValueError, match=r"other settings.*brightness"):
-        run("none,se", task="toy", seeds=[0, 1], out=tmp_path, progress=False, profile=False,
-            options={"brightness": 3.0})
+        run(
+            "none,se",
+            task="toy",
+            seeds=[0, 1],
+            out=tmp_path,
+            progress=False,
+            profile=False,
+            options={"brightness": 3.0},
+        )
     # the builder table is the models' one
     assert engine.validate(BenchConfig(task="toy", out=tmp_path)).builder is cifar_resnet8

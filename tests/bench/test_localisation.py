@@ -15,8 +15,16 @@ from attnzoo.bench.data import load_data
 from attnzoo.bench.run import run
 from attnzoo.cli import main
 
-TINY = dict(epochs=1, seeds=[0, 1], batch_size=32, n_train=96, n_test=37, progress=False,
-            profile=False, panel_images=3)
+TINY = dict(
+    epochs=1,
+    seeds=[0, 1],
+    batch_size=32,
+    n_train=96,
+    n_test=37,
+    progress=False,
+    profile=False,
+    panel_images=3,
+)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,10 +70,11 @@ def test_scores_are_recorded_per_run_and_summarised(bench, data) -> None:
     assert summ["cbam"]["pointing_game"] == pytest.approx(sum(cbam) / 2)
     base = {r["seed"]: r["pointing_game"] for r in payload["runs"] if r["attention"] == "none"}
     att = {r["seed"]: r["pointing_game"] for r in payload["runs"] if r["attention"] == "cbam"}
-    assert summ["cbam"]["pointing_diff"] == pytest.approx(
-        (att[0] - base[0] + att[1] - base[1]) / 2)
-    area = ((data.test.boxes[:, 2] - data.test.boxes[:, 0])
-            * (data.test.boxes[:, 3] - data.test.boxes[:, 1])).float() / (32 * 32)
+    assert summ["cbam"]["pointing_diff"] == pytest.approx((att[0] - base[0] + att[1] - base[1]) / 2)
+    area = (
+        (data.test.boxes[:, 2] - data.test.boxes[:, 0])
+        * (data.test.boxes[:, 3] - data.test.boxes[:, 1])
+    ).float() / (32 * 32)
     assert summ["none"]["chance"] == pytest.approx(float(area.mean()), rel=1e-6)
 
 
@@ -80,8 +89,9 @@ def test_cached_scores_match_a_from_scratch_computation(bench, data) -> None:
     assert cached["energy_in_box"] == pytest.approx(energy, abs=1e-9)
 
 
-def test_localise_run_reuses_its_cache_and_recomputes_for_another_method(bench, data,
-                                                                         monkeypatch) -> None:
+def test_localise_run_reuses_its_cache_and_recomputes_for_another_method(
+    bench, data, monkeypatch
+) -> None:
     out, _ = bench
     run_dir = out / "runs" / "none" / "seed0"
     first = loc.localise_run(run_dir, data)
@@ -104,16 +114,33 @@ def test_localise_run_needs_boxes(bench, data) -> None:
 
 
 def test_summarize_localisation_on_known_values() -> None:
-    per_run = {("none", 0): {"pointing_game": 0.50, "energy_in_box": 0.30, "chance": 0.25,
-                             "method": "gradcam"},
-               ("none", 1): {"pointing_game": 0.60, "energy_in_box": 0.40, "chance": 0.25,
-                             "method": "gradcam"},
-               ("se", 0): {"pointing_game": 0.70, "energy_in_box": 0.35, "chance": 0.25,
-                           "method": "gradcam"},
-               ("se", 1): {"pointing_game": 0.74, "energy_in_box": 0.45, "chance": 0.25,
-                           "method": "gradcam"}}
-    rows = {r["attention"]: r for r in loc.summarize_localisation(["none", "se"], [0, 1],
-                                                                   per_run)}
+    per_run = {
+        ("none", 0): {
+            "pointing_game": 0.50,
+            "energy_in_box": 0.30,
+            "chance": 0.25,
+            "method": "gradcam",
+        },
+        ("none", 1): {
+            "pointing_game": 0.60,
+            "energy_in_box": 0.40,
+            "chance": 0.25,
+            "method": "gradcam",
+        },
+        ("se", 0): {
+            "pointing_game": 0.70,
+            "energy_in_box": 0.35,
+            "chance": 0.25,
+            "method": "gradcam",
+        },
+        ("se", 1): {
+            "pointing_game": 0.74,
+            "energy_in_box": 0.45,
+            "chance": 0.25,
+            "method": "gradcam",
+        },
+    }
+    rows = {r["attention"]: r for r in loc.summarize_localisation(["none", "se"], [0, 1], per_run)}
     assert rows["none"]["pointing_game"] == pytest.approx(0.55)
     assert rows["none"]["pointing_game_std"] == pytest.approx(0.005**0.5)
     assert rows["se"]["energy_in_box"] == pytest.approx(0.40)
@@ -170,8 +197,9 @@ def _valid_png(path: Path) -> tuple[int, int]:
 
 def test_cam_cli_on_a_bench_folder_puts_attentions_side_by_side(bench, tmp_path, capsys) -> None:
     out, _ = bench
-    code = main(["cam", "--checkpoint", str(out), "--n", "4", "--seed", "1",
-                 "--out", str(tmp_path)])
+    code = main(
+        ["cam", "--checkpoint", str(out), "--n", "4", "--seed", "1", "--out", str(tmp_path)]
+    )
     assert code == 0
     printed = capsys.readouterr().out.split()
     names = sorted(Path(p).name for p in printed)
@@ -188,8 +216,19 @@ def test_cam_cli_on_one_run_with_an_image_folder(bench, tmp_path, capsys) -> Non
         arr = (torch.rand(20, 24, 3) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(folder / f"im{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    code = main(["cam", "--checkpoint", str(out / "runs" / "cbam" / "seed0"), "--images",
-                 str(folder), "--method", "gradcam++", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "cam",
+            "--checkpoint",
+            str(out / "runs" / "cbam" / "seed0"),
+            "--images",
+            str(folder),
+            "--method",
+            "gradcam++",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.split()
     assert [Path(p).name for p in printed] == ["maps_cbam.png"]
@@ -200,13 +239,16 @@ def test_cam_cli_errors(bench, tmp_path, capsys) -> None:
     out, _ = bench
     assert main(["cam", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "neither a bench run folder" in capsys.readouterr().err
-    assert main(["cam", "--checkpoint", str(out), "--seed", "7", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert main(["cam", "--checkpoint", str(out), "--seed", "7", "--out", str(tmp_path / "o")]) == 2
     assert "no run of seed 7" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["cam", "--checkpoint", str(out), "--images", str(empty), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["cam", "--checkpoint", str(out), "--images", str(empty), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "holds no image file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --images and --data are exclusive
         main(["cam", "--checkpoint", str(out), "--images", "a", "--data", "digits"])

@@ -40,13 +40,15 @@ def test_flop_rules_on_a_hand_counted_model() -> None:
     flops, extra = count_flops(Tiny().eval(), torch.randn(1, 3, 8, 8))
     assert flops == 2 * (8 * 8 * 8) * (3 * 3 * 3)  # 2 per multiply-add, conv only
     n = 8 * 8 * 8  # elements of the 8-channel 8x8 map
-    expected = (2 * n      # BatchNorm: scale and shift
-                + n        # ReLU
-                + n        # mean over H, W (1 per input element)
-                + 8        # sigmoid on the 8 means
-                + n        # h * gate
-                + 128 * 4  # 2x2 max-pool: 4 per output element, 8x4x4 outputs
-                + 3 * 128)  # softmax: 3 per element
+    expected = (
+        2 * n  # BatchNorm: scale and shift
+        + n  # ReLU
+        + n  # mean over H, W (1 per input element)
+        + 8  # sigmoid on the 8 means
+        + n  # h * gate
+        + 128 * 4  # 2x2 max-pool: 4 per output element, 8x4x4 outputs
+        + 3 * 128
+    )  # softmax: 3 per element
     assert extra == expected
 
 
@@ -54,8 +56,9 @@ def test_profile_rows_for_a_builder() -> None:
     rows = profile("resnet18", ["none", "se"], input_size=32, min_run_time=0.01, memory=False)
     assert [r.attention for r in rows] == ["none", "se"]
     base, se = rows
-    se_params = sum(attnzoo.info("se").count_params(c) for c in [64] * 2 + [128] * 2 + [256] * 2
-                    + [512] * 2)
+    se_params = sum(
+        attnzoo.info("se").count_params(c) for c in [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2
+    )
     assert base.params == 11_689_512 and se.params_delta == se_params
     # SE's FCs are counted by FlopCounterMode as matmuls: 2 * (C * C/16) * 2 per block
     fc = sum(2 * 2 * c * (c // 16) for c in [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2)

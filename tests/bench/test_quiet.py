@@ -13,12 +13,23 @@ import pytest
 
 from attnzoo.bench.quiet import filtered_native_stderr, quiet_lightning
 
-NOISE = ("GPU available", "TPU available", "litlogger", "Tip:", "USDT", "gpuGetDeviceCount",
-         "No CUDA runtime", "Loading `train_dataloader`", "`Trainer.fit` stopped")
+NOISE = (
+    "GPU available",
+    "TPU available",
+    "litlogger",
+    "Tip:",
+    "USDT",
+    "gpuGetDeviceCount",
+    "No CUDA runtime",
+    "Loading `train_dataloader`",
+    "`Trainer.fit` stopped",
+)
 
-KINETO = (b"USDT:2026-01-01 10:00:00 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
-          b"ERROR:2026-01-01 10:00:00 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
-          b"with code 35\n")
+KINETO = (
+    b"USDT:2026-01-01 10:00:00 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+    b"ERROR:2026-01-01 10:00:00 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
+    b"with code 35\n"
+)
 
 
 def test_native_noise_is_dropped_and_everything_else_kept(capfd) -> None:
@@ -50,8 +61,7 @@ def test_verbose_keeps_the_native_output(capfd) -> None:
 def test_quiet_lightning_sends_stdout_to_stderr(capsys, verbose: bool) -> None:
     with quiet_lightning(verbose):
         print("progress bar")
-        info = logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(
-            logging.INFO)
+        info = logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
     out, err = capsys.readouterr()
     assert out == "" and err == "progress bar\n"
     # importing Lightning inside the block must not bring its INFO messages back
@@ -85,17 +95,41 @@ def _folder(root: Path) -> Path:
             for k in range(n):
                 colour = tuple(220 if i == c else 10 * k for i in range(3))
                 Image.new("RGB", (12, 12), colour).save(
-                    root / split / name / f"{k}.{'png' if k % 2 else 'jpg'}")
+                    root / split / name / f"{k}.{'png' if k % 2 else 'jpg'}"
+                )
     return root
 
 
 @pytest.mark.slow
 def test_bench_cli_stdout_is_the_table_and_stderr_has_no_framework_noise(tmp_path: Path) -> None:
     data, out = _folder(tmp_path / "shapes"), tmp_path / "out"
-    cmd = [sys.executable, "-m", "attnzoo.cli", "bench", "--data", str(data),
-           "--attention", "none,se", "--epochs", "1", "--seeds", "1", "--batch-size", "8",
-           "--n-train", "12", "--n-test", "6", "--image-size", "16", "--no-localise",
-           "--threads", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnzoo.cli",
+        "bench",
+        "--data",
+        str(data),
+        "--attention",
+        "none,se",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--batch-size",
+        "8",
+        "--n-train",
+        "12",
+        "--n-test",
+        "6",
+        "--image-size",
+        "16",
+        "--no-localise",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for text in NOISE:
@@ -109,5 +143,7 @@ def test_bench_cli_stdout_is_the_table_and_stderr_has_no_framework_noise(tmp_pat
     assert "report: " in proc.stderr and "report.html" not in proc.stdout
     # every class was used, with the same share each
     config = json.loads((out / "results.json").read_text())["config"]
-    assert config["class_counts"] == {"train": {"circle": 4, "square": 4, "triangle": 4},
-                                      "test": {"circle": 2, "square": 2, "triangle": 2}}
+    assert config["class_counts"] == {
+        "train": {"circle": 4, "square": 4, "triangle": 4},
+        "test": {"circle": 2, "square": 2, "triangle": 2},
+    }

@@ -50,12 +50,17 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path, monkeypatch) ->
 
 def test_sections_render_to_markdown_and_self_contained_html(tmp_path: Path) -> None:
     png = _tiny_png()
-    sections = [rep.Section("Summary", [
-        rep.Text("Top-1 of **cbam** with `reduction=8` <b>escaped</b>"),
-        rep.Table(["attention", "top-1"], [["none", "90.00"], ["a|b", "91.00"]], "Caption"),
-        rep.Code("attnzoo bench --attention none,cbam"),
-        rep.Figure("acc.png", png, "Accuracy plot"),
-    ])]
+    sections = [
+        rep.Section(
+            "Summary",
+            [
+                rep.Text("Top-1 of **cbam** with `reduction=8` <b>escaped</b>"),
+                rep.Table(["attention", "top-1"], [["none", "90.00"], ["a|b", "91.00"]], "Caption"),
+                rep.Code("attnzoo bench --attention none,cbam"),
+                rep.Figure("acc.png", png, "Accuracy plot"),
+            ],
+        )
+    ]
     extra = [rep.Section("Grad-CAM (added later)", [rep.Text("- one\n- two")])]
     md_path, html_path = rep.write_report(tmp_path, "Report", sections, extra)
     md = md_path.read_text()
@@ -75,13 +80,18 @@ def test_sections_render_to_markdown_and_self_contained_html(tmp_path: Path) -> 
 
 
 def test_results_csv_has_run_and_summary_rows(tmp_path: Path) -> None:
-    runs = [{"attention": "none", "seed": 0, "test_acc": 0.9, "history": [1, 2]},
-            {"attention": "se", "seed": 0, "test_acc": 0.91}]
+    runs = [
+        {"attention": "none", "seed": 0, "test_acc": 0.9, "history": [1, 2]},
+        {"attention": "se", "seed": 0, "test_acc": 0.91},
+    ]
     summary = [{"attention": "se", "n_seeds": 1, "test_acc": 0.91, "verdict": "n/a"}]
     rep.write_results_csv(tmp_path / "r.csv", runs, summary)
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert [(r["row"], r["attention"]) for r in rows] == [
-        ("run", "none"), ("run", "se"), ("summary", "se")]
+        ("run", "none"),
+        ("run", "se"),
+        ("summary", "se"),
+    ]
     assert rows[0]["test_acc"] == "0.9" and "history" not in rows[0]
 
 
@@ -92,16 +102,36 @@ def test_formatting() -> None:
 
 
 def test_plots_are_pngs() -> None:
-    summary = [{"attention": "none", "test_acc": 0.9, "test_acc_std": 0.01, "params": 100,
-                "latency_ms": 1.0},
-               {"attention": "se", "test_acc": 0.92, "test_acc_std": 0.02, "params": 120,
-                "latency_ms": 1.2}]
+    summary = [
+        {
+            "attention": "none",
+            "test_acc": 0.9,
+            "test_acc_std": 0.01,
+            "params": 100,
+            "latency_ms": 1.0,
+        },
+        {
+            "attention": "se",
+            "test_acc": 0.92,
+            "test_acc_std": 0.02,
+            "params": 120,
+            "latency_ms": 1.2,
+        },
+    ]
     per_seed = {"none": [0.89, 0.91], "se": [0.9, 0.94]}
-    hist = {"none": [[{"epoch": 1, "test_acc": 0.5, "train_loss": 2.0},
-                      {"epoch": 2, "test_acc": 0.9, "train_loss": 1.0}]]}
+    hist = {
+        "none": [
+            [
+                {"epoch": 1, "test_acc": 0.5, "train_loss": 2.0},
+                {"epoch": 2, "test_acc": 0.9, "train_loss": 1.0},
+            ]
+        ]
+    }
     imgs = torch.rand(3, 3, 8, 8)
-    for png in (rep.plot_accuracy(summary, per_seed),
-                rep.plot_tradeoff(summary, "params", "params", "t"),
-                rep.plot_curves(hist),
-                rep.plot_samples(imgs, [0, 1, 0], ["a", "b"], boxes=[(1, 1, 4, 4)] * 3)):
+    for png in (
+        rep.plot_accuracy(summary, per_seed),
+        rep.plot_tradeoff(summary, "params", "params", "t"),
+        rep.plot_curves(hist),
+        rep.plot_samples(imgs, [0, 1, 0], ["a", "b"], boxes=[(1, 1, 4, 4)] * 3),
+    ):
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000

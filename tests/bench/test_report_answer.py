@@ -29,8 +29,7 @@ from attnzoo.cli import main
 from attnzoo.specs import parse_attentions
 
 CLASSES = ["circle", "square", "triangle"]
-CONFIG = {"model": "cifar_resnet8", "epochs": 2, "batch_size": 32, "lr": 0.1,
-          "weight_decay": 5e-4}
+CONFIG = {"model": "cifar_resnet8", "epochs": 2, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4}
 
 
 def _data(per_class: int = 4, classes: list[str] = CLASSES) -> BenchData:
@@ -38,8 +37,13 @@ def _data(per_class: int = 4, classes: list[str] = CLASSES) -> BenchData:
     labels = torch.arange(len(classes)).repeat_interleave(per_class)
     gen = torch.Generator().manual_seed(0)
     split = TensorImageSet(torch.rand(len(labels), 3, 8, 8, generator=gen), labels)
-    return BenchData(name="/data/shapes", train=split, test=split, classes=list(classes),
-                     description="image folder /data/shapes: 3 classes")
+    return BenchData(
+        name="/data/shapes",
+        train=split,
+        test=split,
+        classes=list(classes),
+        description="image folder /data/shapes: 3 classes",
+    )
 
 
 def _confusion(acc_per_class: list[int], per_class: int = 4) -> list[list[int]]:
@@ -52,8 +56,12 @@ def _confusion(acc_per_class: list[int], per_class: int = 4) -> list[list[int]]:
     return m
 
 
-def _result(tmp_path: Path, accs: dict[str, list[float]], baseline: str | None = "auto",
-            confusions: dict[str, list] | None = None) -> BenchResult:
+def _result(
+    tmp_path: Path,
+    accs: dict[str, list[float]],
+    baseline: str | None = "auto",
+    confusions: dict[str, list] | None = None,
+) -> BenchResult:
     """Summary and runs through the bench's own statistics and results writer."""
     specs = parse_attentions(list(accs))
     seeds = list(range(len(next(iter(accs.values())))))
@@ -62,12 +70,26 @@ def _result(tmp_path: Path, accs: dict[str, list[float]], baseline: str | None =
     for label, values in accs.items():
         for seed, acc in zip(seeds, values):
             results[(label, seed)] = {
-                "attention": label, "seed": seed, "test_acc": acc, "test_n": 12,
-                "train_acc": acc, "train_loss": 1.0, "train_seconds": 0.1,
+                "attention": label,
+                "seed": seed,
+                "test_acc": acc,
+                "test_n": 12,
+                "train_acc": acc,
+                "train_loss": 1.0,
+                "train_seconds": 0.1,
                 "history": [{"epoch": 1, "test_acc": acc, "train_loss": 1.0}],
-                "confusion": None if confusions is None else confusions[label][seed]}
-    bench = Bench(config=BenchConfig(seeds=seeds), task=TASK, specs=specs, baseline=base,
-                  model_name="cifar_resnet8", builder=None, out=tmp_path, run_config=CONFIG)
+                "confusion": None if confusions is None else confusions[label][seed],
+            }
+    bench = Bench(
+        config=BenchConfig(seeds=seeds),
+        task=TASK,
+        specs=specs,
+        baseline=base,
+        model_name="cifar_resnet8",
+        builder=None,
+        out=tmp_path,
+        run_config=CONFIG,
+    )
     runs, summary = statistics(bench, results)
     write_results(bench, runs, summary, "cmd", partial=False)
     return BenchResult(out=tmp_path, runs=runs, summary=summary, baseline=base, config=CONFIG)
@@ -95,12 +117,20 @@ def test_forest_plot_and_chance_level_come_before_the_table(tmp_path: Path) -> N
     page = _html(result)
     assert _sections(page)[0] == ("Result", False)
     first_img, first_table = page.index("<img"), page.index("<table")
-    assert 'alt="Left: test top-1' in page[first_img:first_img + 200]  # the forest plot
+    assert 'alt="Left: test top-1' in page[first_img : first_img + 200]  # the forest plot
     assert first_img < page.index("Chance level: 33.3 %") < first_table
     # the forest plot has one panel per score: accuracy, Δ accuracy
-    png = rep.plot_forest(result.summary, {s["attention"]: rep.mean_ci(
-        [r["test_acc"] for r in result.runs if r["attention"] == s["attention"]])
-        for s in result.summary}, "none", 1 / 3)
+    png = rep.plot_forest(
+        result.summary,
+        {
+            s["attention"]: rep.mean_ci(
+                [r["test_acc"] for r in result.runs if r["attention"] == s["attention"]]
+            )
+            for s in result.summary
+        },
+        "none",
+        1 / 3,
+    )
     assert png.startswith(b"\x89PNG")
     assert "Near chance" not in page
 
@@ -129,21 +159,23 @@ def test_chance_level_uses_the_most_frequent_class() -> None:
 def test_mean_ci_matches_the_t_interval() -> None:
     m, lo, hi = rep.mean_ci([0.80, 0.82, 0.84])
     assert m == pytest.approx(0.82)
-    assert hi - m == pytest.approx(4.303 * 0.02 / 3 ** 0.5, rel=1e-3)
+    assert hi - m == pytest.approx(4.303 * 0.02 / 3**0.5, rel=1e-3)
     assert rep.mean_ci([0.5])[1] != rep.mean_ci([0.5])[1]  # nan with one seed
 
 
 # ---------------------------------------------------------------------------------------------
 # per-class accuracy
 def test_per_class_accuracy_from_recorded_confusions(tmp_path: Path) -> None:
-    conf = {"none": [_confusion([4, 2, 0]), _confusion([4, 2, 2])],
-            "se": [_confusion([4, 4, 2]), _confusion([4, 4, 4])]}
+    conf = {
+        "none": [_confusion([4, 2, 0]), _confusion([4, 2, 2])],
+        "se": [_confusion([4, 4, 2]), _confusion([4, 4, 4])],
+    }
     result = _result(tmp_path, {"none": [0.5, 8 / 12], "se": [10 / 12, 1.0]}, confusions=conf)
     pooled = rep.pooled_confusions(result.runs, 3)
     assert pooled["none"].diagonal().tolist() == [8, 4, 2]
     page = _html(result)
     assert ("Per-class accuracy", False) in _sections(page)
-    sec = page[page.index("<h2>Per-class accuracy</h2>"):]
+    sec = page[page.index("<h2>Per-class accuracy</h2>") :]
     assert 'alt="Confusion matrices' in sec
     # triangle: none 2/8 = 25 %, se 6/8 = 75 % (+50 points)
     assert "<td>triangle</td><td>4</td><td>25.0</td><td>75.0 (+50.0)</td>" in sec
@@ -204,8 +236,9 @@ def test_without_none_there_is_no_delta_against_a_non_baseline(tmp_path: Path) -
 
 
 def test_an_explicit_baseline_is_named_everywhere(tmp_path: Path) -> None:
-    result = _result(tmp_path, {"none": [0.7, 0.8], "se": [0.80, 0.82], "cbam": [0.85, 0.86]},
-                     baseline="se")
+    result = _result(
+        tmp_path, {"none": [0.7, 0.8], "se": [0.80, 0.82], "cbam": [0.85, 0.86]}, baseline="se"
+    )
     headers, rows = result.table()
     assert "Δ vs se [95% CI]" in headers
     by = {r[0]: r for r in rows}
@@ -223,8 +256,11 @@ def test_baseline_must_be_one_of_the_attentions(tmp_path: Path) -> None:
     assert resolve_baseline(specs, None) == "none"
     assert resolve_baseline(specs, "cbam:reduction=8") == "cbam:reduction=8"
     assert resolve_baseline(parse_attentions("se,cbam"), None) is None
-    with pytest.raises(ValueError, match=r"--baseline 'eca' is not among the attentions "
-                                         r"\(none, se, cbam:reduction=8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"--baseline 'eca' is not among the attentions "
+        r"\(none, se, cbam:reduction=8\)",
+    ):
         resolve_baseline(specs, "eca")
     with pytest.raises(ValueError, match="--baseline 'eca'"):
         run("none,se", baseline="eca", out=tmp_path, epochs=1, seeds=[0], progress=False)
@@ -232,8 +268,18 @@ def test_baseline_must_be_one_of_the_attentions(tmp_path: Path) -> None:
 
 
 def test_cli_baseline_option(tmp_path: Path, capsys) -> None:
-    code = main(["bench", "--attention", "se,cbam", "--baseline", "none", "--out",
-                 str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "--attention",
+            "se,cbam",
+            "--baseline",
+            "none",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "--baseline 'none' is not among the attentions (se, cbam)" in capsys.readouterr().err
 
@@ -251,13 +297,13 @@ def _folder(root: Path, n: int) -> Path:
                 arr = torch.rand(12, 12, 3, generator=gen) * 0.3
                 arr[..., k] += 0.6  # a learnable colour cue
                 Image.fromarray((arr * 255).to(torch.uint8).numpy()).save(
-                    root / split / name / f"{i}.png")
+                    root / split / name / f"{i}.png"
+                )
     return root
 
 
 @pytest.mark.slow
-def test_bench_on_a_class_sorted_folder_reports_every_class(tmp_path: Path,
-                                                            monkeypatch) -> None:
+def test_bench_on_a_class_sorted_folder_reports_every_class(tmp_path: Path, monkeypatch) -> None:
     from attnzoo.bench import localisation
 
     seen = {}
@@ -270,9 +316,19 @@ def test_bench_on_a_class_sorted_folder_reports_every_class(tmp_path: Path,
     monkeypatch.setattr(localisation, "write_panels", spy)
     data = _folder(tmp_path / "shapes", 8)
     torch.set_num_threads(1)
-    result = run("none,cbam", data=str(data), n_train=12, out=tmp_path / "out", epochs=1,
-                 seeds=[0], batch_size=8, image_size=12, progress=False, profile=False,
-                 panel_images=3)
+    result = run(
+        "none,cbam",
+        data=str(data),
+        n_train=12,
+        out=tmp_path / "out",
+        epochs=1,
+        seeds=[0],
+        batch_size=8,
+        image_size=12,
+        progress=False,
+        profile=False,
+        panel_images=3,
+    )
     page = result.report_html.read_text()
     assert sorted(seen["labels"]) == [0, 1, 2]  # the panels show every class
     for name in CLASSES:  # every class trained on and reported per class
@@ -286,8 +342,9 @@ def test_bench_on_a_class_sorted_folder_reports_every_class(tmp_path: Path,
     assert sum(map(sum, result.runs[0]["confusion"])) == 24
 
 
-def test_grad_cam_is_not_repeated_for_modules_without_spatial_maps(tmp_path: Path,
-                                                                  monkeypatch) -> None:
+def test_grad_cam_is_not_repeated_for_modules_without_spatial_maps(
+    tmp_path: Path, monkeypatch
+) -> None:
     from attnzoo import viz
     from attnzoo.bench.localisation import write_panels
     from attnzoo.models import cifar_resnet8
@@ -301,12 +358,15 @@ def test_grad_cam_is_not_repeated_for_modules_without_spatial_maps(tmp_path: Pat
 
     monkeypatch.setattr(viz, "save_panel", spy)
     torch.manual_seed(0)
-    models = {"none": cifar_resnet8(attention=None, num_classes=3).eval(),
-              "se": cifar_resnet8(attention="se", num_classes=3).eval(),
-              "cbam": cifar_resnet8(attention="cbam", num_classes=3).eval()}
+    models = {
+        "none": cifar_resnet8(attention=None, num_classes=3).eval(),
+        "se": cifar_resnet8(attention="se", num_classes=3).eval(),
+        "cbam": cifar_resnet8(attention="cbam", num_classes=3).eval(),
+    }
     images = torch.rand(2, 3, 16, 16)
-    paths = write_panels(models, images, images, tmp_path, labels=torch.tensor([0, 2]),
-                         classes=CLASSES)
+    paths = write_panels(
+        models, images, images, tmp_path, labels=torch.tensor([0, 2]), classes=CLASSES
+    )
     assert sorted(p.name for p in paths) == ["cam_compare.png", "maps_cbam.png"]
     assert drawn["cam_compare.png"] == ["none", "se", "cbam"]
     assert drawn["maps_cbam.png"] and not any("CAM" in h for h in drawn["maps_cbam.png"])

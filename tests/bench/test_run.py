@@ -19,8 +19,9 @@ from attnzoo.bench.run import run
 from attnzoo.cli import main
 from attnzoo.specs import parse_attentions
 
-TINY = dict(epochs=1, seeds=[0, 1], batch_size=32, n_train=96, n_test=37, progress=False,
-            profile=True)
+TINY = dict(
+    epochs=1, seeds=[0, 1], batch_size=32, n_train=96, n_test=37, progress=False, profile=True
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,15 +74,18 @@ def test_bad_kwarg_value_is_reported_with_the_module(tmp_path: Path) -> None:
     assert _no_runs(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"epochs": 0}, "--epochs must be an integer >= 1"),
-    ({"batch_size": -1}, "--batch-size"),
-    ({"seeds": []}, "--seeds is empty"),
-    ({"seeds": [1, 1]}, "duplicates"),
-    ({"lr": 0.0}, "--lr"),
-    ({"model": "resnet9000"}, "unknown --model 'resnet9000'.*cifar_resnet8"),
-    ({"data": "cifar10"}, "needs the folder"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"epochs": 0}, "--epochs must be an integer >= 1"),
+        ({"batch_size": -1}, "--batch-size"),
+        ({"seeds": []}, "--seeds is empty"),
+        ({"seeds": [1, 1]}, "duplicates"),
+        ({"lr": 0.0}, "--lr"),
+        ({"model": "resnet9000"}, "unknown --model 'resnet9000'.*cifar_resnet8"),
+        ({"data": "cifar10"}, "needs the folder"),
+    ],
+)
 def test_bad_numbers_and_names(tmp_path: Path, kwargs, match) -> None:
     args = {**TINY, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -111,7 +115,11 @@ def test_results_json_csv_and_report(tiny_bench) -> None:
     payload = json.loads((out / "results.json").read_text())
     assert payload["complete"] is True
     assert [(r["attention"], r["seed"]) for r in payload["runs"]] == [
-        ("none", 0), ("none", 1), ("se", 0), ("se", 1)]
+        ("none", 0),
+        ("none", 1),
+        ("se", 0),
+        ("se", 1),
+    ]
     for r in payload["runs"]:
         assert r["test_n"] == 37  # the whole test set
         assert len(r["history"]) == 1
@@ -135,7 +143,7 @@ def test_results_json_csv_and_report(tiny_bench) -> None:
     # 7 standard figures (forest, confusion, accuracy, 2 trade-offs, curves, samples) + the
     # Grad-CAM comparison (neither none nor se has a spatial map panel)
     assert html.count("data:image/png;base64,") == 7 + 1
-    assert "src=\"http" not in html and "href=" not in html  # self-contained
+    assert 'src="http' not in html and "href=" not in html  # self-contained
 
 
 def test_checkpoints_load_with_weights_only(tiny_bench) -> None:
@@ -166,10 +174,30 @@ def test_same_seed_same_data_order_across_attentions(tiny_bench) -> None:
 # ---------------------------------------------------------------------------------------------
 # resume after SIGKILL
 def _cli(out: Path, epochs: int = 4) -> list[str]:
-    return [sys.executable, "-m", "attnzoo.cli", "bench", "--attention", "none,eca",
-            "--seeds", "1", "--epochs", str(epochs), "--batch-size", "32", "--n-train", "160",
-            "--n-test", "41", "--out", str(out), "--no-progress", "--no-profile",
-            "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "attnzoo.cli",
+        "bench",
+        "--attention",
+        "none,eca",
+        "--seeds",
+        "1",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--n-train",
+        "160",
+        "--n-test",
+        "41",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-profile",
+        "--threads",
+        "1",
+    ]
 
 
 def _strip_times(runs: list[dict]) -> list[dict]:
@@ -187,8 +215,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(_cli(ref_out), check=True, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_cli(cut_out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(cut_out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = cut_out / "runs" / "eca" / "seed0" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -202,8 +231,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert 0 <= killed_epoch < 3
     none_result = (cut_out / "runs" / "none" / "seed0" / "result.json").read_text()
 
-    done = subprocess.run(_cli(cut_out), check=True, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        _cli(cut_out), check=True, env=env, capture_output=True, text=True, timeout=600
+    )
     assert "1 finished runs reused" in done.stderr  # stdout holds the results table only
     assert (cut_out / "runs" / "none" / "seed0" / "result.json").read_text() == none_result
     ref = json.loads((ref_out / "results.json").read_text())

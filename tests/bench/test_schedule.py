@@ -45,8 +45,13 @@ def test_schedule_keeps_one_cycle_where_torch_works() -> None:
         model = nn.Linear(1, 1)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         ref = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, div_factor=10.0,
-            final_div_factor=100.0)
+            opt,
+            max_lr=cfg.lr,
+            total_steps=total,
+            pct_start=0.25,
+            div_factor=10.0,
+            final_div_factor=100.0,
+        )
         expected = []
         for _ in range(total):
             expected.append(opt.param_groups[0]["lr"])
@@ -68,9 +73,12 @@ def test_pre_run_check_says_what_to_change(monkeypatch) -> None:
 
     monkeypatch.setattr(train_mod, "build_optimizer", broken)
     check_lr_schedule(TrainConfig(epochs=2), 2)
-    with pytest.raises(ValueError, match=r"schedule fails for 2 epochs x 3 batches per epoch "
-                                         r"\(6 steps\): ZeroDivisionError.*Change --epochs, "
-                                         r"--batch-size or --n-train"):
+    with pytest.raises(
+        ValueError,
+        match=r"schedule fails for 2 epochs x 3 batches per epoch "
+        r"\(6 steps\): ZeroDivisionError.*Change --epochs, "
+        r"--batch-size or --n-train",
+    ):
         check_lr_schedule(TrainConfig(epochs=2), 3)
 
 
@@ -81,8 +89,17 @@ def test_run_checks_the_schedule_before_any_training(tmp_path: Path, monkeypatch
     classify = importlib.import_module("attnzoo.bench.tasks.classify")
     monkeypatch.setattr(classify, "check_lr_schedule", broken)
     with pytest.raises(ValueError, match="fails for 2 x 2"):
-        run("none", out=tmp_path, epochs=2, batch_size=64, n_train=90, n_test=20,
-            progress=False, profile=False, localise=False)
+        run(
+            "none",
+            out=tmp_path,
+            epochs=2,
+            batch_size=64,
+            n_train=90,
+            n_test=20,
+            progress=False,
+            profile=False,
+            localise=False,
+        )
     assert not (tmp_path / "runs").exists()
     assert steps_per_epoch(90, 64) == 2 and steps_per_epoch(90, 32, world_size=2) == 2
 
@@ -91,8 +108,19 @@ def test_run_checks_the_schedule_before_any_training(tmp_path: Path, monkeypatch
 def test_four_steps_train_end_to_end(tmp_path: Path) -> None:
     """2 epochs of 90 images at batch 64: 4 optimiser steps (a ZeroDivisionError in torch's
     OneCycleLR with pct_start=0.25)."""
-    result = run("none", out=tmp_path, epochs=2, batch_size=64, n_train=90, n_test=20,
-                 seeds=[0], progress=False, profile=False, localise=False, report=False)
+    result = run(
+        "none",
+        out=tmp_path,
+        epochs=2,
+        batch_size=64,
+        n_train=90,
+        n_test=20,
+        seeds=[0],
+        progress=False,
+        profile=False,
+        localise=False,
+        report=False,
+    )
     (row,) = result.runs
     assert row["epochs"] == 2 and 0.0 <= row["test_acc"] <= 1.0
     assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in row["history"])

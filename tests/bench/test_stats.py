@@ -24,8 +24,9 @@ def test_summarize_single_value_has_zero_std_and_empty_fails() -> None:
         summarize([])
 
 
-@pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262),
-                                         (30, 2.042)])
+@pytest.mark.parametrize(
+    "df,expected", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)]
+)
 def test_t_quantile_agrees_with_published_values(df: int, expected: float) -> None:
     assert t_quantile(df) == pytest.approx(expected, abs=5e-4)
 

@@ -11,8 +11,15 @@ from attnzoo.bench.engine import BenchResult
 def test_summary_fractions_and_table_percentage_points() -> None:
     summary = [
         {"attention": "none", "test_acc": 0.9, "test_acc_std": 0.005, "verdict": "baseline"},
-        {"attention": "se", "test_acc": 0.912, "test_acc_std": 0.004, "diff_vs_baseline": 0.012,
-         "diff_low": -0.001, "diff_high": 0.025, "verdict": "no detectable difference"},
+        {
+            "attention": "se",
+            "test_acc": 0.912,
+            "test_acc_std": 0.004,
+            "diff_vs_baseline": 0.012,
+            "diff_low": -0.001,
+            "diff_high": 0.025,
+            "verdict": "no detectable difference",
+        },
     ]
     result = BenchResult(out=Path("x"), runs=[], summary=summary)
     headers, rows = result.table()

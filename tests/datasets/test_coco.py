@@ -56,11 +56,18 @@ def _write(root: Path, doc: dict, sizes: dict[str, tuple[int, int]]) -> Path:
 def _doc() -> dict:
     """Two images of different sizes; category ids 7 and 3 (not contiguous, not sorted)."""
     return {
-        "images": [{"id": 10, "file_name": "a.png", "width": 60, "height": 40},
-                   {"id": 11, "file_name": "b.png", "width": 50, "height": 70}],
+        "images": [
+            {"id": 10, "file_name": "a.png", "width": 60, "height": 40},
+            {"id": 11, "file_name": "b.png", "width": 50, "height": 70},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [1.5, 2.0, 10.0, 20.25],
-             "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "bbox": [1.5, 2.0, 10.0, 20.25],
+                "iscrowd": 0,
+            },
             {"id": 2, "image_id": 11, "category_id": 3, "bbox": [0, 0, 50, 70], "iscrowd": 1},
             {"id": 3, "image_id": 11, "category_id": 7, "bbox": [5, 6, 7, 8]},
         ],
@@ -102,8 +109,16 @@ def _break(doc: dict, root: Path, case: str) -> str:
     return case
 
 
-CASES = ["missing image", "unreadable image", "size mismatch", "no objects", "unknown class",
-         "malformed annotation", "box outside image", "degenerate box"]
+CASES = [
+    "missing image",
+    "unreadable image",
+    "size mismatch",
+    "no objects",
+    "unknown class",
+    "malformed annotation",
+    "box outside image",
+    "degenerate box",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

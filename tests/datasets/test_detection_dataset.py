@@ -55,8 +55,9 @@ def test_flip_mirrors_image_boxes_and_masks(scenes) -> None:
         assert torch.equal(tf["semantic"], t["semantic"].flip(-1))
         assert torch.equal(tf["masks"], t["masks"].flip(-1))
         b = t["boxes"]
-        torch.testing.assert_close(tf["boxes"], torch.stack(
-            [64 - b[:, 2], b[:, 1], 64 - b[:, 0], b[:, 3]], dim=1))
+        torch.testing.assert_close(
+            tf["boxes"], torch.stack([64 - b[:, 2], b[:, 1], 64 - b[:, 0], b[:, 3]], dim=1)
+        )
         # the flipped boxes are still tight around the flipped masks
         for box, mask in zip(tf["boxes"].int().tolist(), tf["masks"]):
             x0, y0, x1, y1 = box
@@ -92,8 +93,11 @@ def test_mixed_sizes_need_a_size() -> None:
     data = DetectionData(
         images=[np.zeros((40, 60, 3), np.uint8), np.zeros((64, 32, 3), np.uint8)],
         boxes=[np.array([[1, 2, 30, 20]], np.float32), np.array([[0, 0, 32, 64]], np.float32)],
-        labels=[np.array([0]), np.array([0])], classes=("a",), names=["x", "y"],
-        difficult=[np.array([False]), np.array([True])])
+        labels=[np.array([0]), np.array([0])],
+        classes=("a",),
+        names=["x", "y"],
+        difficult=[np.array([False]), np.array([True])],
+    )
     with pytest.raises(ValueError, match="DetectionDataset: the images differ in size"):
         DetectionDataset(data)
     ds = DetectionDataset(data, 64)
@@ -104,12 +108,15 @@ def test_mixed_sizes_need_a_size() -> None:
         DetectionDataset(data, 64, masks=True)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"size": 100}, "size must be a positive multiple of 32"),
-    ({"size": (64, 0)}, "size must be"),
-    ({"size": True}, "size must be"),
-    ({"hflip": 1.5}, "hflip must be a probability"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"size": 100}, "size must be a positive multiple of 32"),
+        ({"size": (64, 0)}, "size must be"),
+        ({"size": True}, "size must be"),
+        ({"hflip": 1.5}, "hflip must be a probability"),
+    ],
+)
 def test_bad_arguments(scenes, kwargs, match) -> None:
     with pytest.raises(ValueError, match=f"DetectionDataset: {match}"):
         DetectionDataset(scenes, **kwargs)
@@ -129,5 +136,10 @@ def test_subset_keeps_per_image_fields_aligned(scenes) -> None:
 
 def test_detection_data_checks_lengths(scenes) -> None:
     with pytest.raises(ValueError, match=r"DetectionData: 8 images but \{'labels': 7\}"):
-        DetectionData(images=scenes.images, boxes=scenes.boxes, labels=scenes.labels[:7],
-                      classes=scenes.classes, names=scenes.names)
+        DetectionData(
+            images=scenes.images,
+            boxes=scenes.boxes,
+            labels=scenes.labels[:7],
+            classes=scenes.classes,
+            names=scenes.names,
+        )

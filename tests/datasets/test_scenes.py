@@ -101,13 +101,17 @@ def test_masks_consistent_with_boxes_labels_and_pixels(scenes) -> None:
                 inside[y0:y1, x0:x1] = True
                 assert (image[inside & ~union] == 0).all()
     # clutter (unannotated ink) exists outside the boxes
-    assert any((split.images[i][~split.instance_masks[i].any(0)] > 0).any()
-               for split in scenes for i in range(len(split)))
+    assert any(
+        (split.images[i][~split.instance_masks[i].any(0)] > 0).any()
+        for split in scenes
+        for i in range(len(split))
+    )
 
 
 def test_objects_limited_overlap_and_several_scales() -> None:
-    train, _ = make_digit_scenes(40, 5, canvas=96, objects=(3, 4), max_overlap_iou=0.1,
-                                 max_covered=0.3, seed=1)
+    train, _ = make_digit_scenes(
+        40, 5, canvas=96, objects=(3, 4), max_overlap_iou=0.1, max_covered=0.3, seed=1
+    )
     heights = set()
     for boxes in train.boxes:
         t = torch.from_numpy(boxes)
@@ -148,29 +152,34 @@ def test_white_ink_without_colour() -> None:
         assert ink.min() >= int(INK * 255) and (image[~masks.any(axis=0)] == 0).all()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"canvas": 100}, "canvas"),
-    ({"canvas": (64, 100)}, "canvas"),
-    ({"objects": (0, 2)}, "objects"),
-    ({"objects": (3, 2)}, "objects"),
-    ({"canvas": 64, "scales": (2, 9)}, "scales"),
-    ({"clutter": -1}, "clutter"),
-    ({"background": "white"}, "background"),
-    ({"max_overlap_iou": 1.0}, "max_overlap_iou"),
-    ({"max_covered": 1.5}, "max_covered"),
-    ({"test_fraction": 0.0}, "test_fraction"),
-    ({"n_train": 0}, "n_train"),
-    ({"colour": "yes"}, "colour"),
-    ({"seed": 1.5}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"canvas": 100}, "canvas"),
+        ({"canvas": (64, 100)}, "canvas"),
+        ({"objects": (0, 2)}, "objects"),
+        ({"objects": (3, 2)}, "objects"),
+        ({"canvas": 64, "scales": (2, 9)}, "scales"),
+        ({"clutter": -1}, "clutter"),
+        ({"background": "white"}, "background"),
+        ({"max_overlap_iou": 1.0}, "max_overlap_iou"),
+        ({"max_covered": 1.5}, "max_covered"),
+        ({"test_fraction": 0.0}, "test_fraction"),
+        ({"n_train": 0}, "n_train"),
+        ({"colour": "yes"}, "colour"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=f"make_digit_scenes: {match}"):
         make_digit_scenes(**{"n_train": 2, "n_test": 2, **kwargs})
 
 
 def test_import_stays_light() -> None:
-    code = ("import sys, attnzoo.datasets; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('lightning', 'matplotlib', 'sklearn', 'PIL') or m.startswith('attnzoo.bench')]; "
-            "print(bad)")
+    code = (
+        "import sys, attnzoo.datasets; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'matplotlib', 'sklearn', 'PIL') or m.startswith('attnzoo.bench')]; "
+        "print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -24,11 +24,18 @@ def _gradient(h: int, w: int) -> np.ndarray:
 def _mixed_sizes() -> DetectionData:
     """Two images of different sizes with fractional boxes and difficult flags."""
     images = [_gradient(40, 60), _gradient(70, 50)]
-    boxes = [np.array([[0.0, 0.0, 60.0, 40.0], [10.3, 5.7, 20.49, 30.5]], np.float32),
-             np.array([[3.2, 4.8, 44.6, 69.1]], np.float32)]
-    return DetectionData(images=images, boxes=boxes,
-                         labels=[np.array([1, 0]), np.array([1])], classes=("cat", "dog"),
-                         names=["a", "b"], difficult=[np.array([False, True]), np.array([False])])
+    boxes = [
+        np.array([[0.0, 0.0, 60.0, 40.0], [10.3, 5.7, 20.49, 30.5]], np.float32),
+        np.array([[3.2, 4.8, 44.6, 69.1]], np.float32),
+    ]
+    return DetectionData(
+        images=images,
+        boxes=boxes,
+        labels=[np.array([1, 0]), np.array([1])],
+        classes=("cat", "dog"),
+        names=["a", "b"],
+        difficult=[np.array([False, True]), np.array([False])],
+    )
 
 
 def test_round_trip_scenes_exact(scenes, tmp_path) -> None:
@@ -79,15 +86,19 @@ def test_only_difficult_objects_are_counted(tmp_path) -> None:
 
 
 def _object(name: str, box: tuple[int, int, int, int]) -> str:
-    return (f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{box[0]}</xmin>"
-            f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>")
+    return (
+        f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{box[0]}</xmin>"
+        f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+    )
 
 
 def _break(root: Path, case: str) -> str:
     """Corrupt image ``b`` of a valid folder; returns the expected reason."""
     xml = root / "Annotations" / "b.xml"
-    head = "<annotation><filename>b.jpg</filename><size><width>50</width><height>70</height>" \
-           "<depth>3</depth></size>"
+    head = (
+        "<annotation><filename>b.jpg</filename><size><width>50</width><height>70</height>"
+        "<depth>3</depth></size>"
+    )
     if case == "missing image":
         (root / "JPEGImages" / "b.jpg").unlink()
     elif case == "unreadable image":
@@ -100,23 +111,34 @@ def _break(root: Path, case: str) -> str:
         xml.write_text(head + _object("cat", (1, 2, 3, 4)).replace(">3<", ">x<") + "</annotation>")
         return "malformed annotation"
     elif case == "size mismatch":
-        xml.write_text(head.replace(">70<", ">71<") + _object("cat", (1, 1, 9, 9))
-                       + "</annotation>")
+        xml.write_text(
+            head.replace(">70<", ">71<") + _object("cat", (1, 1, 9, 9)) + "</annotation>"
+        )
     elif case == "box outside image":
         xml.write_text(head + _object("cat", (1, 1, 52, 9)) + "</annotation>")
     elif case == "degenerate box":
         xml.write_text(head + _object("cat", (20, 1, 10, 9)) + "</annotation>")
     elif case == "unknown class":
-        xml.write_text(head + _object("cat", (1, 1, 9, 9)) + _object("zebra", (2, 2, 9, 9))
-                       + "</annotation>")
+        xml.write_text(
+            head + _object("cat", (1, 1, 9, 9)) + _object("zebra", (2, 2, 9, 9)) + "</annotation>"
+        )
     elif case == "no objects":
         xml.write_text(head + "</annotation>")
     return case
 
 
-CASES = ["missing image", "unreadable image", "missing annotation", "malformed annotation",
-         "malformed coordinates", "size mismatch", "box outside image", "degenerate box",
-         "unknown class", "no objects"]
+CASES = [
+    "missing image",
+    "unreadable image",
+    "missing annotation",
+    "malformed annotation",
+    "malformed coordinates",
+    "size mismatch",
+    "box outside image",
+    "degenerate box",
+    "unknown class",
+    "no objects",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -146,8 +168,9 @@ def test_bad_layout_and_arguments(tmp_path) -> None:
     write_voc(_mixed_sizes(), tmp_path / "VOC2007")
     with pytest.raises(ValueError, match="did you mean .*VOC2007"):
         read_voc(tmp_path, "train")
-    with pytest.raises(ValueError, match="split file .*val.txt does not exist; splits found: "
-                                         "train"):
+    with pytest.raises(
+        ValueError, match="split file .*val.txt does not exist; splits found: train"
+    ):
         read_voc(tmp_path / "VOC2007", "val")
     with pytest.raises(ValueError, match="on_error"):
         read_voc(tmp_path / "VOC2007", "train", on_error="ignore")

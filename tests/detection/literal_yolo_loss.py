@@ -40,7 +40,7 @@ def centre_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU matrix ``(len(a), len(b))`` of centre-format boxes."""
     a_lo, a_hi = a[:, :2] - a[:, 2:4] / 2, a[:, :2] + a[:, 2:4] / 2
     b_lo, b_hi = b[:, :2] - b[:, 2:4] / 2, b[:, :2] + b[:, 2:4] / 2
-    inter_wh = (torch.min(a_hi[:, None], b_hi[None]) - torch.max(a_lo[:, None], b_lo[None]))
+    inter_wh = torch.min(a_hi[:, None], b_hi[None]) - torch.max(a_lo[:, None], b_lo[None])
     inter_wh = inter_wh.clamp(min=0)
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     area_a = ((a_hi - a_lo)[:, 0] * (a_hi - a_lo)[:, 1])[:, None]
@@ -48,9 +48,16 @@ def centre_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area_a + area_b - inter)
 
 
-def get_target(level: int, targets: list[Tensor],
-               scaled_anchors: list[tuple[float, float]], masks: tuple, in_h: int, in_w: int,
-               nc: int, dtype: torch.dtype):
+def get_target(
+    level: int,
+    targets: list[Tensor],
+    scaled_anchors: list[tuple[float, float]],
+    masks: tuple,
+    in_h: int,
+    in_w: int,
+    nc: int,
+    dtype: torch.dtype,
+):
     """``y_true (B, A, h, w, 5 + nc)`` and ``noobj_mask (B, A, h, w)`` of head ``level``."""
     bs, slots = len(targets), len(masks[level])
     noobj = torch.ones(bs, slots, in_h, in_w, dtype=dtype)
@@ -63,8 +70,13 @@ def get_target(level: int, targets: list[Tensor],
         t_grid[:, [0, 2]] = targets[b][:, [0, 2]] * in_w
         t_grid[:, [1, 3]] = targets[b][:, [1, 3]] * in_h
         gt_shapes = torch.cat([torch.zeros(len(t_grid), 2, dtype=torch.float64), t_grid[:, 2:4]], 1)
-        anchor_shapes = torch.cat([torch.zeros(len(scaled_anchors), 2, dtype=torch.float64),
-                                   torch.tensor(scaled_anchors, dtype=torch.float64)], 1)
+        anchor_shapes = torch.cat(
+            [
+                torch.zeros(len(scaled_anchors), 2, dtype=torch.float64),
+                torch.tensor(scaled_anchors, dtype=torch.float64),
+            ],
+            1,
+        )
         iou = centre_iou(gt_shapes, anchor_shapes)
         for t in range(len(t_grid)):
             best = int(torch.argmax(iou[t]))
@@ -96,8 +108,9 @@ def decode(x: Tensor, y: Tensor, w: Tensor, h: Tensor, anchors_l: list[tuple[flo
     return torch.stack([x + grid_x, y + grid_y, torch.exp(w) * aw, torch.exp(h) * ah], -1)
 
 
-def get_ignore(pred_boxes: Tensor, targets: list[Tensor], in_h: int, in_w: int,
-               noobj: Tensor, threshold: float) -> Tensor:
+def get_ignore(
+    pred_boxes: Tensor, targets: list[Tensor], in_h: int, in_w: int, noobj: Tensor, threshold: float
+) -> Tensor:
     """Clear ``noobj`` where a prediction's IoU with a box of its image exceeds ``threshold``."""
     noobj = noobj.clone()
     for b in range(len(targets)):
@@ -117,8 +130,7 @@ def ciou(b1: Tensor, b2: Tensor) -> Tensor:
     """The reference's ``box_ciou`` on centre-format boxes."""
     b1_lo, b1_hi = b1[..., :2] - b1[..., 2:4] / 2, b1[..., :2] + b1[..., 2:4] / 2
     b2_lo, b2_hi = b2[..., :2] - b2[..., 2:4] / 2, b2[..., :2] + b2[..., 2:4] / 2
-    inter_wh = torch.max(torch.min(b1_hi, b2_hi) - torch.max(b1_lo, b2_lo),
-                         torch.zeros_like(b1_hi))
+    inter_wh = torch.max(torch.min(b1_hi, b2_hi) - torch.max(b1_lo, b2_lo), torch.zeros_like(b1_hi))
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = b1[..., 2] * b1[..., 3] + b2[..., 2] * b2[..., 3] - inter
     iou = inter / torch.clamp(union, min=1e-6)
@@ -126,8 +138,10 @@ def ciou(b1: Tensor, b2: Tensor) -> Tensor:
     enclose = torch.max(torch.max(b1_hi, b2_hi) - torch.min(b1_lo, b2_lo), torch.zeros_like(b1_hi))
     diagonal = torch.sum(enclose**2, -1)
     out = iou - centre / torch.clamp(diagonal, min=1e-6)
-    v = (4 / math.pi**2) * (torch.atan(b1[..., 2] / torch.clamp(b1[..., 3], min=1e-6))
-                            - torch.atan(b2[..., 2] / torch.clamp(b2[..., 3], min=1e-6))) ** 2
+    v = (4 / math.pi**2) * (
+        torch.atan(b1[..., 2] / torch.clamp(b1[..., 3], min=1e-6))
+        - torch.atan(b2[..., 2] / torch.clamp(b2[..., 3], min=1e-6))
+    ) ** 2
     alpha = v / torch.clamp(1.0 - iou + v, min=1e-6)
     return out - alpha * v
 
@@ -140,9 +154,16 @@ def bce(pred: Tensor, target: Tensor) -> Tensor:
     return -target * torch.log(p) - (1.0 - target) * torch.log(1.0 - p)
 
 
-def literal_yolo_loss(outputs: tuple[Tensor, ...], targets: list[dict], num_classes: int, *,
-                      anchors, anchor_masks, label_smoothing: float = 0.0,
-                      ignore_threshold: float = 0.5) -> dict:
+def literal_yolo_loss(
+    outputs: tuple[Tensor, ...],
+    targets: list[dict],
+    num_classes: int,
+    *,
+    anchors,
+    anchor_masks,
+    label_smoothing: float = 0.0,
+    ignore_threshold: float = 0.5,
+) -> dict:
     """Loss parts ``{"loss", "box", "obj", "cls"}`` (weighted, summed over heads) and, per head,
     ``"y_true"``, ``"noobj_assigned"`` (before the ignore rule) and ``"noobj"`` (after it)."""
     nc = num_classes
@@ -153,8 +174,7 @@ def literal_yolo_loss(outputs: tuple[Tensor, ...], targets: list[dict], num_clas
     cls_ratio = nc / 80
     masks = tuple(tuple(m) for m in anchor_masks)
     zero = outputs[0].new_zeros(())
-    parts = {"box": zero, "obj": zero, "cls": zero, "y_true": [], "noobj_assigned": [],
-             "noobj": []}
+    parts = {"box": zero, "obj": zero, "cls": zero, "y_true": [], "noobj_assigned": [], "noobj": []}
     for level, out in enumerate(outputs):
         bs, _, in_h, in_w = out.shape
         stride_h, stride_w = input_size[0] / in_h, input_size[1] / in_w

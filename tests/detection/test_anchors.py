@@ -16,8 +16,9 @@ CENTRES = torch.tensor([[12.0, 16.0], [60.0, 35.0], [40.0, 110.0], [220.0, 300.0
 def clustered(n_per: int = 60, seed: int = 0) -> torch.Tensor:
     """Box sizes around CENTRES, +-8 % multiplicative noise, shuffled."""
     gen = torch.Generator().manual_seed(seed)
-    wh = CENTRES.repeat_interleave(n_per, 0) * (1 + 0.08 * (2 * torch.rand(4 * n_per, 2,
-                                                                           generator=gen) - 1))
+    wh = CENTRES.repeat_interleave(n_per, 0) * (
+        1 + 0.08 * (2 * torch.rand(4 * n_per, 2, generator=gen) - 1)
+    )
     return wh[torch.randperm(len(wh), generator=gen)]
 
 
@@ -46,15 +47,18 @@ def test_shape_iou_values() -> None:
     torch.testing.assert_close(iou, torch.tensor([[1.0, 4.0 / 12.0, 1.0 / 8.0]]))
 
 
-@pytest.mark.parametrize(("wh", "k", "match"), [
-    (torch.rand(4, 2) + 1, 6, "distinct"),
-    (torch.ones(10, 2), 2, "distinct"),
-    (torch.tensor([[1.0, 2.0], [0.0, 3.0], [4.0, 5.0]]), 2, "positive"),
-    (torch.tensor([[1.0, 2.0], [float("nan"), 3.0], [4.0, 5.0]]), 2, "finite"),
-    (torch.rand(10, 3) + 1, 2, r"\(N, 2\)"),
-    (torch.rand(10, 2) + 1, 0, "k must be"),
-    (np.ones((0, 2)), 1, "distinct"),
-])
+@pytest.mark.parametrize(
+    ("wh", "k", "match"),
+    [
+        (torch.rand(4, 2) + 1, 6, "distinct"),
+        (torch.ones(10, 2), 2, "distinct"),
+        (torch.tensor([[1.0, 2.0], [0.0, 3.0], [4.0, 5.0]]), 2, "positive"),
+        (torch.tensor([[1.0, 2.0], [float("nan"), 3.0], [4.0, 5.0]]), 2, "finite"),
+        (torch.rand(10, 3) + 1, 2, r"\(N, 2\)"),
+        (torch.rand(10, 2) + 1, 0, "k must be"),
+        (np.ones((0, 2)), 1, "distinct"),
+    ],
+)
 def test_bad_input(wh, k: int, match: str) -> None:
     with pytest.raises(ValueError, match=f"kmeans_anchors: .*{match}"):
         kmeans_anchors(wh, k=k)

@@ -17,7 +17,7 @@ from torchvision.ops import nms
 from attnzoo.detection import ANCHOR_MASKS, ANCHORS, decode_outputs, postprocess
 
 torch.set_num_threads(2)
-BIG = 12.0   # logit of "certainly yes"; -BIG is "certainly no"
+BIG = 12.0  # logit of "certainly yes"; -BIG is "certainly no"
 
 
 def empty_outputs(batch: int, num_classes: int, size: tuple[int, int]) -> list[torch.Tensor]:
@@ -30,9 +30,17 @@ def empty_outputs(batch: int, num_classes: int, size: tuple[int, int]) -> list[t
     return outs
 
 
-def put(outs: list[torch.Tensor], image: int, head: int, slot: int, box: list[float],
-        label: int, size: tuple[int, int], obj_logit: float = BIG,
-        cell: tuple[int, int] | None = None) -> None:
+def put(
+    outs: list[torch.Tensor],
+    image: int,
+    head: int,
+    slot: int,
+    box: list[float],
+    label: int,
+    size: tuple[int, int],
+    obj_logit: float = BIG,
+    cell: tuple[int, int] | None = None,
+) -> None:
     """Literal encoder: write logits at (head, anchor slot) of the box centre's cell (or ``cell``)
     so that the reference decoding gives back ``box`` (xyxy pixels) with class ``label``."""
     out = outs[head]
@@ -76,8 +84,14 @@ def reference_decode(outputs, size, anchors=ANCHORS, masks=ANCHOR_MASKS) -> torc
                         y = (torch.sigmoid(t[1]) + j) / gh * size[0]
                         w = torch.exp(t[2]) * aw / gw * size[1]
                         h = torch.exp(t[3]) * ah / gh * size[0]
-                        per_image[b].append(torch.cat([torch.stack(
-                            [x - w / 2, y - h / 2, x + w / 2, y + h / 2]), torch.sigmoid(t[4:])]))
+                        per_image[b].append(
+                            torch.cat(
+                                [
+                                    torch.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2]),
+                                    torch.sigmoid(t[4:]),
+                                ]
+                            )
+                        )
         rows.append(torch.stack([torch.stack(r) for r in per_image]))
     return torch.cat(rows, dim=1)
 
@@ -106,17 +120,19 @@ def reference_postprocess(outputs, size, conf, nms_iou, max_det):
 @pytest.mark.parametrize("size", [(64, 96), (96, 64)])
 def test_decode_matches_reference_loops(size: tuple[int, int]) -> None:
     gen = torch.Generator().manual_seed(0)
-    outputs = (torch.randn(2, 3 * 7, size[0] // 32, size[1] // 32, generator=gen),
-               torch.randn(2, 3 * 7, size[0] // 16, size[1] // 16, generator=gen))
+    outputs = (
+        torch.randn(2, 3 * 7, size[0] // 32, size[1] // 32, generator=gen),
+        torch.randn(2, 3 * 7, size[0] // 16, size[1] // 16, generator=gen),
+    )
     ours = decode_outputs(outputs, size)
     assert ours.shape == (2, 3 * (6 + 24), 7) and ours.dtype == torch.float32
-    torch.testing.assert_close(ours.double(), reference_decode(outputs, size), rtol=1e-5,
-                               atol=1e-4)
+    torch.testing.assert_close(ours.double(), reference_decode(outputs, size), rtol=1e-5, atol=1e-4)
 
 
 def test_decode_is_differentiable_and_keeps_dtype() -> None:
-    outputs = tuple(torch.randn(1, 3 * 6, s, s, dtype=torch.float64, requires_grad=True)
-                    for s in (2, 4))
+    outputs = tuple(
+        torch.randn(1, 3 * 6, s, s, dtype=torch.float64, requires_grad=True) for s in (2, 4)
+    )
     det = decode_outputs(outputs, 64)
     assert det.dtype == torch.float64
     det[..., :5].sum().backward()
@@ -126,11 +142,13 @@ def test_decode_is_differentiable_and_keeps_dtype() -> None:
 def test_postprocess_matches_reference_nms_on_random_maps() -> None:
     gen = torch.Generator().manual_seed(1)
     size = (96, 128)
-    outputs = (torch.randn(3, 3 * 8, 3, 4, generator=gen) * 2,
-               torch.randn(3, 3 * 8, 6, 8, generator=gen) * 2)
+    outputs = (
+        torch.randn(3, 3 * 8, 3, 4, generator=gen) * 2,
+        torch.randn(3, 3 * 8, 6, 8, generator=gen) * 2,
+    )
     ours = postprocess(outputs, size, conf_threshold=0.2, nms_iou=0.45, max_detections=15)
     ref = reference_postprocess(outputs, size, 0.2, 0.45, 15)
-    assert sum(len(r["scores"]) for r in ref) > 20    # the case is not trivial
+    assert sum(len(r["scores"]) for r in ref) > 20  # the case is not trivial
     for o, r in zip(ours, ref):
         assert o["labels"].dtype == torch.long and o["boxes"].shape == (len(r["scores"]), 4)
         torch.testing.assert_close(o["scores"].double(), r["scores"], rtol=1e-5, atol=1e-6)
@@ -149,18 +167,19 @@ def test_nms_keeps_the_higher_score_of_one_class() -> None:
     (pred,) = postprocess(flat(outs), SIZE)
     assert len(pred["scores"]) == 1 and int(pred["labels"]) == 1
     assert float(pred["scores"]) == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), 1e-4)
-    torch.testing.assert_close(pred["boxes"][0], torch.tensor([41.0, 31.0, 101.0, 92.0]),
-                               rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        pred["boxes"][0], torch.tensor([41.0, 31.0, 101.0, 92.0]), rtol=0, atol=1e-3
+    )
 
 
 def test_nms_is_per_class_and_per_image() -> None:
     outs = empty_outputs(2, 3, SIZE)
     box = [40.0, 30.0, 100.0, 90.0]
     put(outs, 0, 0, 0, box, label=0, size=SIZE, obj_logit=1.0)
-    put(outs, 0, 0, 1, box, label=2, size=SIZE, obj_logit=3.0)   # same box, other class
-    put(outs, 1, 0, 0, box, label=0, size=SIZE, obj_logit=2.0)   # same box, other image
+    put(outs, 0, 0, 1, box, label=2, size=SIZE, obj_logit=3.0)  # same box, other class
+    put(outs, 1, 0, 0, box, label=0, size=SIZE, obj_logit=2.0)  # same box, other image
     preds = postprocess(flat(outs), SIZE)
-    assert preds[0]["labels"].tolist() == [2, 0]                 # both kept, by score
+    assert preds[0]["labels"].tolist() == [2, 0]  # both kept, by score
     assert preds[1]["labels"].tolist() == [0]
     for pred in preds:
         for b in pred["boxes"]:
@@ -173,10 +192,13 @@ def test_threshold_cap_and_clipping() -> None:
     put(outs, 0, 1, 1, [100.0, 100.0, 170.0, 140.0], label=1, size=SIZE, obj_logit=0.0)
     put(outs, 0, 0, 2, [60.0, 10.0, 90.0, 40.0], label=1, size=SIZE, obj_logit=-3.0)
     (pred,) = postprocess(flat(outs), SIZE, conf_threshold=0.1, max_detections=None)
-    assert len(pred["scores"]) == 2                               # sigmoid(-3) < 0.1 dropped
-    torch.testing.assert_close(pred["boxes"], torch.tensor([[0.0, 4.0, 14.0, 30.0],
-                                                            [100.0, 100.0, 160.0, 128.0]]),
-                               rtol=0, atol=1e-3)
+    assert len(pred["scores"]) == 2  # sigmoid(-3) < 0.1 dropped
+    torch.testing.assert_close(
+        pred["boxes"],
+        torch.tensor([[0.0, 4.0, 14.0, 30.0], [100.0, 100.0, 160.0, 128.0]]),
+        rtol=0,
+        atol=1e-3,
+    )
     (capped,) = postprocess(flat(outs), SIZE, conf_threshold=0.01, max_detections=2)
     assert capped["scores"].tolist() == sorted(capped["scores"].tolist(), reverse=True)
     assert len(capped["scores"]) == 2 and float(capped["scores"][-1]) > 0.4
@@ -196,7 +218,7 @@ def test_decode_encode_round_trip_gives_ap_one() -> None:
     outs = empty_outputs(3, num_classes, size)
     targets = []
     for image in range(3):
-        cells = torch.randperm(6 * 8, generator=gen)[:4]           # distinct inner P5 cells
+        cells = torch.randperm(6 * 8, generator=gen)[:4]  # distinct inner P5 cells
         boxes, labels = [], []
         for k, cell in enumerate(cells.tolist()):
             row, col = 1 + cell // 8, 1 + cell % 8
@@ -221,17 +243,20 @@ def test_decode_encode_round_trip_gives_ap_one() -> None:
     assert result["map75"] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"outputs": torch.zeros(1, 21, 2, 2)}, "tuple or list"),
-    ({"outputs": (torch.zeros(1, 21, 2, 2),)}, "one entry per head"),
-    ({"outputs": (torch.zeros(1, 20, 2, 2), torch.zeros(1, 20, 4, 4))}, "20 channels"),
-    ({"outputs": (torch.zeros(1, 21, 2, 2), torch.zeros(1, 24, 4, 4))}, "classes per anchor"),
-    ({"outputs": (torch.zeros(21, 2, 2), torch.zeros(1, 21, 4, 4))}, "4-D"),
-    ({"input_size": (64,)}, "input_size"),
-    ({"input_size": 0}, "input_size"),
-    ({"anchors": [[10, 0]] * 6}, "anchors"),
-    ({"anchor_masks": ((3, 4, 6), (1, 2, 3))}, "anchor_masks"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"outputs": torch.zeros(1, 21, 2, 2)}, "tuple or list"),
+        ({"outputs": (torch.zeros(1, 21, 2, 2),)}, "one entry per head"),
+        ({"outputs": (torch.zeros(1, 20, 2, 2), torch.zeros(1, 20, 4, 4))}, "20 channels"),
+        ({"outputs": (torch.zeros(1, 21, 2, 2), torch.zeros(1, 24, 4, 4))}, "classes per anchor"),
+        ({"outputs": (torch.zeros(21, 2, 2), torch.zeros(1, 21, 4, 4))}, "4-D"),
+        ({"input_size": (64,)}, "input_size"),
+        ({"input_size": 0}, "input_size"),
+        ({"anchors": [[10, 0]] * 6}, "anchors"),
+        ({"anchor_masks": ((3, 4, 6), (1, 2, 3))}, "anchor_masks"),
+    ],
+)
 def test_decode_bad_input(kwargs: dict, match: str) -> None:
     args = {"outputs": (torch.zeros(1, 21, 2, 2), torch.zeros(1, 21, 4, 4)), "input_size": 64}
     args.update(kwargs)
@@ -239,9 +264,15 @@ def test_decode_bad_input(kwargs: dict, match: str) -> None:
         decode_outputs(args.pop("outputs"), args.pop("input_size"), **args)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"conf_threshold": 1.5}, "conf_threshold"), ({"nms_iou": -0.1}, "nms_iou"),
-    ({"max_detections": 0}, "max_detections"), ({"max_detections": 2.5}, "max_detections")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"conf_threshold": 1.5}, "conf_threshold"),
+        ({"nms_iou": -0.1}, "nms_iou"),
+        ({"max_detections": 0}, "max_detections"),
+        ({"max_detections": 2.5}, "max_detections"),
+    ],
+)
 def test_postprocess_bad_options(kwargs: dict, match: str) -> None:
     outputs = (torch.zeros(1, 21, 2, 2), torch.zeros(1, 21, 4, 4))
     with pytest.raises(ValueError, match=f"postprocess: {match}"):

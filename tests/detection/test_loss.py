@@ -36,9 +36,11 @@ def random_boxes(gen: torch.Generator, n: int, size: tuple[int, int]) -> torch.T
     height, width = size
     anchors = torch.tensor(ANCHORS, dtype=torch.float64)
     centre = torch.rand(n, 2, generator=gen, dtype=torch.float64) * torch.tensor(
-        [width, height], dtype=torch.float64)
+        [width, height], dtype=torch.float64
+    )
     wh = anchors[torch.randint(0, 6, (n,), generator=gen)] * (
-        0.5 + 1.5 * torch.rand(n, 2, generator=gen, dtype=torch.float64))
+        0.5 + 1.5 * torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    )
     lo = (centre - wh / 2).clamp(min=0)
     hi = torch.minimum(centre + wh / 2, torch.tensor([width, height], dtype=torch.float64))
     return torch.cat([lo, hi], 1)
@@ -48,15 +50,18 @@ def special_boxes(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Two boxes in one cell (same anchor, different classes), an anchor-0 box, an anchor-3 box,
     boxes touching the image borders, a whole-image box."""
     height, width = size
-    boxes = torch.tensor([
-        [40.0, 40.0, 63.0, 66.0],    # 23 x 26: anchor 1, cell of the next box
-        [41.0, 39.0, 64.0, 65.0],    # same cell and anchor, listed later: its box wins
-        [100.0, 60.0, 108.0, 71.0],  # 8 x 11: best anchor 0, unused -> next best used anchor
-        [10.0, 20.0, 91.0, 102.0],   # 81 x 82: anchor 3, positive in both heads
-        [0.0, 0.0, 30.0, 25.0],      # top-left border
-        [width - 37.0, height - 58.0, width, height],  # bottom-right border, anchor 2
-        [0.0, 0.0, float(width), float(height)],       # the whole image
-    ], dtype=torch.float64)
+    boxes = torch.tensor(
+        [
+            [40.0, 40.0, 63.0, 66.0],  # 23 x 26: anchor 1, cell of the next box
+            [41.0, 39.0, 64.0, 65.0],  # same cell and anchor, listed later: its box wins
+            [100.0, 60.0, 108.0, 71.0],  # 8 x 11: best anchor 0, unused -> next best used anchor
+            [10.0, 20.0, 91.0, 102.0],  # 81 x 82: anchor 3, positive in both heads
+            [0.0, 0.0, 30.0, 25.0],  # top-left border
+            [width - 37.0, height - 58.0, width, height],  # bottom-right border, anchor 2
+            [0.0, 0.0, float(width), float(height)],  # the whole image
+        ],
+        dtype=torch.float64,
+    )
     return boxes, torch.tensor([0, 3, 1, 2, 4, 0, 1])
 
 
@@ -66,19 +71,32 @@ def make_batch(size: tuple[int, int], seed: int = 0, *, empty: bool = False):
     targets = []
     for n in (9, 0, None, 15):
         if empty or n == 0:
-            targets.append({"boxes": torch.zeros(0, 4, dtype=torch.float64),
-                            "labels": torch.zeros(0, dtype=torch.long)})
+            targets.append(
+                {
+                    "boxes": torch.zeros(0, 4, dtype=torch.float64),
+                    "labels": torch.zeros(0, dtype=torch.long),
+                }
+            )
         elif n is None:
             boxes, labels = special_boxes(size)
             targets.append({"boxes": boxes, "labels": labels})
         else:
-            targets.append({"boxes": random_boxes(gen, n, size),
-                            "labels": torch.randint(0, NC, (n,), generator=gen)})
+            targets.append(
+                {
+                    "boxes": random_boxes(gen, n, size),
+                    "labels": torch.randint(0, NC, (n,), generator=gen),
+                }
+            )
     height, width = size
     outputs = tuple(
-        (0.7 * torch.randn(4, 3 * (5 + NC), height // s, width // s, generator=gen,
-                           dtype=torch.float64)).requires_grad_()
-        for s in (32, 16))
+        (
+            0.7
+            * torch.randn(
+                4, 3 * (5 + NC), height // s, width // s, generator=gen, dtype=torch.float64
+            )
+        ).requires_grad_()
+        for s in (32, 16)
+    )
     return outputs, targets
 
 
@@ -93,8 +111,7 @@ def dense(head, batch, grid, nc=NC):
 
 
 def literal(outputs, targets, **kw):
-    return literal_yolo_loss(outputs, targets, NC, anchors=ANCHORS, anchor_masks=ANCHOR_MASKS,
-                             **kw)
+    return literal_yolo_loss(outputs, targets, NC, anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, **kw)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -116,16 +133,18 @@ def test_special_cases_assignment():
     p4_rows = {tuple(r): n for n, r in enumerate(p4.index.tolist())}
     # two boxes in cell (row 3, col 3) of P4, anchor 1 = slot 0: the later box, both classes
     n = p4_rows[(0, 0, 3, 3)]
-    torch.testing.assert_close(p4.box[n], torch.tensor([52.5, 52.0, 23.0, 26.0],
-                                                       dtype=torch.float64) / 16)
+    torch.testing.assert_close(
+        p4.box[n], torch.tensor([52.5, 52.0, 23.0, 26.0], dtype=torch.float64) / 16
+    )
     assert p4.cls[n].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
     # 8 x 11 px: best anchor 0 is in no mask -> anchor 1 (P4 slot 0), cell (row 4, col 6)
     assert (0, 0, 4, 6) in p4_rows
     # 81 x 82 px: anchor 3, positive in P5 (slot 0) and in P4 (slot 2)
     assert [0, 0, 1, 1] in p5.index.tolist() and (0, 2, 3, 3) in p4_rows
     # best anchors: 1, 1, 1 (0 is unused), 3, 1 (30 x 25 px), 2, 5 (the whole image)
-    gt = _gather_boxes([{"boxes": boxes, "labels": labels}], size, NC, torch.float64,
-                       torch.device("cpu"), "test")
+    gt = _gather_boxes(
+        [{"boxes": boxes, "labels": labels}], size, NC, torch.float64, torch.device("cpu"), "test"
+    )
     best = _best_anchors(gt, torch.tensor(ANCHORS, dtype=torch.float64), ANCHOR_MASKS, size)
     assert best.tolist() == [1, 1, 1, 3, 1, 2, 5]
 
@@ -149,8 +168,10 @@ def test_unused_best_anchor_takes_next_best_used_one():
     # anchor 0 unused and best for a 10 x 14 box; the next best is anchor 2, not 1
     anchors = ((10, 14), (100, 100), (12, 16), (81, 82), (135, 169), (344, 319))
     outputs, targets = make_batch((416, 416), seed=7)
-    targets[1] = {"boxes": torch.tensor([[50.0, 60.0, 60.0, 74.0]], dtype=torch.float64),
-                  "labels": torch.tensor([2])}
+    targets[1] = {
+        "boxes": torch.tensor([[50.0, 60.0, 60.0, 74.0]], dtype=torch.float64),
+        "labels": torch.tensor([2]),
+    }
     heads = assign_targets(targets, [(13, 13), (26, 26)], (416, 416), NC, anchors=anchors)
     assert [1, 1, 4, 3] in heads[1].index.tolist()  # P4 slot 1 = anchor 2, cell (4, 3)
     ours = YoloV4TinyLoss(NC, anchors=anchors)(outputs, targets)
@@ -163,8 +184,7 @@ def test_saturated_probabilities_are_clipped_as_the_reference():
     outputs, targets = make_batch((128, 160), seed=8)
     scale = torch.ones(3, 5 + NC, 1, 1, dtype=torch.float64)
     scale[:, 4:] = 60.0  # objectness and class logits far beyond the 1e-7 clip
-    outputs = tuple((o.detach() * scale.view(1, -1, 1, 1)).requires_grad_()
-                    for o in outputs)
+    outputs = tuple((o.detach() * scale.view(1, -1, 1, 1)).requires_grad_() for o in outputs)
     ours = YoloV4TinyLoss(NC)(outputs, targets)
     ref = literal(outputs, targets)
     for part in ("loss", "obj", "cls"):
@@ -245,12 +265,13 @@ def test_float32_matches_float64():
     outputs, targets = make_batch((128, 160), seed=6)
     loss = YoloV4TinyLoss(NC)
     ref = loss(outputs, targets)
-    single = loss(tuple(o.detach().float() for o in outputs),
-                  [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets])
+    single = loss(
+        tuple(o.detach().float() for o in outputs),
+        [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets],
+    )
     assert single["loss"].dtype == torch.float32
     for part in ("loss", "box", "obj", "cls"):
-        torch.testing.assert_close(single[part].double(), ref[part].detach(), rtol=1e-4,
-                                   atol=1e-6)
+        torch.testing.assert_close(single[part].double(), ref[part].detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_half_precision_maps_are_computed_in_float32():
@@ -269,8 +290,10 @@ def test_trains_yolov4_tiny_parameters():
     model = YoloV4Tiny(NC)
     images = torch.rand(2, 3, 64, 96)
     boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [50.0, 10.0, 90.0, 60.0]])
-    targets = [{"boxes": boxes, "labels": torch.tensor([1, 4])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    targets = [
+        {"boxes": boxes, "labels": torch.tensor([1, 4])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
     parts = YoloV4TinyLoss(NC)(model(images), targets)
     parts["loss"].backward()
     assert math.isfinite(parts["loss"].item()) and parts["box"] > 0 and parts["cls"] > 0
@@ -284,23 +307,47 @@ def _targets(boxes, labels):
     return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}]
 
 
-@pytest.mark.parametrize("outputs, targets, match", [
-    ((torch.zeros(1, 30, 2, 2),), _targets([[0, 0, 9, 9]], [0]), "2 head maps"),
-    ((torch.zeros(1, 31, 2, 2), torch.zeros(1, 30, 4, 4)), _targets([[0, 0, 9, 9]], [0]),
-     "channels"),
-    ((torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 3, 4)), _targets([[0, 0, 9, 9]], [0]),
-     r"outputs\[1\]"),
-    ((torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)), _targets([[0, 0, 9, 9]], [5]),
-     r"labels must be in \[0, 5\)"),
-    ((torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)), _targets([[0, 0, 9, 9]], [-1]),
-     r"labels must be in \[0, 5\)"),
-    ((torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)), _targets([[9, 0, 5, 9]], [0]),
-     "xyxy"),
-    ((torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)), _targets([[60, 0, 90, 9]], [0]),
-     "centres must lie inside"),
-    ((torch.zeros(2, 30, 2, 2), torch.zeros(2, 30, 4, 4)), _targets([[0, 0, 9, 9]], [0]),
-     "list of 2 dicts"),
-])
+@pytest.mark.parametrize(
+    "outputs, targets, match",
+    [
+        ((torch.zeros(1, 30, 2, 2),), _targets([[0, 0, 9, 9]], [0]), "2 head maps"),
+        (
+            (torch.zeros(1, 31, 2, 2), torch.zeros(1, 30, 4, 4)),
+            _targets([[0, 0, 9, 9]], [0]),
+            "channels",
+        ),
+        (
+            (torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 3, 4)),
+            _targets([[0, 0, 9, 9]], [0]),
+            r"outputs\[1\]",
+        ),
+        (
+            (torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)),
+            _targets([[0, 0, 9, 9]], [5]),
+            r"labels must be in \[0, 5\)",
+        ),
+        (
+            (torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)),
+            _targets([[0, 0, 9, 9]], [-1]),
+            r"labels must be in \[0, 5\)",
+        ),
+        (
+            (torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)),
+            _targets([[9, 0, 5, 9]], [0]),
+            "xyxy",
+        ),
+        (
+            (torch.zeros(1, 30, 2, 2), torch.zeros(1, 30, 4, 4)),
+            _targets([[60, 0, 90, 9]], [0]),
+            "centres must lie inside",
+        ),
+        (
+            (torch.zeros(2, 30, 2, 2), torch.zeros(2, 30, 4, 4)),
+            _targets([[0, 0, 9, 9]], [0]),
+            "list of 2 dicts",
+        ),
+    ],
+)
 def test_bad_input_raises(outputs, targets, match):
     with pytest.raises(ValueError, match=f"YoloV4TinyLoss.*{match}"):
         YoloV4TinyLoss(NC)(outputs, targets)

@@ -20,14 +20,18 @@ torch.set_num_threads(2)
 
 
 def P(boxes, scores, labels) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores, dtype=torch.float32),
-            "labels": torch.tensor(labels, dtype=torch.long)}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 def T(boxes, labels, difficult=None) -> dict[str, torch.Tensor]:
-    t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-         "labels": torch.tensor(labels, dtype=torch.long)}
+    t = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
     if difficult is not None:
         t["difficult"] = torch.tensor(difficult, dtype=torch.bool)
     return t
@@ -99,13 +103,15 @@ def random_dataset(n_images: int, num_classes: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     preds, targets = [], []
     for _ in range(n_images):
-        cells = torch.randperm(16, generator=gen)[:int(torch.randint(0, 5, (1,), generator=gen))]
+        cells = torch.randperm(16, generator=gen)[: int(torch.randint(0, 5, (1,), generator=gen))]
         boxes, labels = [], []
         for cell in cells.tolist():
             x0, y0 = 40.0 * (cell % 4), 40.0 * (cell // 4)
             w, h = (8 + 28 * torch.rand(2, generator=gen)).tolist()
-            x, y = x0 + (36 - w) * torch.rand(1, generator=gen).item(), \
-                y0 + (36 - h) * torch.rand(1, generator=gen).item()
+            x, y = (
+                x0 + (36 - w) * torch.rand(1, generator=gen).item(),
+                y0 + (36 - h) * torch.rand(1, generator=gen).item(),
+            )
             boxes.append([x, y, x + w, y + h])
             labels.append(int(torch.randint(num_classes, (1,), generator=gen)))
         det_boxes, det_labels = [], []
@@ -120,11 +126,19 @@ def random_dataset(n_images: int, num_classes: int, seed: int):
             xy = torch.rand(2, generator=gen) * 130
             det_boxes.append([*xy.tolist(), *(xy + 5 + 25 * torch.rand(2, generator=gen)).tolist()])
             det_labels.append(int(torch.randint(num_classes, (1,), generator=gen)))
-        preds.append({"boxes": torch.tensor(det_boxes).reshape(-1, 4),
-                      "scores": torch.rand(len(det_boxes), generator=gen),
-                      "labels": torch.tensor(det_labels, dtype=torch.long)})
-        targets.append({"boxes": torch.tensor(boxes).reshape(-1, 4),
-                        "labels": torch.tensor(labels, dtype=torch.long)})
+        preds.append(
+            {
+                "boxes": torch.tensor(det_boxes).reshape(-1, 4),
+                "scores": torch.rand(len(det_boxes), generator=gen),
+                "labels": torch.tensor(det_labels, dtype=torch.long),
+            }
+        )
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.long),
+            }
+        )
     return preds, targets
 
 
@@ -136,15 +150,16 @@ def test_ap50_agrees_with_pycocotools_within_interpolation_tolerance() -> None:
     num_classes = 3
     preds, targets = random_dataset(40, num_classes, seed=0)
     ours = voc_map(preds, targets, num_classes)
-    coco = MeanAveragePrecision(iou_type="bbox", iou_thresholds=[0.5], class_metrics=True,
-                                backend="pycocotools")
+    coco = MeanAveragePrecision(
+        iou_type="bbox", iou_thresholds=[0.5], class_metrics=True, backend="pycocotools"
+    )
     coco.update(preds, targets)
     result = coco.compute()
     theirs = dict(zip(result["classes"].tolist(), result["map_per_class"].tolist()))
     assert len(theirs) == num_classes
     diffs = [abs(ours["per_class"][c] - theirs[c]) for c in range(num_classes)]
-    assert 0.2 < ours["map50"] < 0.9                       # a non-trivial case
-    assert max(diffs) <= 0.01 and max(diffs) > 0          # sampled, not identical
+    assert 0.2 < ours["map50"] < 0.9  # a non-trivial case
+    assert max(diffs) <= 0.01 and max(diffs) > 0  # sampled, not identical
     assert ours["map50"] == pytest.approx(float(result["map_50"]), abs=0.01)
 
 
@@ -153,7 +168,7 @@ def test_metric_accumulates_like_one_call_and_merges_states() -> None:
     expected = voc_map(preds, targets, 3)
     metric = VOCMeanAP(3)
     for i in range(0, 12, 5):
-        metric.update(preds[i:i + 5], targets[i:i + 5])
+        metric.update(preds[i : i + 5], targets[i : i + 5])
     assert metric.compute() == expected
     # what torchmetrics does with the states across processes (cat / sum)
     first, second = VOCMeanAP(3), VOCMeanAP(3)
@@ -187,9 +202,9 @@ def test_detection_metrics_bundle() -> None:
 
 
 def test_coco_difficult_boxes_are_crowd_regions() -> None:
-    preds = [P([A, B], [0.8, 0.9], [0, 0])]   # the detection on B is ranked first
+    preds = [P([A, B], [0.8, 0.9], [0, 0])]  # the detection on B is ranked first
     plain, hard = COCOMeanAP(), COCOMeanAP()
-    plain.update(preds, [T([A], [0])])                               # B is a false positive
+    plain.update(preds, [T([A], [0])])  # B is a false positive
     hard.update(preds, [T([A, B], [0, 0], difficult=[False, True])])  # B hits a crowd region
     assert plain.compute()["map50"] == pytest.approx(0.5, abs=0.01)
     assert hard.compute()["map50"] == pytest.approx(1.0)
@@ -205,18 +220,27 @@ def test_coco_backends_agree() -> None:
         metric.update(preds, targets)
         results.append(metric.compute())
     assert results[0] == pytest.approx(results[1], abs=1e-9)
-    assert COCOMeanAP().backend == "faster_coco_eval"     # "auto" picks the faster one
+    assert COCOMeanAP().backend == "faster_coco_eval"  # "auto" picks the faster one
 
 
-@pytest.mark.parametrize(("preds", "targets", "match"), [
-    ([P([A], [0.9], [0])], [], "one dict per image"),
-    ([{"boxes": torch.zeros(1, 4), "labels": torch.zeros(1, dtype=torch.long)}],
-     [T([A], [0])], "keys"),
-    ([P([A], [0.9], [0])], [T([A], [5])], r"labels'\] must be in \[0, 2\)"),
-    ([P([A], [0.9], [0])], [{"boxes": torch.zeros(2, 4), "labels": torch.zeros(1).long()}],
-     r"\(1, 4\)"),
-    ([P([A], [0.9], [0])], [T([A], [0], difficult=[True, False])], "difficult"),
-])
+@pytest.mark.parametrize(
+    ("preds", "targets", "match"),
+    [
+        ([P([A], [0.9], [0])], [], "one dict per image"),
+        (
+            [{"boxes": torch.zeros(1, 4), "labels": torch.zeros(1, dtype=torch.long)}],
+            [T([A], [0])],
+            "keys",
+        ),
+        ([P([A], [0.9], [0])], [T([A], [5])], r"labels'\] must be in \[0, 2\)"),
+        (
+            [P([A], [0.9], [0])],
+            [{"boxes": torch.zeros(2, 4), "labels": torch.zeros(1).long()}],
+            r"\(1, 4\)",
+        ),
+        ([P([A], [0.9], [0])], [T([A], [0], difficult=[True, False])], "difficult"),
+    ],
+)
 def test_bad_input(preds, targets, match: str) -> None:
     with pytest.raises(ValueError, match=f"VOCMeanAP.update: .*{match}"):
         VOCMeanAP(2).update(preds, targets)
@@ -261,11 +285,23 @@ def test_two_processes_give_the_single_process_result(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r)})
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     preds, targets = random_dataset(13, 3, seed=4)

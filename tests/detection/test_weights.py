@@ -31,42 +31,65 @@ SLOTS = {"feat1_att": 256, "feat2_att": 512, "upsample_att": 128}
 # ------------------------------------------------------------------------------------------------
 # the reference's layout
 def basic(prefix: str, c_in: int, c_out: int, k: int) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}.conv.weight": (c_out, c_in, k, k), f"{prefix}.bn.weight": (c_out,),
-            f"{prefix}.bn.bias": (c_out,), f"{prefix}.bn.running_mean": (c_out,),
-            f"{prefix}.bn.running_var": (c_out,), f"{prefix}.bn.num_batches_tracked": ()}
+    return {
+        f"{prefix}.conv.weight": (c_out, c_in, k, k),
+        f"{prefix}.bn.weight": (c_out,),
+        f"{prefix}.bn.bias": (c_out,),
+        f"{prefix}.bn.running_mean": (c_out,),
+        f"{prefix}.bn.running_var": (c_out,),
+        f"{prefix}.bn.num_batches_tracked": (),
+    }
 
 
 def resblock(prefix: str, c_in: int, c: int) -> dict[str, tuple[int, ...]]:
-    return {**basic(f"{prefix}.conv1", c_in, c, 3), **basic(f"{prefix}.conv2", c // 2, c // 2, 3),
-            **basic(f"{prefix}.conv3", c // 2, c // 2, 3), **basic(f"{prefix}.conv4", c, c, 1)}
+    return {
+        **basic(f"{prefix}.conv1", c_in, c, 3),
+        **basic(f"{prefix}.conv2", c // 2, c // 2, 3),
+        **basic(f"{prefix}.conv3", c // 2, c // 2, 3),
+        **basic(f"{prefix}.conv4", c, c, 1),
+    }
 
 
 def attention_layout(phi: int, slot: str, c: int) -> dict[str, tuple[int, ...]]:
     if phi == 1:  # se_block(ratio=16): Linear layers without bias
         return {f"{slot}.fc.0.weight": (c // 16, c), f"{slot}.fc.2.weight": (c, c // 16)}
     if phi == 2:  # cbam_block(ratio=8, kernel_size=7): 1x1 convs without bias
-        return {f"{slot}.channelattention.fc1.weight": (c // 8, c, 1, 1),
-                f"{slot}.channelattention.fc2.weight": (c, c // 8, 1, 1),
-                f"{slot}.spatialattention.conv1.weight": (1, 2, 7, 7)}
+        return {
+            f"{slot}.channelattention.fc1.weight": (c // 8, c, 1, 1),
+            f"{slot}.channelattention.fc2.weight": (c, c // 8, 1, 1),
+            f"{slot}.spatialattention.conv1.weight": (1, 2, 7, 7),
+        }
     if phi == 3:  # eca_block(b=1, gamma=2): k = 5 for 128, 256 and 512 channels
         return {f"{slot}.conv.weight": (1, 1, 5)}
     mip = c // 16  # CA_Block(reduction=16)
     bn = {f"{slot}.bn.{n}": (mip,) for n in ("weight", "bias", "running_mean", "running_var")}
-    return {f"{slot}.conv_1x1.weight": (mip, c, 1, 1), **bn, f"{slot}.bn.num_batches_tracked": (),
-            f"{slot}.F_h.weight": (c, mip, 1, 1), f"{slot}.F_w.weight": (c, mip, 1, 1)}
+    return {
+        f"{slot}.conv_1x1.weight": (mip, c, 1, 1),
+        **bn,
+        f"{slot}.bn.num_batches_tracked": (),
+        f"{slot}.F_h.weight": (c, mip, 1, 1),
+        f"{slot}.F_w.weight": (c, mip, 1, 1),
+    }
 
 
 def reference_layout(num_classes: int, phi: int = 0) -> dict[str, tuple[int, ...]]:
     a = 3 * (5 + num_classes)
-    layout = {**basic("backbone.conv1", 3, 32, 3), **basic("backbone.conv2", 32, 64, 3),
-              **resblock("backbone.resblock_body1", 64, 64),
-              **resblock("backbone.resblock_body2", 128, 128),
-              **resblock("backbone.resblock_body3", 256, 256),
-              **basic("backbone.conv3", 512, 512, 3), **basic("conv_for_P5", 512, 256, 1),
-              **basic("yolo_headP5.0", 256, 512, 3), "yolo_headP5.1.weight": (a, 512, 1, 1),
-              "yolo_headP5.1.bias": (a,), **basic("upsample.upsample.0", 256, 128, 1),
-              **basic("yolo_headP4.0", 384, 256, 3), "yolo_headP4.1.weight": (a, 256, 1, 1),
-              "yolo_headP4.1.bias": (a,)}
+    layout = {
+        **basic("backbone.conv1", 3, 32, 3),
+        **basic("backbone.conv2", 32, 64, 3),
+        **resblock("backbone.resblock_body1", 64, 64),
+        **resblock("backbone.resblock_body2", 128, 128),
+        **resblock("backbone.resblock_body3", 256, 256),
+        **basic("backbone.conv3", 512, 512, 3),
+        **basic("conv_for_P5", 512, 256, 1),
+        **basic("yolo_headP5.0", 256, 512, 3),
+        "yolo_headP5.1.weight": (a, 512, 1, 1),
+        "yolo_headP5.1.bias": (a,),
+        **basic("upsample.upsample.0", 256, 128, 1),
+        **basic("yolo_headP4.0", 384, 256, 3),
+        "yolo_headP4.1.weight": (a, 256, 1, 1),
+        "yolo_headP4.1.bias": (a,),
+    }
     if phi:
         for slot, c in SLOTS.items():
             layout.update(attention_layout(phi, slot, c))
@@ -85,7 +108,7 @@ def reference_state_dict(num_classes: int, phi: int = 0, seed: int = 0) -> dict[
             sd[name] = torch.randn(shape, generator=gen) * 0.2 + (1.0 if "weight" in name else 0)
         else:  # conv / linear weights, scaled so activations stay O(1) through the network
             fan_in = max(1, torch.Size(shape[1:]).numel())
-            sd[name] = torch.randn(shape, generator=gen) / fan_in ** 0.5
+            sd[name] = torch.randn(shape, generator=gen) / fan_in**0.5
     return sd
 
 
@@ -94,8 +117,16 @@ def reference_state_dict(num_classes: int, phi: int = 0, seed: int = 0) -> dict[
 def f_basic(sd, prefix, x, stride=1):
     w = sd[f"{prefix}.conv.weight"]
     x = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
-    x = F.batch_norm(x, sd[f"{prefix}.bn.running_mean"], sd[f"{prefix}.bn.running_var"],
-                     sd[f"{prefix}.bn.weight"], sd[f"{prefix}.bn.bias"], False, 0.0, 1e-5)
+    x = F.batch_norm(
+        x,
+        sd[f"{prefix}.bn.running_mean"],
+        sd[f"{prefix}.bn.running_var"],
+        sd[f"{prefix}.bn.weight"],
+        sd[f"{prefix}.bn.bias"],
+        False,
+        0.0,
+        1e-5,
+    )
     return F.leaky_relu(x, 0.1)
 
 
@@ -137,8 +168,18 @@ def f_attention(sd, phi, slot, x):
     x_h = x.mean(3, keepdim=True).permute(0, 1, 3, 2)
     x_w = x.mean(2, keepdim=True)
     y = F.conv2d(torch.cat((x_h, x_w), 3), sd[p + "conv_1x1.weight"])
-    y = F.relu(F.batch_norm(y, sd[p + "bn.running_mean"], sd[p + "bn.running_var"],
-                            sd[p + "bn.weight"], sd[p + "bn.bias"], False, 0.0, 1e-5))
+    y = F.relu(
+        F.batch_norm(
+            y,
+            sd[p + "bn.running_mean"],
+            sd[p + "bn.running_var"],
+            sd[p + "bn.weight"],
+            sd[p + "bn.bias"],
+            False,
+            0.0,
+            1e-5,
+        )
+    )
     y_h, y_w = y.split([h, w], 3)
     s_h = torch.sigmoid(F.conv2d(y_h.permute(0, 1, 3, 2), sd[p + "F_h.weight"]))
     s_w = torch.sigmoid(F.conv2d(y_w, sd[p + "F_w.weight"]))
@@ -153,16 +194,22 @@ def reference_forward(sd, x, phi=0):
     x, feat1 = f_resblock(sd, "backbone.resblock_body3", x)
     feat2 = f_basic(sd, "backbone.conv3", x)
     if phi:
-        feat1, feat2 = f_attention(sd, phi, "feat1_att", feat1), f_attention(sd, phi, "feat2_att",
-                                                                              feat2)
+        feat1, feat2 = (
+            f_attention(sd, phi, "feat1_att", feat1),
+            f_attention(sd, phi, "feat2_att", feat2),
+        )
     p5 = f_basic(sd, "conv_for_P5", feat2)
-    out0 = F.conv2d(f_basic(sd, "yolo_headP5.0", p5), sd["yolo_headP5.1.weight"],
-                    sd["yolo_headP5.1.bias"])
+    out0 = F.conv2d(
+        f_basic(sd, "yolo_headP5.0", p5), sd["yolo_headP5.1.weight"], sd["yolo_headP5.1.bias"]
+    )
     up = F.interpolate(f_basic(sd, "upsample.upsample.0", p5), scale_factor=2, mode="nearest")
     if phi:
         up = f_attention(sd, phi, "upsample_att", up)
-    out1 = F.conv2d(f_basic(sd, "yolo_headP4.0", torch.cat([up, feat1], 1)),
-                    sd["yolo_headP4.1.weight"], sd["yolo_headP4.1.bias"])
+    out1 = F.conv2d(
+        f_basic(sd, "yolo_headP4.0", torch.cat([up, feat1], 1)),
+        sd["yolo_headP4.1.weight"],
+        sd["yolo_headP4.1.bias"],
+    )
     return out0, out1
 
 
@@ -179,8 +226,11 @@ def assert_outputs_close(got, expected, **tol):
 def test_layout_matches_the_reference_parameter_count():
     """The synthetic layout has the reference's 5,918,006 parameters at 20 classes (BN running
     statistics and counters are buffers)."""
-    n = sum(torch.Size(s).numel() for k, s in reference_layout(20).items()
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n = sum(
+        torch.Size(s).numel()
+        for k, s in reference_layout(20).items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert n == 5_918_006
 
 
@@ -207,8 +257,10 @@ def test_values_land_by_name():
     pairs = [
         ("backbone.conv1.conv.weight", model.backbone.stem1.conv.weight),
         ("backbone.conv2.bn.running_mean", model.backbone.stem2.bn.running_mean),
-        ("backbone.resblock_body3.conv4.bn.running_var",
-         model.backbone.block3.conv4.bn.running_var),
+        (
+            "backbone.resblock_body3.conv4.bn.running_var",
+            model.backbone.block3.conv4.bn.running_var,
+        ),
         ("backbone.resblock_body1.conv2.conv.weight", model.backbone.block1.conv2.conv.weight),
         ("backbone.conv3.bn.weight", model.backbone.conv.bn.weight),
         ("conv_for_P5.conv.weight", model.conv_for_p5.conv.weight),
@@ -221,10 +273,14 @@ def test_values_land_by_name():
     for key, tensor in pairs:
         assert torch.equal(tensor, sd[key]), key
     # the reference's 1x1-conv MLP weights become our linear weights
-    assert torch.equal(model.upsample_att.channel.fc1.weight,
-                       sd["upsample_att.channelattention.fc1.weight"][:, :, 0, 0])
-    assert model.backbone.block2.conv3.bn.num_batches_tracked == \
-        sd["backbone.resblock_body2.conv3.bn.num_batches_tracked"]
+    assert torch.equal(
+        model.upsample_att.channel.fc1.weight,
+        sd["upsample_att.channelattention.fc1.weight"][:, :, 0, 0],
+    )
+    assert (
+        model.backbone.block2.conv3.bn.num_batches_tracked
+        == sd["backbone.resblock_body2.conv3.bn.num_batches_tracked"]
+    )
 
 
 @pytest.mark.parametrize("phi", [1, 2, 3, 4])
@@ -252,12 +308,20 @@ def test_other_class_count_heads_are_skipped_and_reported():
     """COCO-trained reference weights (80 classes) into a 20-class detector."""
     sd = reference_state_dict(80, 0, seed=9)
     model = YoloV4Tiny(20)
-    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("head_p5.1",
-                                                                                  "head_p4.1"))}
+    heads = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(("head_p5.1", "head_p4.1"))
+    }
     report = load_reference_weights(model, sd)
-    assert sorted(report.mismatched) == sorted([
-        ("head_p5.1.weight", (255, 512, 1, 1), (75, 512, 1, 1)), ("head_p5.1.bias", (255,), (75,)),
-        ("head_p4.1.weight", (255, 256, 1, 1), (75, 256, 1, 1)), ("head_p4.1.bias", (255,), (75,))])
+    assert sorted(report.mismatched) == sorted(
+        [
+            ("head_p5.1.weight", (255, 512, 1, 1), (75, 512, 1, 1)),
+            ("head_p5.1.bias", (255,), (75,)),
+            ("head_p4.1.weight", (255, 256, 1, 1), (75, 256, 1, 1)),
+            ("head_p4.1.bias", (255,), (75,)),
+        ]
+    )
     assert not report.missing and not report.unexpected and len(report.mapped) == len(sd) - 4
     for k, v in heads.items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -281,8 +345,7 @@ def test_own_state_dicts_and_identity_wrappers_both_ways():
     back = YoloV4Tiny(20, phi=1)
     report = load_reference_weights(back, wrapped.state_dict())
     assert report.mapped["feat1_att.attn.fc1.weight"] == "feat1_att.fc1.weight"
-    assert sorted(report.unexpected) == ["feat1_att.alpha", "feat2_att.alpha",
-                                         "upsample_att.alpha"]
+    assert sorted(report.unexpected) == ["feat1_att.alpha", "feat2_att.alpha", "upsample_att.alpha"]
 
 
 @pytest.fixture(scope="module")
@@ -333,8 +396,10 @@ def test_from_a_path_weights_only_and_prefixes(tmp_path):
     report = load_reference_weights(YoloV4Tiny(20, phi=3), str(tmp_path / "ckpt.pth"))
     assert len(report.mapped) == len(sd)
     # weights_only=True: a pickle with arbitrary objects is refused, not executed
-    torch.save({"backbone.conv1.conv.weight": sd["backbone.conv1.conv.weight"],
-                "extra": _NotATensor()}, tmp_path / "unsafe.pth")
+    torch.save(
+        {"backbone.conv1.conv.weight": sd["backbone.conv1.conv.weight"], "extra": _NotATensor()},
+        tmp_path / "unsafe.pth",
+    )
     with pytest.raises(pickle.UnpicklingError):
         load_reference_weights(YoloV4Tiny(20), tmp_path / "unsafe.pth")
 

@@ -28,8 +28,14 @@ def csp_block(c_in: int, c: int) -> int:
 
 def reference_params(num_classes: int) -> int:
     a = 3 * (5 + num_classes)
-    backbone = (conv_bn(3, 32, 3) + conv_bn(32, 64, 3) + csp_block(64, 64) + csp_block(128, 128)
-                + csp_block(256, 256) + conv_bn(512, 512, 3))
+    backbone = (
+        conv_bn(3, 32, 3)
+        + conv_bn(32, 64, 3)
+        + csp_block(64, 64)
+        + csp_block(128, 128)
+        + csp_block(256, 256)
+        + conv_bn(512, 512, 3)
+    )
     neck = conv_bn(512, 256, 1) + conv_bn(256, 128, 1)
     heads = conv_bn(256, 512, 3) + (512 * a + a) + conv_bn(384, 256, 3) + (256 * a + a)
     return backbone + neck + heads
@@ -47,14 +53,21 @@ def test_reference_parameter_counts() -> None:
     assert round(6_056_606 / 1e6, 2) == 6.06 and round(5_918_006 / 1e6, 2) == 5.92
 
 
-@pytest.mark.parametrize(("phi", "name", "preset"), [
-    (1, "se", "yolov4-tiny"), (2, "cbam", "yolov4-tiny"), (3, "eca", "yolov4-tiny"),
-    (4, "ca", "yolov4-tiny")])
+@pytest.mark.parametrize(
+    ("phi", "name", "preset"),
+    [
+        (1, "se", "yolov4-tiny"),
+        (2, "cbam", "yolov4-tiny"),
+        (3, "eca", "yolov4-tiny"),
+        (4, "ca", "yolov4-tiny"),
+    ],
+)
 def test_phi_maps_to_the_reference_variants(phi: int, name: str, preset: str | None) -> None:
     model = YoloV4Tiny(20, phi=phi)
-    extra = sum(attnzoo.info(name).count_params(c, **attnzoo.info(name).presets[preset or
-                                                                                 "official"])
-                for c in (256, 512, 128))
+    extra = sum(
+        attnzoo.info(name).count_params(c, **attnzoo.info(name).presets[preset or "official"])
+        for c in (256, 512, 128)
+    )
     assert n_params(model) == 5_918_006 + extra
     for attr, channels in (("feat1_att", 256), ("feat2_att", 512), ("upsample_att", 128)):
         module = getattr(model, attr)
@@ -96,7 +109,8 @@ def test_attention_placement() -> None:
     seen = {}
     for attr in ("feat1_att", "feat2_att", "upsample_att"):
         getattr(model, attr).register_forward_hook(
-            lambda m, a, o, attr=attr: seen.__setitem__(attr, (a[0].shape, o)))
+            lambda m, a, o, attr=attr: seen.__setitem__(attr, (a[0].shape, o))
+        )
     x = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
         p5, p4 = model(x)
@@ -113,8 +127,9 @@ def test_attention_placement() -> None:
 def test_any_attention_and_kwargs() -> None:
     model = YoloV4Tiny(80, attention="cbam", reduction=8)
     assert model.feat2_att.__class__ is attnzoo.get("cbam")
-    assert n_params(model) - 6_056_606 == sum(attnzoo.info("cbam").count_params(c, reduction=8)
-                                             for c in (256, 512, 128))
+    assert n_params(model) - 6_056_606 == sum(
+        attnzoo.info("cbam").count_params(c, reduction=8) for c in (256, 512, 128)
+    )
     assert isinstance(YoloV4Tiny(80).feat1_att, nn.Identity)
 
 

@@ -33,8 +33,9 @@ class OpCalls(TorchDispatchMode):
         return sum(n.startswith(prefix) for n in self.names)
 
 
-def _pair(name: str, kw: dict, channels: int, momentum: float | None = 0.1,
-          track: bool = True) -> tuple[nn.BatchNorm2d, nn.Module]:
+def _pair(
+    name: str, kw: dict, channels: int, momentum: float | None = 0.1, track: bool = True
+) -> tuple[nn.BatchNorm2d, nn.Module]:
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(channels, momentum=momentum, track_running_stats=track)
     gate = attnzoo.create(name, channels, **kw)
@@ -68,8 +69,9 @@ def _close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=2e-5 * scale)
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 7, 5), (2, 32, 13, 13), (4, 16, 1, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(3, 16, 7, 5), (2, 32, 13, 13), (4, 16, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,kw", GATES, ids=GATE_IDS)
@@ -140,8 +142,19 @@ def _hook(module: nn.Module) -> None:
     module.register_forward_hook(lambda m, a, o: o * 3)
 
 
-@pytest.mark.parametrize("change", ["hook-norm", "hook-gate", "hook-fc1", "replace-fc1",
-                                    "switch-off", "float64", "channels_last", "bfloat16-autocast"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "hook-norm",
+        "hook-gate",
+        "hook-fc1",
+        "replace-fc1",
+        "switch-off",
+        "float64",
+        "channels_last",
+        "bfloat16-autocast",
+    ],
+)
 def test_anything_else_runs_the_two_modules(change):
     norm, gate = _pair("se", {}, 16)
     layer = fast.BatchNormGate2d(norm, gate)
@@ -190,6 +203,7 @@ def _op_fn(kind, use_batch_stats):
         rm = torch.zeros(z.shape[1], dtype=z.dtype) + 0.2
         rv = torch.ones(z.shape[1], dtype=z.dtype) * 1.5
         return ops.bn_gate(z, bn_w, bn_b, rm, rv, use_batch_stats, 1e-5, kind, w1, b1, w2, b2)[0]
+
     return fn
 
 
@@ -199,8 +213,12 @@ def _op_inputs(kind):
     z = torch.randn(2, c, 3, 4, dtype=torch.double)
     bn_w, bn_b = torch.rand(c, dtype=torch.double) + 0.5, torch.randn(c, dtype=torch.double)
     if kind == "se":
-        params = [torch.randn(3, c, dtype=torch.double), torch.randn(3, dtype=torch.double),
-                  torch.randn(c, 3, dtype=torch.double), torch.randn(c, dtype=torch.double)]
+        params = [
+            torch.randn(3, c, dtype=torch.double),
+            torch.randn(3, dtype=torch.double),
+            torch.randn(c, 3, dtype=torch.double),
+            torch.randn(c, dtype=torch.double),
+        ]
     else:
         params = [torch.randn(1, 1, 3, dtype=torch.double), None, None, None]
     return [t.requires_grad_() if t is not None else None for t in [z, bn_w, bn_b, *params]]

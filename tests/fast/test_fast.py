@@ -61,8 +61,9 @@ def test_switch_is_off_by_default_and_read_from_the_environment():
     code = "import attnzoo.fast as f; print(f.is_enabled())"
     env = {k: v for k, v in os.environ.items() if k != fast.ENV_VAR}
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    on = subprocess.run([sys.executable, "-c", code], env={**env, fast.ENV_VAR: "1"},
-                        capture_output=True, text=True)
+    on = subprocess.run(
+        [sys.executable, "-c", code], env={**env, fast.ENV_VAR: "1"}, capture_output=True, text=True
+    )
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True"), off.stderr + on.stderr
 
 
@@ -89,16 +90,20 @@ def test_context_manager_and_setter_restore_and_validate():
 
 
 def test_accelerate_and_plain_swap_classes_and_keep_the_state_dict():
-    model = torch.nn.Sequential(attnzoo.create("cbam", 16), attnzoo.create("eca", 16),
-                                attnzoo.create("se", 16))
+    model = torch.nn.Sequential(
+        attnzoo.create("cbam", 16), attnzoo.create("eca", 16), attnzoo.create("se", 16)
+    )
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     fast.accelerate(model)
     assert [type(m).__name__ for m in model] == ["FastCBAM", "FastECA", "SqueezeExcitation"]
     assert isinstance(model[0], attnzoo.get("cbam"))
     assert model.state_dict().keys() == keys.keys()
     fast.plain(model)
-    assert [type(m).__name__ for m in model] == ["CBAM", "EfficientChannelAttention",
-                                                 "SqueezeExcitation"]
+    assert [type(m).__name__ for m in model] == [
+        "CBAM",
+        "EfficientChannelAttention",
+        "SqueezeExcitation",
+    ]
     with pytest.raises(TypeError, match="attnzoo.fast.accelerate: model must be an nn.Module"):
         fast.accelerate("cbam")
 
@@ -165,8 +170,9 @@ def test_ties_in_max_pools_split_the_gradient_as_amax(name, preset):
 _OUTSIDE = ["switch-off", "float64", "channels_last", "autocast", "meta"]
 
 
-@pytest.mark.parametrize("name,case", [(n, c) for n in ("cbam", "eca") for c in _OUTSIDE]
-                         + [("cbam", "parallel-order")])
+@pytest.mark.parametrize(
+    "name,case", [(n, c) for n in ("cbam", "eca") for c in _OUTSIDE] + [("cbam", "parallel-order")]
+)
 def test_plain_path_runs_outside_the_tested_modes(name, case):
     kwargs = {"order": "parallel"} if case == "parallel-order" else {}
     accel = fast.accelerate(attnzoo.create(name, 16, **kwargs))
@@ -198,9 +204,17 @@ class _Doubled(torch.nn.Module):
         return 2 * self.inner(x)
 
 
-@pytest.mark.parametrize("name,path", [("cbam", "channel.fc1"), ("cbam", "channel.act"),
-                                       ("cbam", "spatial.conv"), ("cbam", "spatial.gate"),
-                                       ("eca", "conv"), ("eca", "gate")])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        ("cbam", "channel.fc1"),
+        ("cbam", "channel.act"),
+        ("cbam", "spatial.conv"),
+        ("cbam", "spatial.gate"),
+        ("eca", "conv"),
+        ("eca", "gate"),
+    ],
+)
 def test_hooked_or_replaced_submodules_take_the_plain_path(name, path):
     plain, accel = _pair(name, None, 16)
     x = torch.randn(2, 16, 5, 5)
@@ -230,14 +244,26 @@ def _cbam_op_inputs(bias: bool, norm: bool, train: bool):
         return (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
 
     x = r(2, 4, 3, 3)
-    return (x, r(2, 4), r(2) if bias else None, r(4, 2), r(4) if bias else None, r(1, 2, 3, 3),
-            r(1) if norm else None, r(1) if norm else None,
-            torch.zeros(1, dtype=torch.float64) if norm else None,
-            torch.ones(1, dtype=torch.float64) if norm else None, train, 1e-5)
+    return (
+        x,
+        r(2, 4),
+        r(2) if bias else None,
+        r(4, 2),
+        r(4) if bias else None,
+        r(1, 2, 3, 3),
+        r(1) if norm else None,
+        r(1) if norm else None,
+        torch.zeros(1, dtype=torch.float64) if norm else None,
+        torch.ones(1, dtype=torch.float64) if norm else None,
+        train,
+        1e-5,
+    )
 
 
-@pytest.mark.parametrize("bias,norm,train,max_first", [
-    (True, True, True, True), (True, True, False, False), (False, False, True, True)])
+@pytest.mark.parametrize(
+    "bias,norm,train,max_first",
+    [(True, True, True, True), (True, True, False, False), (False, False, True, True)],
+)
 def test_cbam_op_gradcheck(bias, norm, train, max_first):
     args = _cbam_op_inputs(bias, norm, train)
 

@@ -62,15 +62,23 @@ def _build(name: str) -> nn.Module:
         "tv_resnet18": resnet18,
         "tv_resnet50": resnet50,
         "tv_basic": lambda: tv_resnet.ResNet(tv_resnet.BasicBlock, [2, 1, 1, 1]),
-        "tv_bottleneck": lambda: tv_resnet.ResNet(tv_resnet.Bottleneck, [2, 1, 1, 1], groups=2,
-                                                  width_per_group=32),
+        "tv_bottleneck": lambda: tv_resnet.ResNet(
+            tv_resnet.Bottleneck, [2, 1, 1, 1], groups=2, width_per_group=32
+        ),
         "tv_mobilenet_v2": mobilenet_v2,
         # timm: anti-aliasing (BlurPool2d), drop-path, deep stem, avg-down, timm's own SE
-        "timm_basic": lambda: timm_resnet.ResNet(timm_resnet.BasicBlock, [2, 1, 1, 1],
-                                                 aa_layer=BlurPool2d),
+        "timm_basic": lambda: timm_resnet.ResNet(
+            timm_resnet.BasicBlock, [2, 1, 1, 1], aa_layer=BlurPool2d
+        ),
         "timm_bottleneck_d": lambda: timm_resnet.ResNet(
-            timm_resnet.Bottleneck, [2, 1, 1, 1], stem_type="deep", avg_down=True,
-            drop_path_rate=0.2, block_args=dict(attn_layer="se"), aa_layer=BlurPool2d),
+            timm_resnet.Bottleneck,
+            [2, 1, 1, 1],
+            stem_type="deep",
+            avg_down=True,
+            drop_path_rate=0.2,
+            block_args=dict(attn_layer="se"),
+            aa_layer=BlurPool2d,
+        ),
         "timm_resnet50d": lambda: timm.create_model("resnet50d", pretrained=False),
     }
     return builders[name]().eval()
@@ -96,8 +104,9 @@ def test_keys_kept_weights_untouched_and_detach_restores(name: str) -> None:
     new = set(after_keys) - set(before["keys"])
     prefixes = tuple(a.path + "." for a in inserted)
     assert new and all(k.startswith(prefixes) for k in new)
-    assert {k: v.data_ptr() for k, v in model.state_dict().items() if k in before["ptrs"]} == \
-        before["ptrs"]
+    assert {
+        k: v.data_ptr() for k, v in model.state_dict().items() if k in before["ptrs"]
+    } == before["ptrs"]
     with torch.no_grad():
         assert not torch.allclose(model(X), y0)
     detach(model)
@@ -108,8 +117,9 @@ def test_keys_kept_weights_untouched_and_detach_restores(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("position", ["before_add", "after_conv3x3", "after_dwconv", "after_block",
-                                      "after_stage"])
+@pytest.mark.parametrize(
+    "position", ["before_add", "after_conv3x3", "after_dwconv", "after_block", "after_stage"]
+)
 def test_identity_attention_keeps_the_function(name: str, position: str) -> None:
     """With nn.Identity inserted, the slot forward equals the block's own forward exactly."""
     model = _build(name)
@@ -177,14 +187,26 @@ def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> 
 @pytest.mark.parametrize(
     ("name", "path", "ref", "positions"),
     [
-        ("tv_bottleneck", "layer2.0", _tv_bottleneck_ref, ["before_add", "after_conv3x3",
-                                                          "after_block"]),
-        ("timm_bottleneck_d", "layer2.0", _timm_bottleneck_ref, ["before_add", "after_conv3x3",
-                                                                "after_block"]),
+        (
+            "tv_bottleneck",
+            "layer2.0",
+            _tv_bottleneck_ref,
+            ["before_add", "after_conv3x3", "after_block"],
+        ),
+        (
+            "timm_bottleneck_d",
+            "layer2.0",
+            _timm_bottleneck_ref,
+            ["before_add", "after_conv3x3", "after_block"],
+        ),
         ("tv_basic", "layer1.1", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
         ("tv_resnet18", "layer3.0", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
-        ("tv_mobilenet_v2", "features.4", _tv_inverted_ref, ["after_dwconv", "before_add",
-                                                            "after_block"]),
+        (
+            "tv_mobilenet_v2",
+            "features.4",
+            _tv_inverted_ref,
+            ["after_dwconv", "before_add", "after_block"],
+        ),
         ("tv_mobilenet_v2", "features.3", _tv_inverted_ref, ["after_dwconv", "before_add"]),
         ("tv_mobilenet_v2", "features.1", _tv_inverted_ref, ["after_dwconv"]),
     ],
@@ -192,12 +214,19 @@ def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> 
 def test_positions_match_hand_written_block(name, path, ref, positions) -> None:
     model = _build(name)
     block = model.get_submodule(path)
-    x = torch.randn(2, block.conv1.in_channels if hasattr(block, "conv1")
-                    else block.conv[0][0].in_channels, 16, 16)
+    x = torch.randn(
+        2,
+        block.conv1.in_channels if hasattr(block, "conv1") else block.conv[0][0].in_channels,
+        16,
+        16,
+    )
     for pos in positions:
         attach(model, Affine, position=pos)
-    mods = {a.position: model.get_submodule(a.path) for a in attached(model)
-            if a.path.startswith(path + ".")}
+    mods = {
+        a.position: model.get_submodule(a.path)
+        for a in attached(model)
+        if a.path.startswith(path + ".")
+    }
     assert sorted(mods) == sorted(positions)
     with torch.no_grad():
         torch.testing.assert_close(block(x), ref(block, x, mods), rtol=0, atol=0)
@@ -214,13 +243,18 @@ def test_attached_listing_channels_stages_every_select() -> None:
     attach(model, Affine, position="after_conv3x3", stages=(2, 4))
     assert [(r.path, r.channels) for r in attached(model)] == (
         [(f"layer2.{i}.attention_conv3x3", 128) for i in range(4)]
-        + [(f"layer4.{i}.attention_conv3x3", 512) for i in range(3)])
+        + [(f"layer4.{i}.attention_conv3x3", 512) for i in range(3)]
+    )
     detach(model)
     # non-local placement: after every other block of res3 and res4 -> 2 + 3 = 5 blocks
     attach(model, Affine, position="after_block", stages=(2, 3), every=2)
     assert [r.path for r in attached(model)] == [
-        "layer2.1.attention_out", "layer2.3.attention_out", "layer3.1.attention_out",
-        "layer3.3.attention_out", "layer3.5.attention_out"]
+        "layer2.1.attention_out",
+        "layer2.3.attention_out",
+        "layer3.1.attention_out",
+        "layer3.3.attention_out",
+        "layer3.5.attention_out",
+    ]
     # BAM placement can be added on top (another slot of the same blocks)
     attach(model, Affine, position="after_stage", stages=(1, 4))
     assert [r.path for r in attached(model)][:1] == ["layer1.2.attention_out"]
@@ -236,13 +270,31 @@ def test_mobilenet_stages_and_dw_channels() -> None:
     model = _build("tv_mobilenet_v2")
     attach(model, Affine)
     rows = attached(model)
-    assert [r.channels for r in rows] == [32, 96, 144, 144, 192, 192, 192, 384, 384, 384, 384,
-                                          576, 576, 576, 960, 960, 960]
+    assert [r.channels for r in rows] == [
+        32,
+        96,
+        144,
+        144,
+        192,
+        192,
+        192,
+        384,
+        384,
+        384,
+        384,
+        576,
+        576,
+        576,
+        960,
+        960,
+        960,
+    ]
     assert rows[1].path == "features.2.attention_dw"
     detach(model)
     attach(model, Affine, position="after_stage")
     assert [r.path for r in attached(model)] == [
-        f"features.{i}.attention_out" for i in (1, 3, 6, 10, 13, 16, 17)]
+        f"features.{i}.attention_out" for i in (1, 3, 6, 10, 13, 16, 17)
+    ]
 
 
 def test_stage_kwargs_go_to_their_stage() -> None:
@@ -265,8 +317,11 @@ def test_after_paths_generic() -> None:
     before = _snapshot(model)
     attach(model, Affine, after=["layer3", "layer1.0.bn1", "layer4.1"], example_input=X)
     rows = {r.path: r.channels for r in attached(model)}
-    assert rows == {"layer1.0.bn1.attention_out": 64, "layer3.attention_out": 256,
-                    "layer4.1.attention_out": 512}
+    assert rows == {
+        "layer1.0.bn1.attention_out": 64,
+        "layer3.attention_out": 256,
+        "layer4.1.attention_out": 512,
+    }
     assert isinstance(model.layer1[0].bn1, nn.BatchNorm2d)
     # reference: run the pieces by hand
     a3 = model.layer3.attention_out
@@ -407,8 +462,9 @@ def test_pickle_and_deepcopy_roundtrip() -> None:
     loaded = torch.load(buffer, weights_only=False)
     clone = copy.deepcopy(model)
     for other in (loaded, clone, pickle.loads(pickle.dumps(model))):
-        assert [(r.path, r.cls) for r in attached(other)] == [(r.path, r.cls)
-                                                               for r in attached(model)]
+        assert [(r.path, r.cls) for r in attached(other)] == [
+            (r.path, r.cls) for r in attached(model)
+        ]
         with torch.no_grad():
             assert torch.equal(other(X), y)
         assert type(other.layer1[0]).__name__ == type(model.layer1[0]).__name__
@@ -432,13 +488,19 @@ def test_attention_as_name_class_partial_and_preset() -> None:
     import functools
 
     cbam_cls = attnzoo.get("cbam")
-    for attention, kwargs in (("cbam", {"reduction": 8}), (cbam_cls, {"reduction": 8}),
-                              (functools.partial(cbam_cls, reduction=8), {})):
+    for attention, kwargs in (
+        ("cbam", {"reduction": 8}),
+        (cbam_cls, {"reduction": 8}),
+        (functools.partial(cbam_cls, reduction=8), {}),
+    ):
         model = attach(resnet18(), attention, **kwargs)
-        n = sum(p.numel() for r in attached(model) for p in model.get_submodule(r.path)
-                .parameters())
-        assert n == sum(attnzoo.info("cbam").count_params(c, reduction=8)
-                        for c in [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2)
+        n = sum(
+            p.numel() for r in attached(model) for p in model.get_submodule(r.path).parameters()
+        )
+        assert n == sum(
+            attnzoo.info("cbam").count_params(c, reduction=8)
+            for c in [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2
+        )
     model = attach(resnet18(), "cbam", preset="yolov4-tiny")
     expected = attnzoo.create("cbam", 64, preset="yolov4-tiny")
     assert repr(model.layer1[0].attention) == repr(expected)
@@ -451,8 +513,9 @@ def test_attach_into_timm_equals_timm_attn_layer() -> None:
     from attnzoo.models import timm_attn_layer
 
     torch.manual_seed(0)
-    theirs = timm.create_model("resnet26", pretrained=False,
-                               block_args=dict(attn_layer=timm_attn_layer("cbam"))).eval()
+    theirs = timm.create_model(
+        "resnet26", pretrained=False, block_args=dict(attn_layer=timm_attn_layer("cbam"))
+    ).eval()
     ours = attach(timm.create_model("resnet26", pretrained=False), "cbam").eval()
     sd = theirs.state_dict()
     mapped = {k.replace(".se.", ".attention."): v for k, v in sd.items()}
@@ -466,8 +529,9 @@ def test_attach_into_timm_equals_timm_attn_layer() -> None:
 def test_timm_attn_layer_hook_with_our_factory(name: str) -> None:
     from attnzoo.models import timm_attn_layer
 
-    model = timm.create_model("resnet18", pretrained=False,
-                              block_args=dict(attn_layer=timm_attn_layer(name)))
+    model = timm.create_model(
+        "resnet18", pretrained=False, block_args=dict(attn_layer=timm_attn_layer(name))
+    )
     assert type(model.layer1[0].se) is attnzoo.get(name)
     assert model.eval()(X[:1]).shape == (1, 1000)
 
@@ -475,8 +539,9 @@ def test_timm_attn_layer_hook_with_our_factory(name: str) -> None:
 @pytest.mark.parametrize("name", ["se", "cbam", "eca", "gc", "ca", "ema"])
 def test_timm_attn_layer_hook_with_our_class(name: str) -> None:
     """timm calls ``attn_layer(channels, device=None, dtype=None)``: the classes must accept it."""
-    model = timm.create_model("resnet18", pretrained=False,
-                              block_args=dict(attn_layer=attnzoo.get(name)))
+    model = timm.create_model(
+        "resnet18", pretrained=False, block_args=dict(attn_layer=attnzoo.get(name))
+    )
     assert type(model.layer1[0].se) is attnzoo.get(name)
 
 
@@ -501,8 +566,14 @@ def test_attached_model_exports_to_onnx(tmp_path) -> None:
     x = torch.randn(2, 3, 64, 64)
     batch, h, w = torch.export.Dim("batch"), torch.export.Dim("h"), torch.export.Dim("w")
     path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (x,), path, dynamo=True, opset_version=18,
-                      dynamic_shapes={"x": {0: batch, 2: 32 * h, 3: 32 * w}})
+    torch.onnx.export(
+        model,
+        (x,),
+        path,
+        dynamo=True,
+        opset_version=18,
+        dynamic_shapes={"x": {0: batch, 2: 32 * h, 3: 32 * w}},
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in ((2, 3, 64, 64), (1, 3, 96, 64)):
         xi = torch.randn(shape)

@@ -175,8 +175,12 @@ def test_cifar_resnet50_100_classes() -> None:
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
-    [("se", {}), ("cbam", {}), ("eca", {"stage_kwargs": ECA_NET50_KERNELS}),
-     ("gc", {"stages": (2, 3, 4)})],
+    [
+        ("se", {}),
+        ("cbam", {}),
+        ("eca", {"stage_kwargs": ECA_NET50_KERNELS}),
+        ("gc", {"stages": (2, 3, 4)}),
+    ],
 )
 def test_registry_formula_agrees(name: str, kwargs: dict) -> None:
     """The registry's closed-form param_count over the attached modules equals the real count."""
@@ -186,7 +190,8 @@ def test_registry_formula_agrees(name: str, kwargs: dict) -> None:
     rows = attnzoo.models.attached(model)
     stage_kw = kwargs.get("stage_kwargs", {})
     widths = {256: 1, 512: 2, 1024: 3, 2048: 4}
-    formula = sum(attnzoo.info(name).count_params(r.channels,
-                                                  **stage_kw.get(widths[r.channels], {}))
-                  for r in rows)
+    formula = sum(
+        attnzoo.info(name).count_params(r.channels, **stage_kw.get(widths[r.channels], {}))
+        for r in rows
+    )
     assert n_params(model) - RESNET50 == formula

@@ -24,9 +24,20 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                                  "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2",
-                                  "wide_resnet101_2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
+    ],
+)
 def test_plain_builders_are_torchvision(name: str) -> None:
     with torch.device("meta"):
         ours = getattr(builders, name)(num_classes=10)
@@ -37,9 +48,11 @@ def test_plain_builders_are_torchvision(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "after_conv3x3"),
-    [("resnet34", [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3),
-     ("resnext50_32x4d", [128] * 3 + [256] * 4 + [512] * 6 + [1024] * 3),
-     ("wide_resnet50_2", [128] * 3 + [256] * 4 + [512] * 6 + [1024] * 3)],
+    [
+        ("resnet34", [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3),
+        ("resnext50_32x4d", [128] * 3 + [256] * 4 + [512] * 6 + [1024] * 3),
+        ("wide_resnet50_2", [128] * 3 + [256] * 4 + [512] * 6 + [1024] * 3),
+    ],
 )
 def test_builders_attach_in_every_block(name: str, after_conv3x3: list[int]) -> None:
     with torch.device("meta"):
@@ -51,7 +64,8 @@ def test_forward_shapes_and_options() -> None:
     model = resnet18(attention="cbam", num_classes=7, reduction=8).eval()
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     assert attnzoo.models.attached(model)[0].params == attnzoo.info("cbam").count_params(
-        64, reduction=8)
+        64, reduction=8
+    )
     cifar = cifar_resnet18(attention="eca").eval()
     assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
     assert isinstance(cifar.maxpool, nn.Identity)
@@ -120,8 +134,10 @@ def test_sknet50_block_and_attach() -> None:
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
     plain = n_params(model)
     attnzoo.models.attach(model, "se")
-    extra = sum(n * attnzoo.info("se").count_params(c)
-                for c, n in ((256, 3), (512, 4), (1024, 6), (2048, 3)))
+    extra = sum(
+        n * attnzoo.info("se").count_params(c)
+        for c, n in ((256, 3), (512, 4), (1024, 6), (2048, 3))
+    )
     assert n_params(model) == plain + extra
     attnzoo.models.attach(model, "eca", position="after_conv3x3")
     rows = [r for r in attached(model) if r.position == "after_conv3x3"]

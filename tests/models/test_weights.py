@@ -37,8 +37,9 @@ def _plain_resnet18_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return torchvision.models.resnet18().state_dict()
 
 
-def _same(model: torch.nn.Module, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()
-          ) -> None:
+def _same(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()
+) -> None:
     own = model.state_dict()
     for k, v in state.items():
         if not k.startswith(skip):
@@ -55,8 +56,10 @@ def test_missing_hub_file_names_file_and_folder_and_downloads_nothing(hub: Path)
         resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
 
 
-@pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1",
-                                     ResNet18_Weights.IMAGENET1K_V1])
+@pytest.mark.parametrize(
+    "weights",
+    ["IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1", ResNet18_Weights.IMAGENET1K_V1],
+)
 def test_weights_name_or_enum_loads_the_hub_cache_file(hub: Path, weights: object) -> None:
     state = _plain_resnet18_state()
     hub.mkdir(parents=True)
@@ -97,8 +100,11 @@ def test_new_num_classes_loads_the_rest_and_reports_the_head(tmp_path: Path) -> 
     path = tmp_path / "plain.pt"
     torch.save(state, path)
     torch.manual_seed(1)
-    with pytest.warns(UserWarning, match=r"new classifier head.*fc\.bias \(1000,\) -> \(10,\), "
-                      r"fc\.weight \(1000, 512\) -> \(10, 512\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"new classifier head.*fc\.bias \(1000,\) -> \(10,\), "
+        r"fc\.weight \(1000, 512\) -> \(10, 512\)",
+    ):
         model = resnet18(attention="cbam", num_classes=10, weights=path)
     _same(model, state, skip=("fc.",))
     assert model.fc.weight.shape == (10, 512)

@@ -38,7 +38,9 @@ def assert_same_forward_and_grads(
     grads_ref = torch.autograd.grad((y_ref * r).sum(), [x, *params], allow_unused=True)
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert g is not None and g_ref is not None, f"no gradient for {name}"
-        torch.testing.assert_close(g, g_ref, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g, g_ref, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 class LargestTensor(TorchDispatchMode):

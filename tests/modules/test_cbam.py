@@ -49,12 +49,12 @@ def conv2d_ref(inp, weight):
     k = weight.shape[-1]
     p = k // 2
     padded = torch.zeros(b, cin, h + 2 * p, w + 2 * p, dtype=inp.dtype)
-    padded[:, :, p:p + h, p:p + w] = inp
+    padded[:, :, p : p + h, p : p + w] = inp
     out = torch.zeros(b, 1, h, w, dtype=inp.dtype)
     for ci in range(cin):
         for u in range(k):
             for v in range(k):
-                out[:, 0] = out[:, 0] + weight[0, ci, u, v] * padded[:, ci, u:u + h, v:v + w]
+                out[:, 0] = out[:, 0] + weight[0, ci, u, v] * padded[:, ci, u : u + h, v : v + w]
     return out
 
 
@@ -87,22 +87,37 @@ def cbam_ref(m: CBAM, x, training):
         return spatial_ref(m.spatial, channel_ref(m.channel, x), training)
     if m.order == "spatial-channel":
         return channel_ref(m.channel, spatial_ref(m.spatial, x, training))
-    s = channel_map_ref(x, m.channel.fc1.weight, m.channel.fc1.bias, m.channel.fc2.weight,
-                        m.channel.fc2.bias)
+    s = channel_map_ref(
+        x, m.channel.fc1.weight, m.channel.fc1.bias, m.channel.fc2.weight, m.channel.fc2.bias
+    )
     a = spatial_map_ref(x, m.spatial.conv.weight, m.spatial.bn, m.spatial.pool_order, training)
     return x * s * a
 
 
 VARIANTS = {
     "official": {},
-    "timm": {"divisor": 1, "mlp_bias": False, "pool_order": "mean-max", "norm_momentum": 0.1,
-             "norm_weight_init": 1.0},
-    "yolov4-tiny": {"reduction": 8, "mlp_bias": False, "pool_order": "mean-max",
-                    "spatial_norm": False, "kernel_size": 7},
+    "timm": {
+        "divisor": 1,
+        "mlp_bias": False,
+        "pool_order": "mean-max",
+        "norm_momentum": 0.1,
+        "norm_weight_init": 1.0,
+    },
+    "yolov4-tiny": {
+        "reduction": 8,
+        "mlp_bias": False,
+        "pool_order": "mean-max",
+        "spatial_norm": False,
+        "kernel_size": 7,
+    },
     "CBAMLayer ports": {"mlp_bias": False, "pool_order": "max-mean", "spatial_norm": False},
     "two-class ports": {"mlp_bias": False, "pool_order": "mean-max", "spatial_norm": False},
-    "two-class ports, kernel 3": {"mlp_bias": False, "pool_order": "mean-max",
-                                  "spatial_norm": False, "kernel_size": 3},
+    "two-class ports, kernel 3": {
+        "mlp_bias": False,
+        "pool_order": "mean-max",
+        "spatial_norm": False,
+        "kernel_size": 3,
+    },
     "spatial-channel": {"order": "spatial-channel"},
     "parallel": {"order": "parallel"},
     "parallel no bn": {"order": "parallel", "spatial_norm": False, "kernel_size": 5},
@@ -146,8 +161,9 @@ def test_channel_gate_alone_matches_reference(kwargs) -> None:
     _check_against(m, lambda t: channel_ref(m, t), x, False)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"pool_order": "mean-max"}, {"spatial_norm": False},
-                                    {"kernel_size": 3}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"pool_order": "mean-max"}, {"spatial_norm": False}, {"kernel_size": 3}]
+)
 @pytest.mark.parametrize("training", [False, True])
 def test_spatial_gate_alone_matches_reference(kwargs, training) -> None:
     m = randomize_(SpatialGate(12, **kwargs)).double().train(training)
@@ -158,9 +174,22 @@ def test_spatial_gate_alone_matches_reference(kwargs, training) -> None:
 @pytest.mark.parametrize("variant", ["official", "timm", "yolov4-tiny", "parallel"])
 @pytest.mark.parametrize("training", [False, True])
 def test_second_order_gradients_match_reference(variant, training) -> None:
-    m = randomize_(CBAM(8, reduction=2, kernel_size=3, **{
-        k: v for k, v in VARIANTS[variant].items() if k not in ("reduction", "kernel_size")
-    })).double().train(training)
+    m = (
+        randomize_(
+            CBAM(
+                8,
+                reduction=2,
+                kernel_size=3,
+                **{
+                    k: v
+                    for k, v in VARIANTS[variant].items()
+                    if k not in ("reduction", "kernel_size")
+                },
+            )
+        )
+        .double()
+        .train(training)
+    )
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
     params = list(m.parameters())
     got = _hvp(m, x, params)
@@ -278,13 +307,19 @@ def test_timm_parity_with_copied_weights(training, channels_last, dtype) -> None
     yr.backward(g)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=10 * tol, atol=tol)
     if dtype == torch.float64:  # parameter gradients sum ~10^4 terms: compare in float64
-        pairs = [(ours.spatial.conv.weight, ref.spatial.conv.conv.weight),
-                 (ours.spatial.bn.weight, ref.spatial.conv.bn.weight),
-                 (ours.spatial.bn.bias, ref.spatial.conv.bn.bias)]
+        pairs = [
+            (ours.spatial.conv.weight, ref.spatial.conv.conv.weight),
+            (ours.spatial.bn.weight, ref.spatial.conv.bn.weight),
+            (ours.spatial.bn.bias, ref.spatial.conv.bn.bias),
+        ]
         for a, b in pairs:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(ours.channel.fc1.weight.grad,
-                                   ref.channel.fc1.weight.grad[:, :, 0, 0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            ours.channel.fc1.weight.grad,
+            ref.channel.fc1.weight.grad[:, :, 0, 0],
+            rtol=1e-10,
+            atol=1e-12,
+        )
     torch.testing.assert_close(ours.spatial.bn.running_var, ref.spatial.conv.bn.running_var)
     torch.testing.assert_close(ours.spatial.bn.running_mean, ref.spatial.conv.bn.running_mean)
 
@@ -314,18 +349,26 @@ def test_param_counts_closed_form(variant, channels) -> None:
     m = CBAM(channels, **kwargs)
     h = m.channel.fc1.out_features
     k = m.spatial.conv.kernel_size[0]
-    expected = (2 * channels * h + (h + channels if kwargs.get("mlp_bias", True) else 0)
-                + 2 * k * k + (2 if kwargs.get("spatial_norm", True) else 0))
+    expected = (
+        2 * channels * h
+        + (h + channels if kwargs.get("mlp_bias", True) else 0)
+        + 2 * k * k
+        + (2 if kwargs.get("spatial_norm", True) else 0)
+    )
     assert cbam_param_count(channels, **kwargs) == expected
     assert sum(p.numel() for p in m.parameters()) == expected
     channel_kw = {k: v for k, v in kwargs.items() if k in ("reduction", "mlp_bias", "divisor")}
-    spatial_kw = {k: v for k, v in kwargs.items()
-                  if k in ("kernel_size", "pool_order", "spatial_norm", "norm_momentum",
-                           "norm_weight_init")}
+    spatial_kw = {
+        k: v
+        for k, v in kwargs.items()
+        if k in ("kernel_size", "pool_order", "spatial_norm", "norm_momentum", "norm_weight_init")
+    }
     assert channel_gate_param_count(channels, **channel_kw) == sum(
-        p.numel() for p in ChannelGate(channels, **channel_kw).parameters())
+        p.numel() for p in ChannelGate(channels, **channel_kw).parameters()
+    )
     assert spatial_gate_param_count(channels, **spatial_kw) == sum(
-        p.numel() for p in SpatialGate(channels, **spatial_kw).parameters())
+        p.numel() for p in SpatialGate(channels, **spatial_kw).parameters()
+    )
 
 
 def test_cbam_resnet50_parameter_count() -> None:
@@ -337,12 +380,24 @@ def test_cbam_resnet50_parameter_count() -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "exc", "pattern"),
     [
-        (CBAM, {"kernel_size": 6}, ValueError,
-         r"CBAM: kernel_size must be a positive odd integer, got 6"),
-        (CBAM, {"order": "sideways"}, ValueError,
-         r"CBAM: order must be one of 'channel-spatial', 'spatial-channel', 'parallel'"),
-        (CBAM, {"pool_order": "avg-max"}, ValueError,
-         r"CBAM: pool_order must be one of 'max-mean', 'mean-max'; got 'avg-max'"),
+        (
+            CBAM,
+            {"kernel_size": 6},
+            ValueError,
+            r"CBAM: kernel_size must be a positive odd integer, got 6",
+        ),
+        (
+            CBAM,
+            {"order": "sideways"},
+            ValueError,
+            r"CBAM: order must be one of 'channel-spatial', 'spatial-channel', 'parallel'",
+        ),
+        (
+            CBAM,
+            {"pool_order": "avg-max"},
+            ValueError,
+            r"CBAM: pool_order must be one of 'max-mean', 'mean-max'; got 'avg-max'",
+        ),
         (CBAM, {"reduction": 0}, ValueError, r"CBAM: reduction must be an integer >= 1, got 0"),
         (CBAM, {"norm_momentum": 0.0}, ValueError, r"CBAM: norm_momentum must be a positive"),
         (CBAM, {"spatial_norm": "yes"}, TypeError, r"CBAM: spatial_norm must be True or False"),

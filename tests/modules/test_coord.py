@@ -51,8 +51,15 @@ def _grads(out, inputs, seed=3):
     return torch.autograd.grad((out * g).sum(), inputs)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"bias": False, "reduction": 24, "divisor": 8},
-                                    {"mip": 5}, {"reduction": 4, "min_mip": 2}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"bias": False, "reduction": 24, "divisor": 8},
+        {"mip": 5},
+        {"reduction": 4, "min_mip": 2},
+    ],
+)
 @pytest.mark.parametrize("spatial", [(1, 1), (7, 7), (4, 9)])
 @pytest.mark.parametrize("train", [False, True])
 def test_matches_reference_formula_forward_and_backward(kwargs, spatial, train):
@@ -86,8 +93,12 @@ def test_second_order_gradients_match_reference(train):
 
 
 def test_hardswish_is_the_official_h_swish():
-    v = torch.cat([torch.linspace(-8, 8, 4001, dtype=torch.float64),
-                   torch.tensor([-3.0, 3.0, 0.0], dtype=torch.float64)])
+    v = torch.cat(
+        [
+            torch.linspace(-8, 8, 4001, dtype=torch.float64),
+            torch.tensor([-3.0, 3.0, 0.0], dtype=torch.float64),
+        ]
+    )
     torch.testing.assert_close(F.hardswish(v), h_swish_ref(v), rtol=0, atol=1e-15)
     assert isinstance(CoordinateAttention(64).act, torch.nn.Hardswish)
 
@@ -96,8 +107,7 @@ def test_act_relu_matches_reference_formula():
     m = randomize_(CoordinateAttention(24, mip=6, act="relu"), seed=6).double().train()
     x = torch.randn(2, 24, 5, 3, dtype=torch.float64)
     assert isinstance(m.act, torch.nn.ReLU)
-    torch.testing.assert_close(m(x), ca_ref(m, x, training=True, act=torch.relu)[0],
-                               **DOUBLE_TOL)
+    torch.testing.assert_close(m(x), ca_ref(m, x, training=True, act=torch.relu)[0], **DOUBLE_TOL)
     assert not torch.allclose(m(x), ca_ref(m, x, training=True)[0])  # h_swish differs
 
 
@@ -125,7 +135,11 @@ def ca_block_params(channels: int) -> int:
 
 def test_yolov4_tiny_preset_is_the_reference_ca_block():
     assert attnzoo.info("ca").presets["yolov4-tiny"] == {
-        "reduction": 16, "min_mip": 1, "bias": False, "act": "relu"}
+        "reduction": 16,
+        "min_mip": 1,
+        "bias": False,
+        "act": "relu",
+    }
     for channels in (16, 100, 128, 256, 512):
         m = attnzoo.create("ca", channels, preset="yolov4-tiny")
         assert m.mip == channels // 16  # no floor of 8 (128 // 16 = 8, 100 // 16 = 6, 16 -> 1)
@@ -133,8 +147,7 @@ def test_yolov4_tiny_preset_is_the_reference_ca_block():
         assert isinstance(m.act, torch.nn.ReLU) and isinstance(m.bn1, torch.nn.BatchNorm2d)
         n = sum(p.numel() for p in m.parameters())
         preset = attnzoo.info("ca").presets["yolov4-tiny"]
-        assert n == ca_block_params(channels) == attnzoo.info("ca").count_params(channels,
-                                                                                 **preset)
+        assert n == ca_block_params(channels) == attnzoo.info("ca").count_params(channels, **preset)
     # the three neck positions of YOLOv4-tiny (feat1 256, feat2 512, upsampled P5 128)
     assert sum(ca_block_params(c) for c in (256, 512, 128)) == 64_624
     m = randomize_(attnzoo.create("ca", 48, preset="yolov4-tiny"), seed=8).double().eval()
@@ -161,7 +174,8 @@ def test_official_defaults():
     assert m.mip == 8 and m.conv1.bias is not None and m.conv_h.bias is not None
     assert CoordinateAttention(960).mip == 30 and CoordinateAttention(16).mip == 8
     assert [CoordinateAttention(c).mip for c in (255, 256, 257, 288, 319, 320)] == [
-        max(8, c // 32) for c in (255, 256, 257, 288, 319, 320)]
+        max(8, c // 32) for c in (255, 256, 257, 288, 319, 320)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,11 +207,17 @@ def test_timm_preset_hidden_width_matches_timm():
 # ------------------------------------------------------------------------------------------------
 # parameter counts
 def test_param_count_formula_over_keyword_grid():
-    grid = itertools.product([1, 8, 96, 1000], [32, 24, 3.5], [1, 8], [None, 8], [None, 3],
-                             [True, False])
+    grid = itertools.product(
+        [1, 8, 96, 1000], [32, 24, 3.5], [1, 8], [None, 8], [None, 3], [True, False]
+    )
     for channels, reduction, min_mip, divisor, mip, bias in grid:
-        kw = {"reduction": reduction, "min_mip": min_mip, "divisor": divisor, "mip": mip,
-              "bias": bias}
+        kw = {
+            "reduction": reduction,
+            "min_mip": min_mip,
+            "divisor": divisor,
+            "mip": mip,
+            "bias": bias,
+        }
         m = CoordinateAttention(channels, **kw)
         assert ca_param_count(channels, **kw) == sum(p.numel() for p in m.parameters()), kw
 
@@ -206,8 +226,7 @@ def test_mobilenetv2_ca_parameter_count():
     """CA on the expanded channels of every inverted residual with t = 6: 3.95 M (the paper)."""
     tv = pytest.importorskip("torchvision")
     net = tv.models.mobilenet_v2()
-    hidden = [block.conv[0][0].out_channels for block in net.features[1:-1]
-              if len(block.conv) == 4]
+    hidden = [block.conv[0][0].out_channels for block in net.features[1:-1] if len(block.conv) == 4]
     assert len(hidden) == 16 and hidden[0] == 96 and hidden[-1] == 960
     total = sum(p.numel() for p in net.parameters()) + sum(ca_param_count(h) for h in hidden)
     assert total == 3_950_648 and round(total / 1e6, 2) == 3.95
@@ -215,13 +234,16 @@ def test_mobilenetv2_ca_parameter_count():
 
 # ------------------------------------------------------------------------------------------------
 # errors
-@pytest.mark.parametrize(("kwargs", "pattern"), [
-    ({"reduction": 0}, r"CoordinateAttention: reduction must be a positive number"),
-    ({"min_mip": 0}, r"CoordinateAttention: min_mip must be an integer >= 1"),
-    ({"mip": 0}, r"CoordinateAttention: mip must be an integer >= 1"),
-    ({"divisor": -8}, r"CoordinateAttention: divisor must be an integer >= 1"),
-    ({"act": "gelu"}, r"CoordinateAttention: act must be one of 'hardswish', 'relu'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"reduction": 0}, r"CoordinateAttention: reduction must be a positive number"),
+        ({"min_mip": 0}, r"CoordinateAttention: min_mip must be an integer >= 1"),
+        ({"mip": 0}, r"CoordinateAttention: mip must be an integer >= 1"),
+        ({"divisor": -8}, r"CoordinateAttention: divisor must be an integer >= 1"),
+        ({"act": "gelu"}, r"CoordinateAttention: act must be one of 'hardswish', 'relu'"),
+    ],
+)
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         CoordinateAttention(64, **kwargs)

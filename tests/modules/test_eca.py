@@ -40,8 +40,7 @@ def _hvp(fn, x, params, seed=9):
 
 def test_kernel_table() -> None:
     # The table documented in eca_kernel_size (gamma=2, b=1).
-    table = {1: 1, 4: 1, 7: 1, 8: 3, 16: 3, 32: 3, 64: 3, 128: 5, 256: 5, 512: 5, 1024: 5,
-             2048: 7}
+    table = {1: 1, 4: 1, 7: 1, 8: 3, 16: 3, 32: 3, 64: 3, 128: 5, 256: 5, 512: 5, 1024: 5, 2048: 7}
     for c, k in table.items():
         assert eca_kernel_size(c) == k, c
         assert EfficientChannelAttention(c).kernel_size == k
@@ -61,8 +60,8 @@ def test_explicit_kernel_is_honoured(k) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"kernel_size": 5}, {"kernel_size": 1}, {"gamma": 1.5, "b": 2},
-               {"min_kernel_size": 3}]
+    "kwargs",
+    [{}, {"kernel_size": 5}, {"kernel_size": 1}, {"gamma": 1.5, "b": 2}, {"min_kernel_size": 3}],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_reference_forward_and_gradients(kwargs, channels_last) -> None:
@@ -108,8 +107,10 @@ timm_layers = pytest.importorskip("timm.layers")
 
 def test_timm_preset_reproduces_timm_kernel_choice() -> None:
     for c in list(range(1, 600)) + [1024, 2047, 2048, 4096, 8192]:
-        assert (attnzoo.create("eca", c, preset="timm").kernel_size
-                == timm_layers.EcaModule(c).conv.kernel_size[0]), c
+        assert (
+            attnzoo.create("eca", c, preset="timm").kernel_size
+            == timm_layers.EcaModule(c).conv.kernel_size[0]
+        ), c
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -142,16 +143,21 @@ def test_param_count_closed_form(channels, kwargs) -> None:
 
 def test_official_resnet50_kernels_total_80_parameters() -> None:
     # The released ECA-ResNet-50 uses k = 3, 5, 5, 7 for its 3, 4, 6, 3 blocks.
-    total = sum(n * eca_param_count(c, kernel_size=k)
-                for c, n, k in [(256, 3, 3), (512, 4, 5), (1024, 6, 5), (2048, 3, 7)])
+    total = sum(
+        n * eca_param_count(c, kernel_size=k)
+        for c, n, k in [(256, 3, 3), (512, 4, 5), (1024, 6, 5), (2048, 3, 7)]
+    )
     assert total == 80
 
 
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"kernel_size": 4}, ValueError,
-         r"EfficientChannelAttention: kernel_size must be a positive odd integer, got 4"),
+        (
+            {"kernel_size": 4},
+            ValueError,
+            r"EfficientChannelAttention: kernel_size must be a positive odd integer, got 4",
+        ),
         ({"kernel_size": 0}, ValueError, r"EfficientChannelAttention: kernel_size must be"),
         ({"gamma": 0}, ValueError, r"EfficientChannelAttention: gamma must be a positive number"),
         ({"b": "1"}, TypeError, r"EfficientChannelAttention: b must be a real number"),

@@ -22,7 +22,7 @@ def conv3x3_ref(x, w, b):
     out = b[None, :, None, None]
     for ky in range(3):
         for kx in range(3):
-            patch = xp[:, :, ky:ky + h, kx:kx + wd]
+            patch = xp[:, :, ky : ky + h, kx : kx + wd]
             out = out + torch.einsum("bchw,oc->bohw", patch, w[:, :, ky, kx])
     return out
 
@@ -44,7 +44,7 @@ def ema_ref(m: EfficientMultiScaleAttention, x):
     gamma, beta, eps = m.gn.weight, m.gn.bias, m.gn.eps
     outs, gates = [], []
     for g in range(groups):
-        xg = x[:, g * cg:(g + 1) * cg]  # (B, c, H, W): one group, treated as a sample
+        xg = x[:, g * cg : (g + 1) * cg]  # (B, c, H, W): one group, treated as a sample
         # 1x1 branch: directional pools -> shared 1x1 conv -> sigmoid gates -> GroupNorm(c, c)
         pooled = torch.cat([xg.sum(3) / w, xg.sum(2) / h], 2)  # (B, c, H + W)
         hw = torch.einsum("oc,bcl->bol", w1, pooled) + b1[None, :, None]
@@ -119,8 +119,14 @@ def test_train_and_eval_agree():
 def test_official_layer_names_and_shapes():
     m = EfficientMultiScaleAttention(256)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    assert shapes == {"gn.weight": (8,), "gn.bias": (8,), "conv1x1.weight": (8, 8, 1, 1),
-                      "conv1x1.bias": (8,), "conv3x3.weight": (8, 8, 3, 3), "conv3x3.bias": (8,)}
+    assert shapes == {
+        "gn.weight": (8,),
+        "gn.bias": (8,),
+        "conv1x1.weight": (8, 8, 1, 1),
+        "conv1x1.bias": (8,),
+        "conv3x3.weight": (8, 8, 3, 3),
+        "conv3x3.bias": (8,),
+    }
     assert m.gn.num_groups == 8 and m.gn.eps == 1e-5
 
 
@@ -139,8 +145,7 @@ def test_mobilenetv2_ema_parameter_count():
     """EMA in the inverted residuals with more than 144 hidden channels: 3.55 M (the paper)."""
     tv = pytest.importorskip("torchvision")
     net = tv.models.mobilenet_v2()
-    hidden = [block.conv[0][0].out_channels for block in net.features[1:-1]
-              if len(block.conv) == 4]
+    hidden = [block.conv[0][0].out_channels for block in net.features[1:-1] if len(block.conv) == 4]
     total = sum(p.numel() for p in net.parameters())
     total += sum(ema_param_count(h) for h in hidden if h > 144)
     assert total == 3_549_272 and round(total / 1e6, 2) == 3.55
@@ -150,12 +155,23 @@ def test_mobilenetv2_ema_parameter_count():
 
 # ------------------------------------------------------------------------------------------------
 # errors
-@pytest.mark.parametrize(("channels", "kwargs", "pattern"), [
-    (48, {}, r"EfficientMultiScaleAttention: channels \(48\) must be divisible by factor \(32\)"),
-    (16, {}, r"EfficientMultiScaleAttention: channels \(16\) must be divisible by factor \(32\)"),
-    (64, {"factor": 0}, r"EfficientMultiScaleAttention: factor must be an integer >= 1"),
-    (64, {"factor": 3}, r"EfficientMultiScaleAttention: channels \(64\) .*factor \(3\)"),
-])
+@pytest.mark.parametrize(
+    ("channels", "kwargs", "pattern"),
+    [
+        (
+            48,
+            {},
+            r"EfficientMultiScaleAttention: channels \(48\) must be divisible by factor \(32\)",
+        ),
+        (
+            16,
+            {},
+            r"EfficientMultiScaleAttention: channels \(16\) must be divisible by factor \(32\)",
+        ),
+        (64, {"factor": 0}, r"EfficientMultiScaleAttention: factor must be an integer >= 1"),
+        (64, {"factor": 3}, r"EfficientMultiScaleAttention: channels \(64\) .*factor \(3\)"),
+    ],
+)
 def test_bad_arguments(channels, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         EfficientMultiScaleAttention(channels, **kwargs)

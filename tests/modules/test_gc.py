@@ -99,8 +99,11 @@ def test_gradients_match_reference_for_every_input_layout(fusion, layout):
     """The (B, C, HW) reshape of the pooling is a view or a copy depending on the layout."""
     m = randomize_(GlobalContext(24, fusion=fusion), seed=6).double()
     x = torch.randn(2, 24, 5, 7, dtype=torch.float64)
-    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-         "permuted": x.transpose(2, 3).contiguous().transpose(2, 3)}[layout].requires_grad_()
+    x = {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "permuted": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }[layout].requires_grad_()
     params = list(m.parameters())
     out = m(x)
     ref, _ = gc_ref(m, x, pooling="att", fusion=fusion)
@@ -125,8 +128,10 @@ def test_training_step_under_bfloat16_autocast(pooling):
 
 @pytest.mark.parametrize("pooling", ["att", "avg"])
 def test_gradcheck_and_gradgradcheck(pooling):
-    m = randomize_(GlobalContext(6, ratio=1 / 2, pooling=pooling,
-                                 fusion=("channel_add", "channel_mul")), seed=8).double()
+    m = randomize_(
+        GlobalContext(6, ratio=1 / 2, pooling=pooling, fusion=("channel_add", "channel_mul")),
+        seed=8,
+    ).double()
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,), fast_mode=False)
     assert torch.autograd.gradgradcheck(m, (x,))
@@ -164,8 +169,11 @@ def test_official_init_of_context_mask():
 def test_state_dict_keys_follow_official_names():
     keys = set(GlobalContext(64, fusion=("channel_add", "channel_mul")).state_dict())
     expected = {"conv_mask.weight", "conv_mask.bias"} | {
-        f"channel_{f}_conv.{i}.{p}" for f in ("add", "mul") for i in (0, 1, 3)
-        for p in ("weight", "bias")}
+        f"channel_{f}_conv.{i}.{p}"
+        for f in ("add", "mul")
+        for i in (0, 1, 3)
+        for p in ("weight", "bias")
+    }
     assert keys == expected
     ln = GlobalContext(64).channel_add_conv[1]
     assert tuple(ln.normalized_shape) == (4, 1, 1) and ln.eps == 1e-5
@@ -241,8 +249,9 @@ def test_timm_preset_rounds_planes_like_timm():
 # ------------------------------------------------------------------------------------------------
 # parameter counts
 def test_param_count_formula_over_keyword_grid():
-    grid = itertools.product([1, 8, 64, 100], [1 / 16, 1 / 4, 0.3], ["att", "avg"], FUSIONS,
-                             [None, 1, 8])
+    grid = itertools.product(
+        [1, 8, 64, 100], [1 / 16, 1 / 4, 0.3], ["att", "avg"], FUSIONS, [None, 1, 8]
+    )
     for channels, ratio, pooling, fusion, divisor in grid:
         kw = {"ratio": ratio, "pooling": pooling, "fusion": fusion, "divisor": divisor}
         m = GlobalContext(channels, **kw)
@@ -268,14 +277,17 @@ def test_gc_resnet50_r16_parameter_count():
 
 # ------------------------------------------------------------------------------------------------
 # errors
-@pytest.mark.parametrize(("kwargs", "pattern"), [
-    ({"fusion": ()}, r"GlobalContext: fusion must be a non-empty subset of .*channel_add"),
-    ({"fusion": ("channel_max",)}, r"GlobalContext: fusion must be a non-empty subset"),
-    ({"fusion": None}, r"GlobalContext: fusion must be a non-empty subset"),
-    ({"pooling": "max"}, r"GlobalContext: pooling must be one of 'att', 'avg'; got 'max'"),
-    ({"ratio": 0}, r"GlobalContext: ratio must be a positive number"),
-    ({"divisor": 0}, r"GlobalContext: divisor must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"fusion": ()}, r"GlobalContext: fusion must be a non-empty subset of .*channel_add"),
+        ({"fusion": ("channel_max",)}, r"GlobalContext: fusion must be a non-empty subset"),
+        ({"fusion": None}, r"GlobalContext: fusion must be a non-empty subset"),
+        ({"pooling": "max"}, r"GlobalContext: pooling must be one of 'att', 'avg'; got 'max'"),
+        ({"ratio": 0}, r"GlobalContext: ratio must be a positive number"),
+        ({"divisor": 0}, r"GlobalContext: divisor must be an integer >= 1"),
+    ],
+)
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         GlobalContext(64, **kwargs)

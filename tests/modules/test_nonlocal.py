@@ -78,8 +78,15 @@ def naive_nonlocal(m, x: torch.Tensor) -> torch.Tensor:
     if m.bn_layer:
         conv, bn = m.W[0], m.W[1]
         z = _conv(y, conv, dims)
-        z = F.batch_norm(z, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias,
-                         training=m.training, eps=bn.eps)
+        z = F.batch_norm(
+            z,
+            bn.running_mean.clone(),
+            bn.running_var.clone(),
+            bn.weight,
+            bn.bias,
+            training=m.training,
+            eps=bn.eps,
+        )
     else:
         z = _conv(y, m.W, dims)
     return x + z
@@ -129,8 +136,9 @@ def test_options_match_naive_formula(dims: int, mode: str, options: dict) -> Non
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
 @pytest.mark.parametrize("preset", [None, "facebookresearch"])
-def test_use_scale_and_presets_match_naive_formula(dims: int, mode: str,
-                                                   preset: str | None) -> None:
+def test_use_scale_and_presets_match_naive_formula(
+    dims: int, mode: str, preset: str | None
+) -> None:
     torch.manual_seed(0)
     m = attnzoo.create(f"nonlocal{dims}d", 6, preset=preset, mode=mode, use_scale=True)
     m = randomize_(m).double().eval()
@@ -312,8 +320,13 @@ def test_compile_fullgraph_every_mode(mode: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("dims", "mode"),
-    [(2, "gaussian"), (2, "dot_product"), (1, "concatenation"), (2, "concatenation"),
-     (3, "concatenation")],
+    [
+        (2, "gaussian"),
+        (2, "dot_product"),
+        (1, "concatenation"),
+        (2, "concatenation"),
+        (3, "concatenation"),
+    ],
 )
 def test_onnx_dynamic_every_mode(dims: int, mode: str, tmp_path) -> None:
     """Sort, cumsum, gather/scatter (concatenation) and SDPA export with dynamic sizes; the
@@ -328,13 +341,16 @@ def test_onnx_dynamic_every_mode(dims: int, mode: str, tmp_path) -> None:
         shapes[i] = torch.export.Dim(f"s{i}", min=1, max=1024)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(m, (x,), dynamo=True, opset_version=18,
-                                    dynamic_shapes=(shapes,), verbose=False)
+        program = torch.onnx.export(
+            m, (x,), dynamo=True, opset_version=18, dynamic_shapes=(shapes,), verbose=False
+        )
     path = str(tmp_path / "nl.onnx")
     program.save(path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    for batch, spatial in ((1, {1: (7,), 2: (5, 7), 3: (3, 5, 7)}), (3, {1: (16,), 2: (12, 9),
-                                                                          3: (2, 8, 6)})):
+    for batch, spatial in (
+        (1, {1: (7,), 2: (5, 7), 3: (3, 5, 7)}),
+        (3, {1: (16,), 2: (12, 9), 3: (2, 8, 6)}),
+    ):
         xi = torch.randn(batch, 8, *spatial[dims])
         with torch.no_grad():
             expected = m(xi)
@@ -347,7 +363,12 @@ def test_onnx_dynamic_every_mode(dims: int, mode: str, tmp_path) -> None:
 def test_defaults_and_inter_channels() -> None:
     m = NonLocal2d(64)
     assert (m.mode, m.inter_channels, m.sub_sample, m.bn_layer, m.use_scale) == (
-        "embedded_gaussian", 32, True, True, False)
+        "embedded_gaussian",
+        32,
+        True,
+        True,
+        False,
+    )
     assert NonLocal2d(1).inter_channels == 1  # C // 2 = 0 is guarded
     assert NonLocal2d(3).inter_channels == 1
     assert not hasattr(NonLocal2d(8, mode="gaussian"), "theta")

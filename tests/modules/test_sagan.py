@@ -39,9 +39,11 @@ def build(channels: int = 16, **kw) -> SAGANSelfAttention:
 
 
 # floor pooling needs H, W >= 2 (see test_floor_pooling_explains); ceil_mode only matters for tf
-CASES = [("pytorch", s, True) for s in ((6, 8), (5, 7), (1, 1), (1, 6))] + [
-    ("tf", s, True) for s in ((6, 8), (5, 7), (1, 1), (1, 6))
-] + [("tf", s, False) for s in ((6, 8), (5, 7))]
+CASES = (
+    [("pytorch", s, True) for s in ((6, 8), (5, 7), (1, 1), (1, 6))]
+    + [("tf", s, True) for s in ((6, 8), (5, 7), (1, 1), (1, 6))]
+    + [("tf", s, False) for s in ((6, 8), (5, 7))]
+)
 
 
 @pytest.mark.parametrize(("variant", "spatial", "ceil"), CASES)
@@ -84,9 +86,12 @@ def test_pytorch_variant_shapes_follow_the_port() -> None:
     m = SAGANSelfAttention(64)
     shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
     assert shapes == {
-        "query_conv.weight": (8, 64, 1, 1), "query_conv.bias": (8,),
-        "key_conv.weight": (8, 64, 1, 1), "key_conv.bias": (8,),
-        "value_conv.weight": (64, 64, 1, 1), "value_conv.bias": (64,),
+        "query_conv.weight": (8, 64, 1, 1),
+        "query_conv.bias": (8,),
+        "key_conv.weight": (8, 64, 1, 1),
+        "key_conv.bias": (8,),
+        "value_conv.weight": (64, 64, 1, 1),
+        "value_conv.bias": (64,),
         "gamma": (1,),
     }
 

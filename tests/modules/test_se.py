@@ -128,8 +128,9 @@ def test_timm_parity_with_copied_weights(channels_last) -> None:
     y.backward(g)
     yr.backward(g)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.fc1.weight.grad, ref.fc1.weight.grad[:, :, 0, 0],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.fc1.weight.grad, ref.fc1.weight.grad[:, :, 0, 0], rtol=1e-5, atol=1e-5
+    )
 
 
 # ---- parameter counts and errors ---------------------------------------------------------
@@ -147,16 +148,20 @@ def test_param_count_closed_form(channels, kwargs) -> None:
 def test_se_resnet50_formula() -> None:
     # Paper: each SE block adds 2C^2/r + C/r + C; C = 256, 512, 1024, 2048 over 3, 4, 6, 3 blocks.
     extra = sum(n * se_param_count(c) for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)])
-    assert extra == sum(n * (2 * c * c // 16 + c // 16 + c)
-                        for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)])
+    assert extra == sum(
+        n * (2 * c * c // 16 + c // 16 + c) for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)]
+    )
     assert 25_557_032 + extra == 28_088_024  # the paper's 28.09 M
 
 
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"reduction": 0}, ValueError,
-         r"SqueezeExcitation: reduction must be an integer >= 1, got 0"),
+        (
+            {"reduction": 0},
+            ValueError,
+            r"SqueezeExcitation: reduction must be an integer >= 1, got 0",
+        ),
         ({"reduction": 2.5}, TypeError, r"SqueezeExcitation: reduction must be an integer"),
         ({"divisor": 0}, ValueError, r"SqueezeExcitation: divisor must be an integer >= 1"),
         ({"bias": 1}, TypeError, r"SqueezeExcitation: bias must be True or False"),

@@ -61,8 +61,9 @@ def sk_ref(m: SelectiveKernel, x, *, keep_3x3, split_input, norm_act, stride=1):
         conv, bn = path[0], path[1]
         k, dil, pad = (3, i + 1, i + 1) if keep_3x3 else (3 + 2 * i, 1, 1 + i)
         assert conv.weight.shape[-1] == k
-        y = conv2d_ref(xi, conv.weight, conv.bias, stride=stride, padding=pad, dilation=dil,
-                       groups=conv.groups)
+        y = conv2d_ref(
+            xi, conv.weight, conv.bias, stride=stride, padding=pad, dilation=dil, groups=conv.groups
+        )
         feats.append(torch.clamp_min(bn_eval_ref(y, bn), 0))
     u = sum(feats)
     s = u.sum((2, 3)) / (u.shape[2] * u.shape[3])  # (B, C_out)
@@ -75,9 +76,9 @@ def sk_ref(m: SelectiveKernel, x, *, keep_3x3, split_input, norm_act, stride=1):
     w_sel = m.fc_select.weight[:, :, 0, 0]
     logits = []
     for i in range(n_br):
-        li = z @ w_sel[i * c_out:(i + 1) * c_out].T
+        li = z @ w_sel[i * c_out : (i + 1) * c_out].T
         if m.fc_select.bias is not None:
-            li = li + m.fc_select.bias[i * c_out:(i + 1) * c_out]
+            li = li + m.fc_select.bias[i * c_out : (i + 1) * c_out]
         logits.append(li)
     a = softmax_ref(torch.stack(logits, 1), 1)  # (B, M, C_out), softmax ACROSS branches
     out = sum(a[:, i, :, None, None] * feats[i] for i in range(n_br))
@@ -90,14 +91,31 @@ VARIANTS = [
     ({"branches": 3, "groups": 8}, 32, {"keep_3x3": True, "split_input": False, "norm_act": True}),
     ({"branches": 1, "groups": 4}, 16, {"keep_3x3": True, "split_input": False, "norm_act": True}),
     # the common PyTorch SKConv
-    ({"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False}, 64,
-     {"keep_3x3": False, "split_input": False, "norm_act": False}),
-    ({"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False,
-      "branches": 3, "groups": 16, "reduction": 8, "min_dim": 4}, 32,
-     {"keep_3x3": False, "split_input": False, "norm_act": False}),
+    (
+        {"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False},
+        64,
+        {"keep_3x3": False, "split_input": False, "norm_act": False},
+    ),
+    (
+        {
+            "keep_3x3": False,
+            "conv_bias": True,
+            "fc_bias": True,
+            "fc_norm_act": False,
+            "branches": 3,
+            "groups": 16,
+            "reduction": 8,
+            "min_dim": 4,
+        },
+        32,
+        {"keep_3x3": False, "split_input": False, "norm_act": False},
+    ),
     # timm's class defaults
-    ({"groups": 1, "split_input": True, "divisor": 8, "min_dim": 8}, 32,
-     {"keep_3x3": True, "split_input": True, "norm_act": True}),
+    (
+        {"groups": 1, "split_input": True, "divisor": 8, "min_dim": 8},
+        32,
+        {"keep_3x3": True, "split_input": True, "norm_act": True},
+    ),
 ]
 
 
@@ -121,8 +139,13 @@ def test_matches_reference_formula_forward_and_backward(kwargs, channels, flags,
 
 @pytest.mark.parametrize("keep_3x3", [True, False])
 def test_stride_and_out_channels_match_reference(keep_3x3):
-    m = randomize_(SelectiveKernel(32, out_channels=64, stride=2, groups=8, keep_3x3=keep_3x3),
-                   seed=2).double().eval()
+    m = (
+        randomize_(
+            SelectiveKernel(32, out_channels=64, stride=2, groups=8, keep_3x3=keep_3x3), seed=2
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(2, 32, 9, 12, dtype=torch.float64, requires_grad=True)
     out = m(x)
     assert out.shape == (2, 64, 5, 6)
@@ -136,7 +159,9 @@ def test_official_geometry_and_defaults():
     m = SelectiveKernel(128)
     convs = [p[0] for p in m.paths]
     assert [(c.kernel_size, c.dilation, c.padding, c.groups) for c in convs] == [
-        ((3, 3), (1, 1), (1, 1), 32), ((3, 3), (2, 2), (2, 2), 32)]
+        ((3, 3), (1, 1), (1, 1), 32),
+        ((3, 3), (2, 2), (2, 2), 32),
+    ]
     assert all(c.bias is None for c in convs)
     assert m.fc_reduce.bias is None and m.fc_select.bias is None
     assert m.attn_channels == 32  # d = max(128 / 16, 32), as conv2_x/B_fc1 in sknet50.prototxt
@@ -188,8 +213,11 @@ TIMM_CASES = [
     ({"preset": "timm", "keep_3x3": False}, {"keep_3x3": False}, 64),
     ({"preset": "timm-skresnext"}, {"groups": 32, "rd_divisor": 32, "split_input": False}, 64),
     ({"preset": "timm-skresnext"}, {"groups": 32, "rd_divisor": 32, "split_input": False}, 1024),
-    ({"preset": "timm-skresnext", "out_channels": 128, "stride": 2},
-     {"out_channels": 128, "stride": 2, "groups": 32, "rd_divisor": 32, "split_input": False}, 64),
+    (
+        {"preset": "timm-skresnext", "out_channels": 128, "stride": 2},
+        {"out_channels": 128, "stride": 2, "groups": 32, "rd_divisor": 32, "split_input": False},
+        64,
+    ),
 ]
 
 
@@ -212,10 +240,20 @@ def test_param_count_formula_over_keyword_grid():
     grid = itertools.product([1, 2, 3], [False, True], [False, True], [False, True], [None, 8])
     for branches, keep_3x3, biases, split, divisor in grid:
         channels = 48 * branches if split else 96
-        kw = {"branches": branches, "groups": 16 if not split else 8, "keep_3x3": keep_3x3,
-              "conv_bias": biases, "fc_bias": biases, "fc_norm_act": not biases,
-              "split_input": split, "divisor": divisor, "out_channels": 64, "stride": 2,
-              "reduction": 4, "min_dim": 4}
+        kw = {
+            "branches": branches,
+            "groups": 16 if not split else 8,
+            "keep_3x3": keep_3x3,
+            "conv_bias": biases,
+            "fc_bias": biases,
+            "fc_norm_act": not biases,
+            "split_input": split,
+            "divisor": divisor,
+            "out_channels": 64,
+            "stride": 2,
+            "reduction": 4,
+            "min_dim": 4,
+        }
         m = SelectiveKernel(channels, **kw)
         assert sk_param_count(channels, **kw) == sum(p.numel() for p in m.parameters()), kw
 
@@ -236,17 +274,31 @@ def test_sknet50_parameter_count_as_drop_in_for_resnext50():
 
 # ------------------------------------------------------------------------------------------------
 # errors
-@pytest.mark.parametrize(("channels", "kwargs", "pattern"), [
-    (48, {}, r"SelectiveKernel: channels \(48\) must be divisible by groups \(32\)"),
-    (64, {"out_channels": 40}, r"SelectiveKernel: out_channels \(40\) must be divisible by groups"),
-    (64, {"branches": 0}, r"SelectiveKernel: branches must be an integer >= 1"),
-    (64, {"split_input": True, "branches": 3},
-     r"SelectiveKernel: channels \(64\) .*branches \(3\)"),
-    (32, {"split_input": True}, r"SelectiveKernel: channels // branches \(16\) .*groups \(32\)"),
-    (64, {"stride": 0}, r"SelectiveKernel: stride"),
-    (64, {"reduction": 0}, r"SelectiveKernel: reduction"),
-    (64, {"divisor": 0}, r"SelectiveKernel: divisor"),
-])
+@pytest.mark.parametrize(
+    ("channels", "kwargs", "pattern"),
+    [
+        (48, {}, r"SelectiveKernel: channels \(48\) must be divisible by groups \(32\)"),
+        (
+            64,
+            {"out_channels": 40},
+            r"SelectiveKernel: out_channels \(40\) must be divisible by groups",
+        ),
+        (64, {"branches": 0}, r"SelectiveKernel: branches must be an integer >= 1"),
+        (
+            64,
+            {"split_input": True, "branches": 3},
+            r"SelectiveKernel: channels \(64\) .*branches \(3\)",
+        ),
+        (
+            32,
+            {"split_input": True},
+            r"SelectiveKernel: channels // branches \(16\) .*groups \(32\)",
+        ),
+        (64, {"stride": 0}, r"SelectiveKernel: stride"),
+        (64, {"reduction": 0}, r"SelectiveKernel: reduction"),
+        (64, {"divisor": 0}, r"SelectiveKernel: divisor"),
+    ],
+)
 def test_bad_arguments(channels, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         SelectiveKernel(channels, **kwargs)

@@ -49,8 +49,11 @@ def _compare(fn, ref, inputs, atol=1e-12, rtol=1e-10):
 
 @pytest.mark.parametrize(("n", "m", "d"), [(50, 13, 3), (1, 1, 1), (7, 30, 2), (64, 64, 5)])
 def test_relu_sum_attention_matches_naive(n: int, m: int, d: int) -> None:
-    _compare(relu_sum_attention, naive_relu_sum, (rand(2, n, seed=1), rand(2, m, seed=2),
-                                                  rand(2, m, d, seed=3)))
+    _compare(
+        relu_sum_attention,
+        naive_relu_sum,
+        (rand(2, n, seed=1), rand(2, m, seed=2), rand(2, m, d, seed=3)),
+    )
 
 
 def test_relu_sum_attention_all_or_nothing_active() -> None:
@@ -87,6 +90,7 @@ def test_count_below_equals_searchsorted(n: int, m: int) -> None:
 def test_softmax_attention_matches_naive_and_is_fused(d: int, dv: int) -> None:
     q, k, v = rand(2, 30, d, seed=1), rand(2, 11, d, seed=2), rand(2, 11, dv, seed=3)
     for scale in (1.0, d**-0.5):
+
         def naive(q, k, v, scale=scale):
             return torch.softmax(scale * q @ k.transpose(1, 2), -1) @ v
 
@@ -110,8 +114,9 @@ def test_dot_product_attention_matches_naive() -> None:
 
     _compare(dot_product_attention, naive, (q, k, v))
     torch.testing.assert_close(dot_product_affinity(q, k) @ v, naive(q, k, v))
-    torch.testing.assert_close(relu_sum_affinity(q[..., 0], k[..., 0]) @ v,
-                               naive_relu_sum(q[..., 0], k[..., 0], v))
+    torch.testing.assert_close(
+        relu_sum_affinity(q[..., 0], k[..., 0]) @ v, naive_relu_sum(q[..., 0], k[..., 0], v)
+    )
 
 
 def test_positions_round_trip_and_layout() -> None:
@@ -151,7 +156,11 @@ def test_relu_sum_onnx_dynamic_two_sizes(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            Wrap(), (a, b, v), dynamo=True, opset_version=18, verbose=False,
+            Wrap(),
+            (a, b, v),
+            dynamo=True,
+            opset_version=18,
+            verbose=False,
             dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: m}, {0: batch, 1: m}),
         )
     path = str(tmp_path / "relu_sum.onnx")
@@ -159,11 +168,15 @@ def test_relu_sum_onnx_dynamic_two_sizes(tmp_path) -> None:
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     for shape in ((3, 7, 30), (1, 64, 5)):
-        a, b, v = torch.randn(shape[0], shape[1]), torch.randn(shape[0], shape[2]), torch.randn(
-            shape[0], shape[2], 3)
+        a, b, v = (
+            torch.randn(shape[0], shape[1]),
+            torch.randn(shape[0], shape[2]),
+            torch.randn(shape[0], shape[2], 3),
+        )
         got = session.run(None, dict(zip(names, (a.numpy(), b.numpy(), v.numpy()))))[0]
-        torch.testing.assert_close(torch.from_numpy(got), relu_sum_attention(a, b, v),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(got), relu_sum_attention(a, b, v), atol=1e-5, rtol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +185,9 @@ def test_softmax_attention_float64_is_twice_differentiable() -> None:
     """Float64 with gradients recorded: the explicit formula (the fused kernel has no derivative
     of its backward)."""
     q, k, v = rand(2, 7, 3, seed=1), rand(2, 5, 3, seed=2), rand(2, 5, 4, seed=3)
-    assert torch.autograd.gradgradcheck(lambda *t: softmax_attention(*t, scale=0.7), (q, k, v),
-                                        fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: softmax_attention(*t, scale=0.7), (q, k, v), fast_mode=True
+    )
 
 
 def test_softmax_attention_float32_training_stays_fused() -> None:

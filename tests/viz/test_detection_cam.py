@@ -32,9 +32,15 @@ def images():
 
 
 def hook_counts(m):
-    return [(len(s._forward_hooks), len(s._forward_pre_hooks), len(s._backward_hooks),
-             len(s._full_backward_hooks if hasattr(s, "_full_backward_hooks") else {}))
-            for s in m.modules()]
+    return [
+        (
+            len(s._forward_hooks),
+            len(s._forward_pre_hooks),
+            len(s._backward_hooks),
+            len(s._full_backward_hooks if hasattr(s, "_full_backward_hooks") else {}),
+        )
+        for s in m.modules()
+    ]
 
 
 @pytest.mark.parametrize("method", ["eigencam", "gradcam"])
@@ -58,8 +64,10 @@ def test_gradcam_target_follows_the_predictions(model, images):
     right = int(torch.where(centre_x > 2 * SIZE[1] / 3, score, -1).argmax())
 
     def preds(i, label):
-        return [{"boxes": decoded[0, i:i + 1, :4], "labels": torch.tensor([label])},
-                {"boxes": decoded[1, :1, :4], "labels": torch.tensor([0])}]
+        return [
+            {"boxes": decoded[0, i : i + 1, :4], "labels": torch.tensor([label])},
+            {"boxes": decoded[1, :1, :4], "labels": torch.tensor([0])},
+        ]
 
     m_left = detector_cam(model, images, method="gradcam", predictions=preds(left, 0))
     m_right = detector_cam(model, images, method="gradcam", predictions=preds(right, 0))
@@ -68,8 +76,8 @@ def test_gradcam_target_follows_the_predictions(model, images):
     assert (m_left[0] - m_label[0]).abs().max() > 0.05
     torch.testing.assert_close(m_left[1], m_right[1])  # image 1's target did not change
     # the detections' mass sits on their own side of the image
-    assert m_left[0, :, : SIZE[1] // 2].sum() > m_left[0, :, SIZE[1] // 2:].sum()
-    assert m_right[0, :, SIZE[1] // 2:].sum() > m_right[0, :, : SIZE[1] // 2].sum()
+    assert m_left[0, :, : SIZE[1] // 2].sum() > m_left[0, :, SIZE[1] // 2 :].sum()
+    assert m_right[0, :, SIZE[1] // 2 :].sum() > m_right[0, :, : SIZE[1] // 2].sum()
 
 
 def test_gradcam_with_postprocess_predictions_and_an_empty_image(model, images):
@@ -84,8 +92,10 @@ def test_gradcam_with_postprocess_predictions_and_an_empty_image(model, images):
 def test_detection_score_target_matches_its_candidates():
     gen = torch.Generator().manual_seed(2)
     xy = torch.rand(50, 2, generator=gen) * 100
-    out = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=gen) * 30,
-                     torch.rand(50, 1 + 4, generator=gen)], 1)
+    out = torch.cat(
+        [xy, xy + 5 + torch.rand(50, 2, generator=gen) * 30, torch.rand(50, 1 + 4, generator=gen)],
+        1,
+    )
     idx, labels = torch.tensor([7, 31, 7]), torch.tensor([0, 3, 2])
     boxes = out[idx, :4].clamp(max=100.0)  # clipped to a 100x100 image, like postprocess
     got = DetectionScoreTarget(boxes, labels)(out)

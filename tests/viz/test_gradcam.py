@@ -62,10 +62,18 @@ def test_unknown_model_needs_target_layer():
 # ---------------------------------------------------------------------------------------------
 # range and size
 CASES = [
-    ("cifar_resnet8", "gradcam"), ("cifar_resnet8", "GradCAM++"), ("cifar_resnet8", "eigencam"),
-    ("cifar_resnet8", "layercam"), ("cifar_resnet8", "xgradcam"), ("cifar_resnet8", "hirescam"),
-    ("resnet18", "gradcam"), ("resnet18", "gradcam++"), ("resnet18", "eigencam"),
-    ("mobilenet_v2", "gradcam"), ("mobilenet_v2", "layercam"), ("mobilenet_v2", "eigencam"),
+    ("cifar_resnet8", "gradcam"),
+    ("cifar_resnet8", "GradCAM++"),
+    ("cifar_resnet8", "eigencam"),
+    ("cifar_resnet8", "layercam"),
+    ("cifar_resnet8", "xgradcam"),
+    ("cifar_resnet8", "hirescam"),
+    ("resnet18", "gradcam"),
+    ("resnet18", "gradcam++"),
+    ("resnet18", "eigencam"),
+    ("mobilenet_v2", "gradcam"),
+    ("mobilenet_v2", "layercam"),
+    ("mobilenet_v2", "eigencam"),
 ]
 
 
@@ -145,11 +153,17 @@ def test_targets_honoured():
     torch.testing.assert_close(mixed[1], b[1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("targets, error", [
-    ([0, 1], ValueError), (torch.tensor([[0, 1, 2]]), ValueError),
-    (torch.tensor([0.0, 1.0, 2.0]), ValueError), ([0, -1, 0], ValueError),
-    ("1", TypeError), ([0, True, 1], TypeError),
-])
+@pytest.mark.parametrize(
+    "targets, error",
+    [
+        ([0, 1], ValueError),
+        (torch.tensor([[0, 1, 2]]), ValueError),
+        (torch.tensor([0.0, 1.0, 2.0]), ValueError),
+        ([0, -1, 0], ValueError),
+        ("1", TypeError),
+        ([0, True, 1], TypeError),
+    ],
+)
 def test_bad_targets(targets, error):
     with pytest.raises(error, match="targets|target"):
         cam(net8(), images(3), targets=targets)
@@ -159,7 +173,7 @@ def test_bad_targets(targets, error):
 # no side effects
 def test_model_state_restored():
     model = net8("cbam").train()
-    model.layer1.eval()                     # mixed modes survive
+    model.layer1.eval()  # mixed modes survive
     model.conv1.weight.requires_grad_(False)
     model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)
     grad_ref = model.fc.weight.grad
@@ -174,17 +188,20 @@ def test_model_state_restored():
     assert model.fc.weight.grad is grad_ref and bool((grad_ref == 7.0).all())
     assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k   # eval mode inside: no BN statistics update
+        assert torch.equal(v, state[k]), k  # eval mode inside: no BN statistics update
     for n, m in model.named_modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks, n
     assert torch.equal(x, x_before) and not x.requires_grad
 
 
-@pytest.mark.parametrize("x, targets, error", [
-    (torch.randn(2, 4, 32, 32), None, "channels"),  # wrong channel count: the forward fails
-    # a class index beyond the logits: grad-cam's context manager would swallow the IndexError
-    (torch.randn(2, 3, 32, 32), 10, "gradcam failed: IndexError"),
-])
+@pytest.mark.parametrize(
+    "x, targets, error",
+    [
+        (torch.randn(2, 4, 32, 32), None, "channels"),  # wrong channel count: the forward fails
+        # a class index beyond the logits: grad-cam's context manager would swallow the IndexError
+        (torch.randn(2, 3, 32, 32), 10, "gradcam failed: IndexError"),
+    ],
+)
 def test_restored_on_error(x, targets, error):
     model = net8().train()
     with pytest.raises(RuntimeError, match=error):
@@ -277,7 +294,9 @@ def test_missing_grad_cam_gives_install_hint(monkeypatch):
 
 
 def test_importing_attnzoo_and_viz_imports_no_optional_dependency():
-    code = ("import sys, attnzoo, attnzoo.viz; "
-            "bad = [m for m in ('pytorch_grad_cam', 'matplotlib', 'cv2') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, attnzoo, attnzoo.viz; "
+        "bad = [m for m in ('pytorch_grad_cam', 'matplotlib', 'cv2') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

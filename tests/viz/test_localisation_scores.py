@@ -23,10 +23,10 @@ def test_single_hot_pixel_in_and_out():
 
 def test_exclusive_ends():
     box = torch.tensor([[4, 2, 8, 6]])
-    inside_corner = hot(10, 12, [(5, 7)])[None]   # y1 - 1, x1 - 1: inside
-    on_x1 = hot(10, 12, [(3, 8)])[None]           # x == x1: outside
-    on_y1 = hot(10, 12, [(6, 5)])[None]           # y == y1: outside
-    first = hot(10, 12, [(2, 4)])[None]           # (y0, x0): inside
+    inside_corner = hot(10, 12, [(5, 7)])[None]  # y1 - 1, x1 - 1: inside
+    on_x1 = hot(10, 12, [(3, 8)])[None]  # x == x1: outside
+    on_y1 = hot(10, 12, [(6, 5)])[None]  # y == y1: outside
+    first = hot(10, 12, [(2, 4)])[None]  # (y0, x0): inside
     assert pointing_game(inside_corner, box).item()
     assert not pointing_game(on_x1, box).item()
     assert not pointing_game(on_y1, box).item()
@@ -87,8 +87,8 @@ def test_negative_maps_use_the_maximum():
 
 def test_tolerance_euclidean_distance_to_the_box():
     box = torch.tensor([[2, 2, 4, 4]])  # pixels 2..3
-    right3 = hot(20, 20, [(3, 6)])[None]       # 3 px right of x = 3
-    diag = hot(20, 20, [(6, 6)])[None]         # (3, 3) from the corner (3, 3): distance 4.24
+    right3 = hot(20, 20, [(3, 6)])[None]  # 3 px right of x = 3
+    diag = hot(20, 20, [(6, 6)])[None]  # (3, 3) from the corner (3, 3): distance 4.24
     assert not pointing_game(right3, box).item()
     assert not pointing_game(right3, box, tolerance=2).item()
     assert pointing_game(right3, box, tolerance=3).item()
@@ -103,16 +103,17 @@ def test_tolerance_euclidean_distance_to_the_box():
 def test_energy_known_values():
     cams = torch.zeros(4, 4, 4)
     cams[0, 1, 1] = 3.0
-    cams[0, 3, 3] = 1.0          # 3 of 4 inside
-    cams[1] = 1.0                # constant: area fraction 4 / 16
-    cams[2, 3, 3] = 2.0          # all outside
+    cams[0, 3, 3] = 1.0  # 3 of 4 inside
+    cams[1] = 1.0  # constant: area fraction 4 / 16
+    cams[2, 3, 3] = 2.0  # all outside
     # cams[3] stays zero -> 0, not NaN
     boxes = torch.tensor([[0, 0, 2, 2]] * 4)
     out = energy_in_box(cams, boxes)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([0.75, 0.25, 0.0, 0.0]))
-    torch.testing.assert_close(energy_in_box(cams[1:2], boxes[:1]),
-                               box_area_fraction(boxes[:1], 4, 4))
+    torch.testing.assert_close(
+        energy_in_box(cams[1:2], boxes[:1]), box_area_fraction(boxes[:1], 4, 4)
+    )
 
 
 def test_energy_exclusive_end_and_float64():
@@ -131,23 +132,27 @@ def test_energy_rejects_negative_maps():
 
 def test_box_area_fraction():
     boxes = torch.tensor([[0, 0, 32, 32], [4, 8, 12, 10], [31, 31, 32, 32]])
-    torch.testing.assert_close(box_area_fraction(boxes, 32, 32),
-                               torch.tensor([1.0, 16 / 1024, 1 / 1024]))
+    torch.testing.assert_close(
+        box_area_fraction(boxes, 32, 32), torch.tensor([1.0, 16 / 1024, 1 / 1024])
+    )
     torch.testing.assert_close(box_area_fraction([[0, 0, 3, 2]], 4, 6), torch.tensor([6 / 24]))
 
 
 @pytest.mark.parametrize("fn", [pointing_game, energy_in_box])
-@pytest.mark.parametrize("cams, boxes, match", [
-    (torch.zeros(2, 4), [[0, 0, 1, 1]] * 2, "cams must be a \\(B, H, W\\)"),
-    (torch.zeros(2, 4, 4), [[0, 0, 1, 1]], "boxes must have shape \\(2, 4\\)"),
-    (torch.zeros(1, 4, 4), [[0, 0, 1]], "boxes must have shape"),
-    (torch.zeros(1, 4, 4), [[0.0, 0.0, 1.0, 1.0]], "boxes must hold integers"),
-    (torch.zeros(1, 4, 6), [[0, 0, 7, 1]], "0 <= x0 < x1 <= W=6"),
-    (torch.zeros(1, 4, 6), [[0, 0, 1, 5]], "y1 <= H=4"),
-    (torch.zeros(1, 4, 4), [[2, 0, 2, 1]], "x0 < x1"),
-    (torch.zeros(1, 4, 4), [[-1, 0, 2, 1]], "0 <= x0"),
-    (torch.full((1, 4, 4), float("nan")), [[0, 0, 1, 1]], "finite"),
-])
+@pytest.mark.parametrize(
+    "cams, boxes, match",
+    [
+        (torch.zeros(2, 4), [[0, 0, 1, 1]] * 2, "cams must be a \\(B, H, W\\)"),
+        (torch.zeros(2, 4, 4), [[0, 0, 1, 1]], "boxes must have shape \\(2, 4\\)"),
+        (torch.zeros(1, 4, 4), [[0, 0, 1]], "boxes must have shape"),
+        (torch.zeros(1, 4, 4), [[0.0, 0.0, 1.0, 1.0]], "boxes must hold integers"),
+        (torch.zeros(1, 4, 6), [[0, 0, 7, 1]], "0 <= x0 < x1 <= W=6"),
+        (torch.zeros(1, 4, 6), [[0, 0, 1, 5]], "y1 <= H=4"),
+        (torch.zeros(1, 4, 4), [[2, 0, 2, 1]], "x0 < x1"),
+        (torch.zeros(1, 4, 4), [[-1, 0, 2, 1]], "0 <= x0"),
+        (torch.full((1, 4, 4), float("nan")), [[0, 0, 1, 1]], "finite"),
+    ],
+)
 def test_validation(fn, cams, boxes, match):
     with pytest.raises(ValueError, match=match) as err:
         fn(cams, boxes)

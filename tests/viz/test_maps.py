@@ -75,8 +75,9 @@ def build(name: str, seed: int = 0, **kwargs) -> nn.Module:
 def standalone_input(name: str, batch: int = 2, dtype=torch.float32) -> torch.Tensor:
     meta = attnzoo.info(name)
     gen = torch.Generator().manual_seed(1)
-    return torch.randn((batch, meta.example_channels, *SPATIAL[meta.spatial_dims]),
-                       generator=gen, dtype=dtype)
+    return torch.randn(
+        (batch, meta.example_channels, *SPATIAL[meta.spatial_dims]), generator=gen, dtype=dtype
+    )
 
 
 def test_every_registered_module_has_an_extractor():
@@ -116,8 +117,10 @@ def reference_maps(name: str, m: nn.Module, x: torch.Tensor) -> dict[str, torch.
     if name == "cbam_spatial":
         return {"spatial": m.attention_map(x)[:, 0]}
     if name == "cbam":  # attention_map: the spatial gate of the channel-gated input m.channel(x)
-        return {"channel": m.channel.attention_map(x).flatten(1),
-                "spatial": m.attention_map(x)[:, 0]}
+        return {
+            "channel": m.channel.attention_map(x).flatten(1),
+            "spatial": m.attention_map(x)[:, 0],
+        }
     if name == "ca":
         a_h, a_w = m.gates(x)
         return {"spatial": m.attention_map(x).mean(1), "a_h": a_h[..., 0], "a_w": a_w[:, :, 0]}
@@ -140,8 +143,11 @@ def reference_maps(name: str, m: nn.Module, x: torch.Tensor) -> dict[str, torch.
     keys = expected_shapes(name, m, tuple(x.shape))["spatial"]
     if name == "dual_attention":
         a = m.cam.attention_map(x)
-        return {"spatial": m.attention_map(x).mean(1).view(keys), "channel_affinity": a,
-                "channel": a.mean(1)}
+        return {
+            "spatial": m.attention_map(x).mean(1).view(keys),
+            "channel_affinity": a,
+            "channel": a.mean(1),
+        }
     return {"spatial": m.attention_map(x).mean(1).view(keys)}  # pixel-pair, query="mean"
 
 
@@ -161,12 +167,19 @@ def test_values_match_the_module_standalone(name):
         assert_maps_equal(got, reference_maps(name, module, x))
 
 
-@pytest.mark.parametrize("kwargs, ref", [
-    ({"order": "spatial-channel"}, lambda m, x: (m.channel.attention_map(m.spatial(x)),
-                                                 m.spatial.attention_map(x))),
-    ({"order": "parallel"}, lambda m, x: (m.channel.attention_map(x),
-                                          m.spatial.attention_map(x))),
-])
+@pytest.mark.parametrize(
+    "kwargs, ref",
+    [
+        (
+            {"order": "spatial-channel"},
+            lambda m, x: (m.channel.attention_map(m.spatial(x)), m.spatial.attention_map(x)),
+        ),
+        (
+            {"order": "parallel"},
+            lambda m, x: (m.channel.attention_map(x), m.spatial.attention_map(x)),
+        ),
+    ],
+)
 def test_cbam_orders(kwargs, ref):
     m = build("cbam", **kwargs).double()
     x = standalone_input("cbam", dtype=torch.float64)
@@ -176,16 +189,22 @@ def test_cbam_orders(kwargs, ref):
     assert_maps_equal(got, {"channel": mc.flatten(1), "spatial": ms[:, 0]})
 
 
-@pytest.mark.parametrize("name, kwargs, rebuild", [
-    ("se", {}, lambda r, x: x * r["channel"][..., None, None]),
-    ("eca", {}, lambda r, x: x * r["channel"][..., None, None]),
-    ("cbam", {}, lambda r, x: x * r["channel"][..., None, None] * r["spatial"][:, None]),
-    ("cbam_spatial", {}, lambda r, x: x * r["spatial"][:, None]),
-    ("ca", {}, lambda r, x: x * r["a_h"][..., None] * r["a_w"][:, :, None]),
-    ("gc", {"fusion": ("channel_add", "channel_mul")},
-     lambda r, x: x * r["channel_mul"][..., None, None] + r["channel_add"][..., None, None]),
-    ("ema", {}, lambda r, x: x * r["groups"].repeat_interleave(x.shape[1] // 32, 1)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, rebuild",
+    [
+        ("se", {}, lambda r, x: x * r["channel"][..., None, None]),
+        ("eca", {}, lambda r, x: x * r["channel"][..., None, None]),
+        ("cbam", {}, lambda r, x: x * r["channel"][..., None, None] * r["spatial"][:, None]),
+        ("cbam_spatial", {}, lambda r, x: x * r["spatial"][:, None]),
+        ("ca", {}, lambda r, x: x * r["a_h"][..., None] * r["a_w"][:, :, None]),
+        (
+            "gc",
+            {"fusion": ("channel_add", "channel_mul")},
+            lambda r, x: x * r["channel_mul"][..., None, None] + r["channel_add"][..., None, None],
+        ),
+        ("ema", {}, lambda r, x: x * r["groups"].repeat_interleave(x.shape[1] // 32, 1)),
+    ],
+)
 def test_recorded_gates_reproduce_the_forward(name, kwargs, rebuild):
     # Independent of how the maps were computed: the gates must be what forward applies.
     m = build(name, **kwargs).double()
@@ -204,11 +223,17 @@ def test_gc_avg_pooling_has_no_spatial_map():
 # ---------------------------------------------------------------------------------------------
 # pixel-pair queries
 PIXEL = [
-    ("nonlocal2d", {}), ("nonlocal2d", {"mode": "gaussian"}),
-    ("nonlocal2d", {"mode": "dot_product"}), ("nonlocal2d", {"mode": "concatenation"}),
+    ("nonlocal2d", {}),
+    ("nonlocal2d", {"mode": "gaussian"}),
+    ("nonlocal2d", {"mode": "dot_product"}),
+    ("nonlocal2d", {"mode": "concatenation"}),
     ("nonlocal2d", {"sub_sample": False, "use_scale": True}),
-    ("nonlocal1d", {}), ("nonlocal3d", {"mode": "concatenation"}),
-    ("sagan", {}), ("sagan", {"variant": "tf"}), ("pam", {}), ("dual_attention", {}),
+    ("nonlocal1d", {}),
+    ("nonlocal3d", {"mode": "concatenation"}),
+    ("sagan", {}),
+    ("sagan", {"variant": "tf"}),
+    ("pam", {}),
+    ("dual_attention", {}),
 ]
 
 
@@ -259,17 +284,28 @@ def test_point_query_computes_one_row_only(monkeypatch):
     x = torch.randn(1, 64, 12, 12)
     shapes = []
     real = danet_mod.softmax_affinity
-    monkeypatch.setattr(danet_mod, "softmax_affinity",
-                        lambda q, k, scale=1.0: shapes.append(tuple(q.shape))
-                        or real(q, k, scale=scale))
+    monkeypatch.setattr(
+        danet_mod,
+        "softmax_affinity",
+        lambda q, k, scale=1.0: shapes.append(tuple(q.shape)) or real(q, k, scale=scale),
+    )
     attention_maps(m, x, query=(3, 4))
     assert shapes == [(1, 1, 8)]
 
 
-@pytest.mark.parametrize("query, error", [
-    ((6, 0), ValueError), ((0, 9), ValueError), ((1, 2, 3), ValueError), ("max", ValueError),
-    ((1.5, 0.2), ValueError), ((1, 0.5), TypeError), ((True, 1), TypeError), ((), TypeError),
-])
+@pytest.mark.parametrize(
+    "query, error",
+    [
+        ((6, 0), ValueError),
+        ((0, 9), ValueError),
+        ((1, 2, 3), ValueError),
+        ("max", ValueError),
+        ((1.5, 0.2), ValueError),
+        ((1, 0.5), TypeError),
+        ((True, 1), TypeError),
+        ((), TypeError),
+    ],
+)
 def test_bad_queries(query, error):
     model = nn.Sequential(nn.Identity(), build("sagan"))
     with pytest.raises(error, match="query"):
@@ -297,8 +333,11 @@ TWO_D = [n for n in attnzoo.available() if attnzoo.info(n).spatial_dims == 2]
 def capture_inputs(model: nn.Module, paths: list[str]) -> tuple[dict, list]:
     got, handles = {}, []
     for p in paths:
-        handles.append(model.get_submodule(p).register_forward_pre_hook(
-            lambda mod, args, p=p: got.setdefault(p, args[0].clone())))
+        handles.append(
+            model.get_submodule(p).register_forward_pre_hook(
+                lambda mod, args, p=p: got.setdefault(p, args[0].clone())
+            )
+        )
     return got, handles
 
 
@@ -470,8 +509,9 @@ def test_upsample_hot_cell_lands_in_its_image_cell():
     assert 8 <= y < 12 and 20 <= x < 24
     # half-pixel geometry: symmetric around the cell centre (9.5, 21.5)
     torch.testing.assert_close(up[0, 9, 21], up[0, 10, 22])
-    torch.testing.assert_close(up, F.interpolate(m[:, None], size=(32, 32), mode="bilinear",
-                                                 align_corners=False)[:, 0])
+    torch.testing.assert_close(
+        up, F.interpolate(m[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    )
 
 
 def test_upsample_non_square_and_int():
@@ -482,8 +522,14 @@ def test_upsample_non_square_and_int():
     assert upsample_map(torch.ones(2, 3, 3, dtype=torch.float64), 9).dtype == torch.float64
 
 
-@pytest.mark.parametrize("maps, size", [(torch.zeros(3, 3), (4, 4)), (torch.zeros(1, 3, 3), (0, 4)),
-                                        (torch.zeros(1, 3, 3), (4, 4, 4))])
+@pytest.mark.parametrize(
+    "maps, size",
+    [
+        (torch.zeros(3, 3), (4, 4)),
+        (torch.zeros(1, 3, 3), (0, 4)),
+        (torch.zeros(1, 3, 3), (4, 4, 4)),
+    ],
+)
 def test_upsample_errors(maps, size):
     with pytest.raises(ValueError, match="upsample_map"):
         upsample_map(maps, size)

@@ -21,8 +21,14 @@ torch.set_num_threads(2)
 def test_writes_a_png(tmp_path):
     images = torch.rand(3, 3, 32, 32)
     columns = {"Grad-CAM": torch.rand(3, 32, 32), "layer1.0.attention spatial": torch.rand(3, 8, 8)}
-    path = save_panel(tmp_path / "sub" / "panel.png", images, columns, title="what it shows",
-                      boxes=torch.tensor([[1, 2, 10, 12]] * 3), row_labels=["a", "b", "c"])
+    path = save_panel(
+        tmp_path / "sub" / "panel.png",
+        images,
+        columns,
+        title="what it shows",
+        boxes=torch.tensor([[1, 2, 10, 12]] * 3),
+        row_labels=["a", "b", "c"],
+    )
     assert path == tmp_path / "sub" / "panel.png"
     with Image.open(path) as im:
         im.verify()
@@ -65,31 +71,39 @@ def test_overwrite_is_atomic_and_failure_leaves_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["p.png"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"images": torch.rand(2, 4, 8, 8)}, "images must be"),
-    ({"images": torch.rand(2, 3, 8, 8) * 2}, "images must lie in \\[0, 1\\]"),
-    ({"columns": {"m": torch.rand(1, 8, 8)}}, "columns\\['m'\\] must be a \\(2, h, w\\)"),
-    ({"columns": {"m": torch.rand(2, 8, 8) - 0.5}}, "columns\\['m'\\] must lie in"),
-    ({"boxes": torch.tensor([[0, 0, 9, 4]] * 2)}, "boxes"),
-    ({"row_labels": ["only one"]}, "row_labels"),
-    ({"cell_labels": {"m": ["one"]}}, "cell_labels\\['m'\\] must name a column"),
-    ({"cell_labels": {"other": ["a", "b"]}}, "cell_labels\\['other'\\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"images": torch.rand(2, 4, 8, 8)}, "images must be"),
+        ({"images": torch.rand(2, 3, 8, 8) * 2}, "images must lie in \\[0, 1\\]"),
+        ({"columns": {"m": torch.rand(1, 8, 8)}}, "columns\\['m'\\] must be a \\(2, h, w\\)"),
+        ({"columns": {"m": torch.rand(2, 8, 8) - 0.5}}, "columns\\['m'\\] must lie in"),
+        ({"boxes": torch.tensor([[0, 0, 9, 4]] * 2)}, "boxes"),
+        ({"row_labels": ["only one"]}, "row_labels"),
+        ({"cell_labels": {"m": ["one"]}}, "cell_labels\\['m'\\] must name a column"),
+        ({"cell_labels": {"other": ["a", "b"]}}, "cell_labels\\['other'\\]"),
+    ],
+)
 def test_validation(tmp_path, kwargs, match):
     args = {"images": torch.rand(2, 3, 8, 8), "columns": {"m": torch.rand(2, 4, 4)}}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        save_panel(tmp_path / "x.png", args.pop("images"), args.pop("columns"), title="t",
-                   **args)
+        save_panel(tmp_path / "x.png", args.pop("images"), args.pop("columns"), title="t", **args)
     assert not os.listdir(tmp_path)
 
 
 def test_images_as_columns_transposes_the_grid(tmp_path):
     images, maps = torch.rand(6, 3, 16, 16), {"a": torch.rand(6, 4, 4), "b": torch.rand(6, 4, 4)}
     rows = save_panel(tmp_path / "rows.png", images, maps, title="t")
-    cols = save_panel(tmp_path / "cols.png", images, maps, title="t", images_as_columns=True,
-                      row_labels=[f"true {i}" for i in range(6)],
-                      cell_labels={"a": [f"pred {i}" for i in range(6)]})
+    cols = save_panel(
+        tmp_path / "cols.png",
+        images,
+        maps,
+        title="t",
+        images_as_columns=True,
+        row_labels=[f"true {i}" for i in range(6)],
+        cell_labels={"a": [f"pred {i}" for i in range(6)]},
+    )
     with Image.open(rows) as r, Image.open(cols) as c:
         # 6 images x 3 cells: tall as rows, wide as columns (2-inch cells at 100 dpi)
         assert r.size[1] > 1100 and r.size[0] < 700
@@ -122,13 +136,21 @@ def test_overlay_and_box_aligned_with_the_image(tmp_path, cell, size):
     m[0, cy, cx] = 1.0
     y0, y1 = cy * h // mh, (cy + 1) * h // mh
     x0, x1 = cx * w // mw, (cx + 1) * w // mw
-    path = save_panel(tmp_path / "a.png", torch.zeros(1, 3, h, w), {"hot": m}, title="",
-                      boxes=torch.tensor([[x0, y0, x1, y1]]), box_color="lime", cmap="jet",
-                      alpha=0.5, cell_inches=4.0)
+    path = save_panel(
+        tmp_path / "a.png",
+        torch.zeros(1, 3, h, w),
+        {"hot": m},
+        title="",
+        boxes=torch.tensor([[x0, y0, x1, y1]]),
+        box_color="lime",
+        cmap="jet",
+        alpha=0.5,
+        cell_inches=4.0,
+    )
     px = np.asarray(Image.open(path).convert("RGB")).astype(int)
     r, g, b = px[..., 0], px[..., 1], px[..., 2]
     right = np.zeros_like(r, dtype=bool)
-    right[:, px.shape[1] // 2:] = True  # the overlay column
+    right[:, px.shape[1] // 2 :] = True  # the overlay column
     # the overlay column's image area: everything coloured (the white background and the grey
     # header text are not; jet over black is never grey)
     coloured = (px.max(-1) - px.min(-1)) > 15
@@ -157,8 +179,12 @@ def test_panel_columns_for_cifar_resnet8(tmp_path):
     model = randomize_(cifar_resnet8("cbam")).train()
     x = torch.randn(2, 3, 32, 32)
     cols = panel_columns_for(model, x)
-    assert list(cols) == ["Grad-CAM", "layer1.0.attention spatial", "layer2.0.attention spatial",
-                          "layer3.0.attention spatial"]
+    assert list(cols) == [
+        "Grad-CAM",
+        "layer1.0.attention spatial",
+        "layer2.0.attention spatial",
+        "layer3.0.attention spatial",
+    ]
     for k, v in cols.items():
         assert v.shape == (2, 32, 32) and float(v.min()) >= 0 and float(v.max()) <= 1, k
     assert all(m.training for m in model.modules())
@@ -173,8 +199,9 @@ def test_panel_columns_for_cifar_resnet8(tmp_path):
         torch.testing.assert_close(cols[f"{key} spatial"], upsample_map(scaled, (32, 32)))
     only_last = panel_columns_for(model, x, cam=False, max_maps=1)
     assert list(only_last) == ["layer3.0.attention spatial"]
-    torch.testing.assert_close(only_last["layer3.0.attention spatial"],
-                               cols["layer3.0.attention spatial"])
+    torch.testing.assert_close(
+        only_last["layer3.0.attention spatial"], cols["layer3.0.attention spatial"]
+    )
     assert list(panel_columns_for(model, x, cam=False, max_maps=0)) == []
     save_panel(tmp_path / "m.png", torch.rand(2, 3, 32, 32), cols, title="cbam")
 
@@ -182,6 +209,7 @@ def test_panel_columns_for_cifar_resnet8(tmp_path):
 def test_panel_columns_for_channel_only_and_plain_models():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 32, 32)
-    assert list(panel_columns_for(cifar_resnet8("se").eval(), x, method="eigencam")) == \
-        ["Eigen-CAM"]
+    assert list(panel_columns_for(cifar_resnet8("se").eval(), x, method="eigencam")) == [
+        "Eigen-CAM"
+    ]
     assert list(panel_columns_for(cifar_resnet8(None).eval(), x)) == ["Grad-CAM"]

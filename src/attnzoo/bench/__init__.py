@@ -7,5 +7,12 @@ from __future__ import annotations
 from attnzoo.bench.profiling import ProfileRow, format_rows, profile, profile_model
 from attnzoo.bench.run import BenchConfig, BenchResult, run
 
-__all__ = ["BenchConfig", "BenchResult", "ProfileRow", "format_rows", "profile",
-           "profile_model", "run"]
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "ProfileRow",
+    "format_rows",
+    "profile",
+    "profile_model",
+    "run",
+]

@@ -38,7 +38,7 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
     spec = parse_attentions(cfg["attention"])[0]
     _, builder = task.resolve_model(cfg["model"])
     ckpt = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     meta = dict(cfg)
     if "num_classes" not in meta:  # the classifier is the last 2-D weight of the builders' nets
         meta["num_classes"] = [v for v in state.values() if v.ndim == 2][-1].shape[0]

@@ -72,8 +72,18 @@ __all__ = [
     "stratified_indices",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +97,13 @@ class TensorImageSet(Dataset):
         boxes: optional ``(N, 4)`` int64 tensor ``(x0, y0, x1, y1)``, exclusive ends.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 boxes: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> None:
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"TensorImageSet: {images.shape[0]} images but "
-                             f"{labels.shape[0]} labels")
+            raise ValueError(
+                f"TensorImageSet: {images.shape[0]} images but {labels.shape[0]} labels"
+            )
         self.images = images
         self.labels = labels
         self.boxes = boxes
@@ -129,6 +141,7 @@ class BenchData:
     @property
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class actually used: ``{"train": {class: n}, "test": {class: n}}``."""
+
         def count(split: TensorImageSet) -> dict[str, int]:
             n = torch.bincount(split.labels, minlength=len(self.classes)).tolist()
             return dict(zip(self.classes, n))
@@ -145,8 +158,11 @@ class BenchData:
 
     def describe(self) -> dict[str, Any]:
         """Sizes and images per class: part of a bench's fingerprint and configuration."""
-        return {"n_train": len(self.train), "n_test": len(self.test),
-                "class_counts": self.class_counts}
+        return {
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "class_counts": self.class_counts,
+        }
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         """Back to ``[0, 1]`` for display."""
@@ -166,8 +182,15 @@ class SeededSampler(Sampler[int]):
     the order is the same after a resume and the same for every attention at a given seed.
     """
 
-    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self._rank, self._world_size = rank, world_size
         self.epoch = 0
@@ -227,9 +250,14 @@ def stratified_counts(class_sizes: Sequence[int], n: int) -> list[int]:
     return counts.tolist()
 
 
-def stratified_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int, *,
-                       seed: int | Sequence[int], classes: Sequence[str],
-                       what: str = "n") -> np.ndarray:
+def stratified_indices(
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    n: int,
+    *,
+    seed: int | Sequence[int],
+    classes: Sequence[str],
+    what: str = "n",
+) -> np.ndarray:
     """Sorted indices of a stratified subset of ``n`` items: :func:`stratified_counts` per class,
     each class's items drawn at random with ``numpy.random.default_rng(seed)``.
 
@@ -241,21 +269,32 @@ def stratified_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int
     counts = stratified_counts(sizes, n)
     lost = [c for c, k, size in zip(classes, counts, sizes) if k == 0 and size > 0]
     if lost:
-        need = next(m for m in range(n, int(sizes.sum()) + 1)
-                    if all(k > 0 for k, size in zip(stratified_counts(sizes, m), sizes) if size))
-        shown = ", ".join(map(repr, lost[:10])) + (f" and {len(lost) - 10} more"
-                                                   if len(lost) > 10 else "")
+        need = next(
+            m
+            for m in range(n, int(sizes.sum()) + 1)
+            if all(k > 0 for k, size in zip(stratified_counts(sizes, m), sizes) if size)
+        )
+        shown = ", ".join(map(repr, lost[:10])) + (
+            f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+        )
         raise ValueError(
             f"bench data: {what}={n} keeps the same share of each of the {len(classes)} classes "
             f"of {int(sizes.sum())} images, which leaves {shown} with no image; use {what} >= "
-            f"{need} (or leave it unset to use every image)")
+            f"{need} (or leave it unset to use every image)"
+        )
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in enumerate(counts)]
     return np.sort(np.concatenate(picked))
 
 
-def _subset(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int | None, *, seed: int,
-            split: str, classes: Sequence[str]) -> np.ndarray | None:
+def _subset(
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    n: int | None,
+    *,
+    seed: int,
+    split: str,
+    classes: Sequence[str],
+) -> np.ndarray | None:
     """Indices of the stratified ``n_train``/``n_test`` subset of a split; ``None`` = all."""
     if n is None or n >= len(labels):
         return None
@@ -263,8 +302,9 @@ def _subset(labels: Sequence[int] | np.ndarray | torch.Tensor, n: int | None, *,
     return stratified_indices(labels, n, seed=(seed, salt), classes=classes, what=f"--n-{split}")
 
 
-def _take(items: list[tuple[Path, int]], n: int | None, *, seed: int, split: str,
-          classes: Sequence[str]) -> list[tuple[Path, int]]:
+def _take(
+    items: list[tuple[Path, int]], n: int | None, *, seed: int, split: str, classes: Sequence[str]
+) -> list[tuple[Path, int]]:
     keep = _subset([k for _, k in items], n, seed=seed, split=split, classes=classes)
     return items if keep is None else [items[i] for i in keep]
 
@@ -273,8 +313,11 @@ def _subset_note(data: BenchData, totals: tuple[int, int]) -> str:
     """``"; stratified subsets of 40 of 120 train and 20 of 36 test images (...)"`` or ``""``."""
     used = [(len(data.train), totals[0], "train"), (len(data.test), totals[1], "test")]
     cut = [f"{k} of {t} {split}" for k, t, split in used if k < t]
-    return (f"; stratified subsets of {' and '.join(cut)} images (same share of each class)"
-            if cut else "")
+    return (
+        f"; stratified subsets of {' and '.join(cut)} images (same share of each class)"
+        if cut
+        else ""
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,14 +341,23 @@ class ClutteredDigits:
 
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"make_cluttered_digits: {name} must be an integer >= {low}; "
-                         f"got {value!r}")
+        raise ValueError(
+            f"make_cluttered_digits: {name} must be an integer >= {low}; got {value!r}"
+        )
     return int(value)
 
 
-def _render_split(n: int, sources: np.ndarray, digits: np.ndarray, labels: np.ndarray, *,
-                  canvas: int, clutter: int, fragment: int,
-                  rng: np.random.Generator) -> ClutteredDigits:
+def _render_split(
+    n: int,
+    sources: np.ndarray,
+    digits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    canvas: int,
+    clutter: int,
+    fragment: int,
+    rng: np.random.Generator,
+) -> ClutteredDigits:
     d = digits.shape[-1]
     images = np.zeros((n, canvas, canvas), np.float32)
     boxes = np.zeros((n, 4), np.int64)
@@ -324,18 +376,22 @@ def _render_split(n: int, sources: np.ndarray, digits: np.ndarray, labels: np.nd
                 other = int(rng.choice(sources))
             crop = _ink_crop(digits[other], fragment, rng)
             fy, fx = _clutter_position(canvas, fragment, (y, x, d), rng)
-            np.maximum(img[fy:fy + fragment, fx:fx + fragment], crop,
-                       out=img[fy:fy + fragment, fx:fx + fragment])
+            np.maximum(
+                img[fy : fy + fragment, fx : fx + fragment],
+                crop,
+                out=img[fy : fy + fragment, fx : fx + fragment],
+            )
         digit = digits[src]
-        np.maximum(img[y:y + d, x:x + d], digit, out=img[y:y + d, x:x + d])
+        np.maximum(img[y : y + d, x : x + d], digit, out=img[y : y + d, x : x + d])
         rows = np.flatnonzero(digit.max(axis=1) > 0.05)
         cols = np.flatnonzero(digit.max(axis=0) > 0.05)
         boxes[i] = (x + cols[0], y + rows[0], x + cols[-1] + 1, y + rows[-1] + 1)
     return ClutteredDigits(images, labels[chosen], boxes, chosen)
 
 
-def _clutter_position(canvas: int, size: int, target: tuple[int, int, int],
-                      rng: np.random.Generator) -> tuple[int, int]:
+def _clutter_position(
+    canvas: int, size: int, target: tuple[int, int, int], rng: np.random.Generator
+) -> tuple[int, int]:
     """A random position for a fragment, outside the target's square when one is found."""
     ty, tx, d = target
     fy = fx = 0
@@ -378,11 +434,13 @@ def make_cluttered_digits(
     fragment = _check_int("fragment", fragment, 1)
     canvas = _check_int("canvas", canvas, 8 * scale)
     if fragment > 8 * scale:
-        raise ValueError(f"make_cluttered_digits: fragment must be <= the digit side {8 * scale}; "
-                         f"got {fragment}")
+        raise ValueError(
+            f"make_cluttered_digits: fragment must be <= the digit side {8 * scale}; got {fragment}"
+        )
     if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"make_cluttered_digits: test_fraction must be in (0, 1); got "
-                         f"{test_fraction!r}")
+        raise ValueError(
+            f"make_cluttered_digits: test_fraction must be in (0, 1); got {test_fraction!r}"
+        )
     digits, labels = _upscaled_digits(scale)
     rng = np.random.default_rng(seed)
     train_src, test_src = _split_sources(labels, float(test_fraction), rng)
@@ -401,17 +459,24 @@ def _digits_to_set(split: ClutteredDigits) -> TensorImageSet:
     return TensorImageSet(x, torch.from_numpy(split.labels), torch.from_numpy(split.boxes))
 
 
-def load_digits_data(*, n_train: int = 3000, n_test: int = 1000, seed: int = 0,
-                     **kwargs: object) -> BenchData:
+def load_digits_data(
+    *, n_train: int = 3000, n_test: int = 1000, seed: int = 0, **kwargs: object
+) -> BenchData:
     """The built-in cluttered digits as a :class:`BenchData` (3 identical channels)."""
     train, test = make_cluttered_digits(n_train=n_train, n_test=n_test, seed=seed, **kwargs)
-    desc = (f"cluttered digits: {n_train} train / {n_test} test images of "
-            f"{train.images.shape[-1]}x{train.images.shape[-1]} px from scikit-learn's 1797 "
-            f"handwritten digits, split by source digit (data seed {seed})")
+    desc = (
+        f"cluttered digits: {n_train} train / {n_test} test images of "
+        f"{train.images.shape[-1]}x{train.images.shape[-1]} px from scikit-learn's 1797 "
+        f"handwritten digits, split by source digit (data seed {seed})"
+    )
     return BenchData(
-        name="digits", train=_digits_to_set(train), test=_digits_to_set(test),
-        classes=[str(i) for i in range(10)], description=desc,
-        mean=(_DIGITS_MEAN,) * 3, std=(_DIGITS_STD,) * 3,
+        name="digits",
+        train=_digits_to_set(train),
+        test=_digits_to_set(test),
+        classes=[str(i) for i in range(10)],
+        description=desc,
+        mean=(_DIGITS_MEAN,) * 3,
+        std=(_DIGITS_STD,) * 3,
         extra={"train_sources": train.sources, "test_sources": test.sources},
     )
 
@@ -430,11 +495,15 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise ValueError(f"bench data: {root} is not a folder (expected one sub-folder per class)")
     classes = _class_dirs(root)
     if not classes:
-        raise ValueError(f"bench data: {root} has no class sub-folders; expected the ImageFolder "
-                         f"layout {root}/<class_name>/<image files>")
+        raise ValueError(
+            f"bench data: {root} has no class sub-folders; expected the ImageFolder "
+            f"layout {root}/<class_name>/<image files>"
+        )
     if len(classes) < 2:
-        raise ValueError(f"bench data: {root} has one class sub-folder ({classes[0].name}); "
-                         "classification needs at least 2")
+        raise ValueError(
+            f"bench data: {root} has one class sub-folder ({classes[0].name}); "
+            "classification needs at least 2"
+        )
     items: list[tuple[Path, int]] = []
     empty, non_images = [], []
     for k, cdir in enumerate(classes):
@@ -495,15 +564,23 @@ def scan_image_folder(path: str | os.PathLike) -> dict[str, tuple[list[str], lis
         train = _scan_folder(root / "train")
         test = _scan_folder(root / test_name)
         if train[0] != test[0]:
-            raise ValueError(f"bench data: {root}/train and {root}/{test_name} have different "
-                             f"classes: {train[0]} vs {test[0]}")
+            raise ValueError(
+                f"bench data: {root}/train and {root}/{test_name} have different "
+                f"classes: {train[0]} vs {test[0]}"
+            )
         return {"train": train, "test": test}
     return {"all": _scan_folder(root)}
 
 
-def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
-                      test_fraction: float = 0.2, seed: int = 0, n_train: int | None = None,
-                      n_test: int | None = None) -> BenchData:
+def load_image_folder(
+    path: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> BenchData:
     """Load an ImageFolder-style directory into memory (see the module docstring).
 
     ``n_train``/``n_test`` keep stratified subsets of the splits (:func:`stratified_indices`,
@@ -522,7 +599,8 @@ def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
                 raise ValueError(
                     f"bench data: {path} has too few images of {', '.join(map(repr, empty))} "
                     f"to split them into train and test with test_fraction={test_fraction}: the "
-                    f"{split} split would have none; add images or use train/ and test/ folders")
+                    f"{split} split would have none; add images or use train/ and test/ folders"
+                )
         train_items = [items[i] for i in train_idx]
         test_items = [items[i] for i in test_idx]
         how = f"stratified {test_fraction:.0%} test split (seed {seed})"
@@ -541,11 +619,19 @@ def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
     xf_test = (x_test.float() / 255.0 - m) / s
     y_train = torch.tensor([k for _, k in train_items], dtype=torch.int64)
     y_test = torch.tensor([k for _, k in test_items], dtype=torch.int64)
-    desc = (f"image folder {path}: {len(classes)} classes, {len(train_items)} train / "
-            f"{len(test_items)} test images resized to {image_size}x{image_size} ({how})")
-    data = BenchData(name=str(path), train=TensorImageSet(xf_train, y_train),
-                     test=TensorImageSet(xf_test, y_test), classes=classes, description=desc,
-                     mean=mean, std=std)
+    desc = (
+        f"image folder {path}: {len(classes)} classes, {len(train_items)} train / "
+        f"{len(test_items)} test images resized to {image_size}x{image_size} ({how})"
+    )
+    data = BenchData(
+        name=str(path),
+        train=TensorImageSet(xf_train, y_train),
+        test=TensorImageSet(xf_test, y_test),
+        classes=classes,
+        description=desc,
+        mean=mean,
+        std=std,
+    )
     data.description += _subset_note(data, totals)
     return data
 
@@ -553,10 +639,24 @@ def load_image_folder(path: str | os.PathLike, *, image_size: int = 32,
 # ---------------------------------------------------------------------------------------------
 # CIFAR from local files
 _CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "labels", "batches.meta", "label_names", "cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta",
-                 "fine_label_names", "cifar-100-python.tar.gz"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        "batches.meta",
+        "label_names",
+        "cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "fine_labels",
+        "meta",
+        "fine_label_names",
+        "cifar-100-python.tar.gz",
+    ),
 }
 
 
@@ -604,9 +704,15 @@ def load_cifar(kind: str, root: str | os.PathLike) -> BenchData:
     m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     xf_test = (torch.from_numpy(x_test_np).float() / 255.0 - m) / s
     desc = f"{kind.upper()} from {folder}: {len(y_train)} train / {len(y_test_np)} test images"
-    return BenchData(name=kind, train=TensorImageSet(xf_train, y_train),
-                     test=TensorImageSet(xf_test, torch.from_numpy(y_test_np)), classes=classes,
-                     description=desc, mean=mean, std=std)
+    return BenchData(
+        name=kind,
+        train=TensorImageSet(xf_train, y_train),
+        test=TensorImageSet(xf_test, torch.from_numpy(y_test_np)),
+        classes=classes,
+        description=desc,
+        mean=mean,
+        std=std,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,8 +720,10 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     """``"digits"`` → ``("digits", None)``; ``"cifar100:/p"`` → ``("cifar100", "/p")``;
     anything else is a folder path → ``("folder", path)``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("bench data: --data must be 'digits', a folder path, or cifar10:/path / "
-                         f"cifar100:/path; got {spec!r}")
+        raise ValueError(
+            "bench data: --data must be 'digits', a folder path, or cifar10:/path / "
+            f"cifar100:/path; got {spec!r}"
+        )
     spec = spec.strip()
     if spec == "digits":
         return "digits", None
@@ -625,8 +733,10 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
             raise ValueError(f"bench data: {head}: needs a folder, e.g. {head}:/data/cifar")
         return head.lower(), tail
     if head.lower() in ("cifar10", "cifar100") and not sep:
-        raise ValueError(f"bench data: {head} needs the folder holding the extracted archive, "
-                         f"e.g. --data {head}:/data/cifar (attnzoo never downloads)")
+        raise ValueError(
+            f"bench data: {head} needs the folder holding the extracted archive, "
+            f"e.g. --data {head}:/data/cifar (attnzoo never downloads)"
+        )
     return "folder", spec
 
 
@@ -639,8 +749,14 @@ def check_data_spec(spec: str) -> None:
         _cifar_dir(kind, Path(path))  # type: ignore[arg-type]
 
 
-def load_data(spec: str = "digits", *, image_size: int = 32, seed: int = 0,
-              n_train: int | None = None, n_test: int | None = None) -> BenchData:
+def load_data(
+    spec: str = "digits",
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> BenchData:
     """Load ``--data``: ``digits`` (built-in), a folder path, or ``cifar10:/p``/``cifar100:/p``.
 
     ``n_train``/``n_test`` set the built-in data's sizes; for the others they keep stratified
@@ -653,8 +769,13 @@ def load_data(spec: str = "digits", *, image_size: int = 32, seed: int = 0,
         kw = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
         return load_digits_data(seed=seed, **kw)
     if kind == "folder":
-        return load_image_folder(path, image_size=image_size, seed=seed,  # type: ignore[arg-type]
-                                 n_train=n_train, n_test=n_test)
+        return load_image_folder(
+            path,
+            image_size=image_size,
+            seed=seed,  # type: ignore[arg-type]
+            n_train=n_train,
+            n_test=n_test,
+        )
     data = load_cifar(kind, path)  # type: ignore[arg-type]
     totals = (len(data.train), len(data.test))
     for split, n in (("train", n_train), ("test", n_test)):

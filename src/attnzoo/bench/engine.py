@@ -172,8 +172,10 @@ class BenchResult:
     metric: str = "test_acc"
     metric_label: str = "top-1 %"
     #: ``(header, key)`` of further fractions shown as mean ± std when the summary has them
-    columns: tuple[tuple[str, str], ...] = (("pointing game %", "pointing_game"),
-                                            ("energy in box %", "energy_in_box"))
+    columns: tuple[tuple[str, str], ...] = (
+        ("pointing game %", "pointing_game"),
+        ("energy in box %", "energy_in_box"),
+    )
     #: the settings of the runs (model, data, epochs ...)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -187,18 +189,29 @@ class BenchResult:
         headers += [h for h, _ in shown] + ["params", "MFLOPs", "+elementwise", "latency ms"]
         rows = []
         for s in self.summary:
-            diff = [] if self.baseline is None else [
-                "baseline" if s.get("diff_vs_baseline") is None
-                else rep.fmt_diff(s["diff_vs_baseline"], s["diff_low"], s["diff_high"]),
-                s.get("verdict", "")]
+            diff = (
+                []
+                if self.baseline is None
+                else [
+                    "baseline"
+                    if s.get("diff_vs_baseline") is None
+                    else rep.fmt_diff(s["diff_vs_baseline"], s["diff_low"], s["diff_high"]),
+                    s.get("verdict", ""),
+                ]
+            )
             extra = [rep.fmt_pct(s[k], s.get(f"{k}_std")) if k in s else "" for _, k in shown]
-            rows.append([
-                s["attention"], rep.fmt_pct(s[self.metric], s[f"{self.metric}_std"]), *diff,
-                *extra,
-                f"{s['params']:,}" if s.get("params") else "",
-                f"{s['flops'] / 1e6:.2f}" if s.get("flops") else "",
-                f"{s['extra_flops'] / 1e6:.2f}" if s.get("extra_flops") else "",
-                f"{s['latency_ms']:.3f}" if s.get("latency_ms") else ""])
+            rows.append(
+                [
+                    s["attention"],
+                    rep.fmt_pct(s[self.metric], s[f"{self.metric}_std"]),
+                    *diff,
+                    *extra,
+                    f"{s['params']:,}" if s.get("params") else "",
+                    f"{s['flops'] / 1e6:.2f}" if s.get("flops") else "",
+                    f"{s['extra_flops'] / 1e6:.2f}" if s.get("extra_flops") else "",
+                    f"{s['latency_ms']:.3f}" if s.get("latency_ms") else "",
+                ]
+            )
         return headers, rows
 
 
@@ -219,24 +232,30 @@ def check_devices(accelerator: str, devices: Any) -> None:
     before any work. ``devices`` is a count, a list of indices, ``-1`` or ``"auto"``."""
     acc = str(accelerator).lower()
     if acc not in _ACCELERATORS:
-        raise ValueError(f"bench: --accelerator must be one of {', '.join(_ACCELERATORS)}; "
-                         f"got {accelerator!r}")
+        raise ValueError(
+            f"bench: --accelerator must be one of {', '.join(_ACCELERATORS)}; got {accelerator!r}"
+        )
     if devices in ("auto", -1, "-1"):
         return
     if isinstance(devices, (list, tuple)):
-        if not devices or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                  for d in devices):
+        if not devices or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
+        ):
             raise ValueError(f"bench: --devices must list device indices >= 0; got {devices!r}")
         if acc == "cpu":
-            raise ValueError(f"bench: --devices {','.join(map(str, devices))} lists device "
-                             "indices, which CPUs do not have; give a number of processes "
-                             "(e.g. --devices 2) or --accelerator gpu")
+            raise ValueError(
+                f"bench: --devices {','.join(map(str, devices))} lists device "
+                "indices, which CPUs do not have; give a number of processes "
+                "(e.g. --devices 2) or --accelerator gpu"
+            )
         wanted = max(devices) + 1
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
         wanted = devices
     else:
-        raise ValueError(f"bench: --devices must be a number >= 1, a list of indices (0,1) or "
-                         f"auto; got {devices!r}")
+        raise ValueError(
+            f"bench: --devices must be a number >= 1, a list of indices (0,1) or "
+            f"auto; got {devices!r}"
+        )
     if acc in ("cpu", "auto"):
         return
     if acc == "mps":
@@ -244,11 +263,16 @@ def check_devices(accelerator: str, devices: Any) -> None:
     else:
         found, kind = torch.cuda.device_count(), "CUDA GPU"
     if found == 0:
-        raise ValueError(f"bench: --accelerator {accelerator} asks for a {kind}, but this machine "
-                         f"has none (torch {torch.__version__}); use --accelerator cpu")
+        raise ValueError(
+            f"bench: --accelerator {accelerator} asks for a {kind}, but this machine "
+            f"has none (torch {torch.__version__}); use --accelerator cpu"
+        )
     if wanted > found:
-        asked = f"--devices {devices}" if isinstance(devices, int) else (
-            f"--devices {','.join(map(str, devices))} (index {wanted - 1})")
+        asked = (
+            f"--devices {devices}"
+            if isinstance(devices, int)
+            else (f"--devices {','.join(map(str, devices))} (index {wanted - 1})")
+        )
         raise ValueError(f"bench: {asked} needs {wanted} {kind}(s), but this machine has {found}")
 
 
@@ -278,21 +302,32 @@ def _check_seeds(seeds: Iterable[int] | int) -> list[int]:
 
 
 def _check_rate(name: str, value: Any, *, zero_ok: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"bench: {name} must be a finite number > 0 (>= 0 for weight decay); "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero_ok)
+    ):
+        raise ValueError(
+            f"bench: {name} must be a finite number > 0 (>= 0 for weight decay); got {value!r}"
+        )
     return float(value)
 
 
 def _with_defaults(config: BenchConfig, task: Task) -> BenchConfig:
-    filled = {f.name: task.defaults[f.name] for f in dataclasses.fields(config)
-              if getattr(config, f.name) is None and f.name in task.defaults}
+    filled = {
+        f.name: task.defaults[f.name]
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) is None and f.name in task.defaults
+    }
     unknown = sorted(set(config.options) - set(task.options))
     if unknown:
         known = ", ".join(sorted(task.options)) or "none"
-        raise ValueError(f"bench: --task {task.name} takes no option "
-                         f"{', '.join(map(repr, unknown))}; its options: {known}")
+        raise ValueError(
+            f"bench: --task {task.name} takes no option "
+            f"{', '.join(map(repr, unknown))}; its options: {known}"
+        )
     filled["options"] = {**task.options, **config.options}
     return dataclasses.replace(config, **filled)
 
@@ -304,13 +339,17 @@ def resolve_baseline(specs: Sequence[AttentionSpec], baseline: str | None) -> st
     if baseline is None:
         return BASELINE if BASELINE in labels else None
     if not isinstance(baseline, str) or not baseline.strip():
-        raise ValueError(f"bench: --baseline must be one of the attentions ({', '.join(labels)}); "
-                         f"got {baseline!r}")
+        raise ValueError(
+            f"bench: --baseline must be one of the attentions ({', '.join(labels)}); "
+            f"got {baseline!r}"
+        )
     parsed = parse_attentions(baseline)
     label = parsed[0].label
     if len(parsed) != 1 or label not in labels:
-        raise ValueError(f"bench: --baseline {baseline!r} is not among the attentions "
-                         f"({', '.join(labels)}); add it to --attention or choose one of them")
+        raise ValueError(
+            f"bench: --baseline {baseline!r} is not among the attentions "
+            f"({', '.join(labels)}); add it to --attention or choose one of them"
+        )
     return label
 
 
@@ -342,8 +381,15 @@ def validate(config: BenchConfig) -> Bench:
     task.check_data(c)
     out = Path(c.out)
     _check_out_dir(out)
-    return Bench(config=c, task=task, specs=specs, baseline=baseline, model_name=model_name,
-                 builder=builder, out=out)
+    return Bench(
+        config=c,
+        task=task,
+        specs=specs,
+        baseline=baseline,
+        model_name=model_name,
+        builder=builder,
+        out=out,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,16 +408,20 @@ def build(bench: Bench) -> None:
     attention (kept for profiling)."""
     c = bench.config
     bench.data = bench.task.load_data(c)
-    steps = steps_per_epoch(bench.data.n_train, c.batch_size,  # type: ignore[arg-type]
-                            _world_size(c.devices, c.num_nodes))
+    steps = steps_per_epoch(
+        bench.data.n_train,
+        c.batch_size,  # type: ignore[arg-type]
+        _world_size(c.devices, c.num_nodes),
+    )
     bench.task.check_schedule(c, steps)
     for spec in bench.specs:
         torch.manual_seed(0)
         try:
             bench.models[spec.label] = bench.model_for(spec)
         except (ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"bench: cannot build {bench.model_name} with {spec.label}: "
-                             f"{err}") from None
+            raise ValueError(
+                f"bench: cannot build {bench.model_name} with {spec.label}: {err}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +442,8 @@ def _check_run_dir(run_dir: Path, fingerprint: str, run_config: dict) -> None:
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in run_config.items() if old.get(k) != v]
         raise ValueError(
             f"bench: {run_dir} holds a run started with other settings ({'; '.join(diff)}). "
-            "Use another --out, or delete that folder to start it again.")
+            "Use another --out, or delete that folder to start it again."
+        )
 
 
 def plan(bench: Bench) -> list[RunPlan]:
@@ -400,12 +451,22 @@ def plan(bench: Bench) -> list[RunPlan]:
     (attention, seed); a folder holding a run with other settings is an error."""
     c = bench.config
     bench.run_config = {
-        "task": bench.task.name, "model": bench.model_name, "data": c.data,
-        "data_seed": c.data_seed, "image_size": c.image_size, **bench.data.describe(),
-        "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr,
-        "weight_decay": c.weight_decay, **bench.task.run_settings(c),
-        "precision": c.precision, "accelerator": c.accelerator, "devices": str(c.devices),
-        "num_nodes": c.num_nodes, "strategy": c.strategy,
+        "task": bench.task.name,
+        "model": bench.model_name,
+        "data": c.data,
+        "data_seed": c.data_seed,
+        "image_size": c.image_size,
+        **bench.data.describe(),
+        "epochs": c.epochs,
+        "batch_size": c.batch_size,
+        "lr": c.lr,
+        "weight_decay": c.weight_decay,
+        **bench.task.run_settings(c),
+        "precision": c.precision,
+        "accelerator": c.accelerator,
+        "devices": str(c.devices),
+        "num_nodes": c.num_nodes,
+        "strategy": c.strategy,
     }
     bench.fingerprint = _fingerprint(bench.run_config)
     bench.runs = []
@@ -429,26 +490,50 @@ def train_run(bench: Bench, run: RunPlan) -> tuple[dict[str, Any], bool]:
     is rank 0 (the one that writes)."""
     c, task = bench.config, bench.task
     assert c.epochs is not None  # validated
-    rep.write_json(run.run_dir / "config.json", {
-        "fingerprint": bench.fingerprint, **bench.run_config, "attention": run.spec.label,
-        "seed": run.seed, **task.run_meta(bench.data)})
+    rep.write_json(
+        run.run_dir / "config.json",
+        {
+            "fingerprint": bench.fingerprint,
+            **bench.run_config,
+            "attention": run.spec.label,
+            "seed": run.seed,
+            **task.run_meta(bench.data),
+        },
+    )
     _say(bench, f"{run.spec.label} seed {run.seed}")
     outcome = train_one(
         lambda: task.make_module(bench.model_for(run.spec), bench.data, c),
-        lambda: task.make_loaders(bench.data, c, seed=run.seed), epochs=c.epochs,
-        seed=run.seed, run_dir=run.run_dir, accelerator=c.accelerator, devices=c.devices,
-        num_nodes=c.num_nodes, strategy=c.strategy, precision=c.precision,
-        progress=c.progress, verbose=c.verbose)
+        lambda: task.make_loaders(bench.data, c, seed=run.seed),
+        epochs=c.epochs,
+        seed=run.seed,
+        run_dir=run.run_dir,
+        accelerator=c.accelerator,
+        devices=c.devices,
+        num_nodes=c.num_nodes,
+        strategy=c.strategy,
+        precision=c.precision,
+        progress=c.progress,
+        verbose=c.verbose,
+    )
     if len(outcome.history) != c.epochs:  # never record an interrupted run as finished
         raise RuntimeError(
             f"bench: {run.spec.label} seed {run.seed} stopped after {len(outcome.history)} of "
-            f"{c.epochs} epochs; re-run the same command to resume from {run.run_dir}")
+            f"{c.epochs} epochs; re-run the same command to resume from {run.run_dir}"
+        )
     metrics = task.final_row(outcome.history, outcome.module)
-    row = {"attention": run.spec.label, "name": run.spec.name, "kwargs": dict(run.spec.kwargs),
-           "seed": run.seed, "metric": metrics[task.metric], **metrics,
-           "epochs": len(outcome.history), "history": outcome.history,
-           "train_seconds": outcome.train_seconds,
-           "resumed_from_epoch": outcome.resumed_from_epoch, "fingerprint": bench.fingerprint}
+    row = {
+        "attention": run.spec.label,
+        "name": run.spec.name,
+        "kwargs": dict(run.spec.kwargs),
+        "seed": run.seed,
+        "metric": metrics[task.metric],
+        **metrics,
+        "epochs": len(outcome.history),
+        "history": outcome.history,
+        "train_seconds": outcome.train_seconds,
+        "resumed_from_epoch": outcome.resumed_from_epoch,
+        "fingerprint": bench.fingerprint,
+    }
     return row, outcome.is_global_zero
 
 
@@ -481,8 +566,9 @@ def localise(bench: Bench) -> dict[tuple[str, int], dict]:
     return bench.task.localise(bench.runs, bench.data, bench.config)
 
 
-def profile_attention_model(model: nn.Module, input_shape: tuple[int, ...], *,
-                            min_run_time: float = 0.5) -> dict[str, Any]:
+def profile_attention_model(
+    model: nn.Module, input_shape: tuple[int, ...], *, min_run_time: float = 0.5
+) -> dict[str, Any]:
     """Params, FLOPs, CPU latency (batch 1, ms) and peak activation memory of ``model`` at
     ``(1, *input_shape)``, measured by :mod:`attnzoo.bench.profiling`."""
     from attnzoo.bench import profiling
@@ -491,9 +577,14 @@ def profile_attention_model(model: nn.Module, input_shape: tuple[int, ...], *,
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *input_shape), generator=gen)
     row = profiling.profile_model(model, x, memory=True, min_run_time=min_run_time)
-    return {"params": int(row.params), "flops": int(row.flops),
-            "extra_flops": int(row.extra_flops), "latency_ms": row.latency_ms,
-            "peak_mb": row.peak_mb, "profiler": "attnzoo.bench.profiling"}
+    return {
+        "params": int(row.params),
+        "flops": int(row.flops),
+        "extra_flops": int(row.extra_flops),
+        "latency_ms": row.latency_ms,
+        "peak_mb": row.peak_mb,
+        "profiler": "attnzoo.bench.profiling",
+    }
 
 
 def profile(bench: Bench) -> dict[str, dict]:
@@ -506,27 +597,42 @@ def profile(bench: Bench) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------
 # 7. statistics
-def statistics(bench: Bench, results: Mapping[tuple[str, int], dict],
-               prof: Mapping[str, dict] | None = None,
-               scores: Mapping[tuple[str, int], dict] | None = None
-               ) -> tuple[list[dict], list[dict]]:
+def statistics(
+    bench: Bench,
+    results: Mapping[tuple[str, int], dict],
+    prof: Mapping[str, dict] | None = None,
+    scores: Mapping[tuple[str, int], dict] | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Run rows (with the task's per-run ``scores``) and one summary row per attention: the
     primary metric's mean ± std over seeds and paired difference to the baseline (95 % CI over
     the shared seeds), the secondary metrics' mean ± std, the profile, the scores' summary."""
     task, baseline, seeds = bench.task, bench.baseline, bench.seeds
     key, prof, scores = task.metric, prof or {}, scores or {}
-    runs = [{**results[(s.label, seed)], **scores.get((s.label, seed), {})}
-            for s in bench.specs for seed in seeds if (s.label, seed) in results]
-    base = {} if baseline is None else {seed: results[(baseline, seed)][key] for seed in seeds
-                                        if (baseline, seed) in results}
+    runs = [
+        {**results[(s.label, seed)], **scores.get((s.label, seed), {})}
+        for s in bench.specs
+        for seed in seeds
+        if (s.label, seed) in results
+    ]
+    base = (
+        {}
+        if baseline is None
+        else {seed: results[(baseline, seed)][key] for seed in seeds if (baseline, seed) in results}
+    )
     summary = []
     for s in bench.specs:
         got = {seed: results[(s.label, seed)] for seed in seeds if (s.label, seed) in results}
         if not got:
             continue
         st = summarize([r[key] for r in got.values()])
-        row: dict[str, Any] = {"attention": s.label, "n_seeds": st.n, key: st.mean,
-                               f"{key}_std": st.std, "metric": st.mean, "metric_std": st.std}
+        row: dict[str, Any] = {
+            "attention": s.label,
+            "n_seeds": st.n,
+            key: st.mean,
+            f"{key}_std": st.std,
+            "metric": st.mean,
+            "metric_std": st.std,
+        }
         for k in task.secondary:
             vals = [r[k] for r in got.values() if r.get(k) is not None]
             if vals:
@@ -537,17 +643,27 @@ def statistics(bench: Bench, results: Mapping[tuple[str, int], dict],
             row["baseline"] = baseline
         if s.label != baseline and base and set(got) & set(base):
             d = paired_difference({seed: r[key] for seed, r in got.items()}, base)
-            row.update(diff_vs_baseline=d.mean, diff_std=d.std, diff_low=d.low,
-                       diff_high=d.high, diff_seeds=list(d.seeds), verdict=d.verdict,
-                       detectable=d.detectable)
+            row.update(
+                diff_vs_baseline=d.mean,
+                diff_std=d.std,
+                diff_low=d.low,
+                diff_high=d.high,
+                diff_seeds=list(d.seeds),
+                verdict=d.verdict,
+                detectable=d.detectable,
+            )
             if baseline == BASELINE:  # the name used before other baselines were possible
                 row["diff_vs_none"] = d.mean
         elif s.label == baseline:
             row["verdict"] = "baseline"
         summary.append(row)
     if scores:
-        extra = {r["attention"]: r for r in task.summarize_extra(
-            [s.label for s in bench.specs], seeds, scores, baseline, bench.data)}
+        extra = {
+            r["attention"]: r
+            for r in task.summarize_extra(
+                [s.label for s in bench.specs], seeds, scores, baseline, bench.data
+            )
+        }
         for row in summary:
             more = extra.get(row["attention"], {})
             row.update({k: v for k, v in more.items() if k not in ("attention", "n_seeds")})
@@ -569,39 +685,63 @@ def environment() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
     return {
-        "attnzoo": attnzoo.__version__, "python": platform.python_version(),
-        "torch": torch.__version__, "lightning": ver("lightning"),
-        "torchmetrics": ver("torchmetrics"), "numpy": ver("numpy"),
-        "scikit-learn": ver("scikit-learn"), "matplotlib": ver("matplotlib"),
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "attnzoo": attnzoo.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": ver("lightning"),
+        "torchmetrics": ver("torchmetrics"),
+        "numpy": ver("numpy"),
+        "scikit-learn": ver("scikit-learn"),
+        "matplotlib": ver("matplotlib"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
 
 
-def write_results(bench: Bench, runs: Sequence[dict], summary: Sequence[dict],
-                  command: str, *, partial: bool) -> None:
+def write_results(
+    bench: Bench, runs: Sequence[dict], summary: Sequence[dict], command: str, *, partial: bool
+) -> None:
     """``results.json`` (everything, fractions) and ``results.csv`` (one line per run, then
     one per attention), each written atomically."""
     task = bench.task
-    payload = {"attnzoo_bench": 1, "complete": not partial, "task": task.name,
-               "metric": task.metric, "metric_label": task.metric_label, "command": command,
-               "config": bench.run_config, "seeds": bench.seeds,
-               "attentions": [s.label for s in bench.specs], "baseline": bench.baseline,
-               "environment": environment(),
-               "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "summary": list(summary), "runs": list(runs)}
+    payload = {
+        "attnzoo_bench": 1,
+        "complete": not partial,
+        "task": task.name,
+        "metric": task.metric,
+        "metric_label": task.metric_label,
+        "command": command,
+        "config": bench.run_config,
+        "seeds": bench.seeds,
+        "attentions": [s.label for s in bench.specs],
+        "baseline": bench.baseline,
+        "environment": environment(),
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "summary": list(summary),
+        "runs": list(runs),
+    }
     rep.write_json(bench.out / "results.json", payload)
-    rep.write_results_csv(bench.out / "results.csv", [
-        {"task": task.name, **r, "train_seconds": round(r.get("train_seconds", 0.0), 2)}
-        for r in runs],
-        [{"task": task.name, **s, "diff_vs_baseline": s.get("diff_vs_baseline", ""), "seed": ""}
-         for s in summary], rep.csv_columns(task.metric, task.csv_columns))
+    rep.write_results_csv(
+        bench.out / "results.csv",
+        [
+            {"task": task.name, **r, "train_seconds": round(r.get("train_seconds", 0.0), 2)}
+            for r in runs
+        ],
+        [
+            {"task": task.name, **s, "diff_vs_baseline": s.get("diff_vs_baseline", ""), "seed": ""}
+            for s in summary
+        ],
+        rep.csv_columns(task.metric, task.csv_columns),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,11 +751,13 @@ def report(bench: Bench, result: BenchResult, command: str) -> None:
     (:class:`~attnzoo.bench.tasks.base.TaskReport`), then ``extra_sections``."""
     c = bench.config
     task_part: TaskReport = bench.task.report(result, bench.data, c, bench.runs)
-    sections = rep.build_sections(result, bench.data, bench.run_config, environment(), command,
-                                  task_part)
+    sections = rep.build_sections(
+        result, bench.data, bench.run_config, environment(), command, task_part
+    )
     extra = list(c.extra_sections(result, bench.data)) if c.extra_sections else []
     result.report_md, result.report_html = rep.write_report(
-        bench.out, "attnzoo bench report", sections, extra)
+        bench.out, "attnzoo bench report", sections, extra
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,10 +789,18 @@ def execute(config: BenchConfig) -> BenchResult:
     c, task = bench.config, bench.task
     command = c.command or python_command(c)
     results, skipped, is_zero = train(bench, command)
-    result = BenchResult(out=bench.out, runs=[], summary=[], skipped=skipped,
-                         baseline=bench.baseline, task=task.name, metric=task.metric,
-                         metric_label=task.metric_label, columns=task.columns,
-                         config=bench.run_config)
+    result = BenchResult(
+        out=bench.out,
+        runs=[],
+        summary=[],
+        skipped=skipped,
+        baseline=bench.baseline,
+        task=task.name,
+        metric=task.metric,
+        metric_label=task.metric_label,
+        columns=task.columns,
+        config=bench.run_config,
+    )
     if not is_zero:  # a DDP worker: rank 0 writes the results and the report
         return result
     scores = localise(bench)

@@ -74,21 +74,80 @@ def _out_numel(out: Any) -> int:
 
 
 _POINTWISE = [
-    "add", "sub", "mul", "div", "neg", "sigmoid", "relu", "relu_", "hardtanh", "hardtanh_",
-    "leaky_relu", "leaky_relu_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_",
-    "gelu", "silu", "silu_", "exp", "log", "sqrt", "rsqrt", "pow", "clamp", "clamp_min",
-    "clamp_max", "where", "lerp", "addcmul", "addcdiv", "tanh", "threshold", "maximum",
-    "minimum", "abs", "reciprocal", "add_", "mul_", "div_", "sub_", "sigmoid_", "mish",
-    "elu", "softplus",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "sigmoid",
+    "relu",
+    "relu_",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "gelu",
+    "silu",
+    "silu_",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "pow",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "where",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "tanh",
+    "threshold",
+    "maximum",
+    "minimum",
+    "abs",
+    "reciprocal",
+    "add_",
+    "mul_",
+    "div_",
+    "sub_",
+    "sigmoid_",
+    "mish",
+    "elu",
+    "softplus",
 ]
 _REDUCTION = ["mean", "sum", "amax", "amin", "max", "min", "var", "var_mean", "std", "logsumexp"]
-_NORM = ["native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-         "native_layer_norm", "native_group_norm", "batch_norm", "layer_norm", "group_norm"]
+_NORM = [
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "native_layer_norm",
+    "native_group_norm",
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+]
 _SOFTMAX = ["_softmax", "_log_softmax", "softmax", "log_softmax"]
-_ADAPTIVE_POOL = ["_adaptive_avg_pool2d", "adaptive_max_pool2d", "_adaptive_avg_pool3d",
-                  "adaptive_max_pool3d", "adaptive_avg_pool1d"]
-_WINDOW_POOL = ["max_pool2d_with_indices", "max_pool2d", "avg_pool2d", "max_pool3d_with_indices",
-                "avg_pool3d", "max_pool1d", "avg_pool1d"]
+_ADAPTIVE_POOL = [
+    "_adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "_adaptive_avg_pool3d",
+    "adaptive_max_pool3d",
+    "adaptive_avg_pool1d",
+]
+_WINDOW_POOL = [
+    "max_pool2d_with_indices",
+    "max_pool2d",
+    "avg_pool2d",
+    "max_pool3d_with_indices",
+    "avg_pool3d",
+    "max_pool1d",
+    "avg_pool1d",
+]
 _UPSAMPLE = ["upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact2d"]
 
 
@@ -123,8 +182,13 @@ class ElementwiseCounter(TorchDispatchMode):
         for p in _packets(_WINDOW_POOL):
             self._rules[p] = lambda a, k, o: _out_numel(o) * _window(a, k)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (),
-                           kwargs: Mapping[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         rule = self._rules.get(func.overloadpacket)
@@ -160,8 +224,12 @@ def peak_memory_mb(model: nn.Module, x: Tensor) -> float | None:
         from torch.profiler import profile as torch_profile
         from torch.profiler._memory_profiler import Action
 
-        with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True,
-                           record_shapes=True, with_stack=True) as prof:
+        with torch_profile(
+            activities=[ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof:
             model(x)
         current = peak = 0
         for _, action, (key, _), size in prof._memory_profile().timeline:
@@ -180,8 +248,9 @@ def peak_memory_mb(model: nn.Module, x: Tensor) -> float | None:
 def _latency_ms(model: nn.Module, x: Tensor, min_run_time: float) -> float:
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                            num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(
+        stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()
+    )
     with torch.no_grad():
         model(x)  # warm-up
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -208,34 +277,60 @@ class ProfileRow:
         return self.flops / 2e9
 
 
-def profile_model(model: nn.Module, x: Tensor | None = None, *, name: str = "model",
-                  attention: str = "none", input_size: int = 224, batch_size: int = 1,
-                  latency: bool = True, memory: bool = True, min_run_time: float = 1.0,
-                  baseline_params: int | None = None) -> ProfileRow:
+def profile_model(
+    model: nn.Module,
+    x: Tensor | None = None,
+    *,
+    name: str = "model",
+    attention: str = "none",
+    input_size: int = 224,
+    batch_size: int = 1,
+    latency: bool = True,
+    memory: bool = True,
+    min_run_time: float = 1.0,
+    baseline_params: int | None = None,
+) -> ProfileRow:
     """Profile one built model (put in eval mode) on ``x``, by default a random
     ``(batch_size, 3, input_size, input_size)`` input on the model's device and dtype."""
     model = model.eval()
     if x is None:
         param = next(iter(model.parameters()), None)
-        x = torch.randn(batch_size, 3, input_size, input_size,
-                        device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
+        x = torch.randn(
+            batch_size,
+            3,
+            input_size,
+            input_size,
+            device=param.device if param is not None else None,
+            dtype=param.dtype if param is not None else None,
+        )
     params = sum(p.numel() for p in model.parameters())
     flops, extra = count_flops(model, x)
     return ProfileRow(
-        model=name, attention=attention, input_size=int(x.shape[-1]), batch_size=int(x.shape[0]),
-        params=params, params_delta=params - (params if baseline_params is None else
-                                              baseline_params),
-        flops=flops, extra_flops=extra,
+        model=name,
+        attention=attention,
+        input_size=int(x.shape[-1]),
+        batch_size=int(x.shape[0]),
+        params=params,
+        params_delta=params - (params if baseline_params is None else baseline_params),
+        flops=flops,
+        extra_flops=extra,
         latency_ms=_latency_ms(model, x, min_run_time) if latency else None,
         peak_mb=peak_memory_mb(model, x) if memory else None,
     )
 
 
-def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = ("none",), *,
-            input_size: int = 224, batch_size: int = 1, threads: int | None = 2,
-            latency: bool = True, memory: bool = True, min_run_time: float = 1.0,
-            **builder_kwargs: Any) -> list[ProfileRow]:
+def profile(
+    model: str | Callable[..., nn.Module],
+    attentions: Iterable[str] = ("none",),
+    *,
+    input_size: int = 224,
+    batch_size: int = 1,
+    threads: int | None = 2,
+    latency: bool = True,
+    memory: bool = True,
+    min_run_time: float = 1.0,
+    **builder_kwargs: Any,
+) -> list[ProfileRow]:
     """Profile a builder with each attention (``"none"`` = the plain network).
 
     ``model`` is a name of :data:`attnzoo.models.BUILDERS` (``"resnet50"``, ``"cifar_resnet8"``,
@@ -255,17 +350,18 @@ def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = (
     if isinstance(model, nn.Module):  # profile(module, x): one built model, no memory column
         if not isinstance(attentions, Tensor):
             raise TypeError("attnzoo.bench.profile: profile(module, x) needs an input tensor x")
-        return profile_model(model, attentions, name=type(model).__name__, memory=False,
-                             min_run_time=min_run_time)  # type: ignore[return-value]
+        return profile_model(
+            model, attentions, name=type(model).__name__, memory=False, min_run_time=min_run_time
+        )  # type: ignore[return-value]
     name, builder = resolve_builder(model, prog="attnzoo.bench.profile")
     specs = parse_attentions([str(a) for a in attentions], prog="attnzoo.bench.profile")
     validate_attentions(specs, prog="attnzoo.bench.profile")
     for key, value in (("input_size", input_size), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"attnzoo.bench.profile: {key} must be a positive integer, "
-                             f"got {value!r}")
-    plain_kwargs = {k: v for k, v in builder_kwargs.items() if k in ("num_classes",
-                                                                      "model_kwargs")}
+            raise ValueError(
+                f"attnzoo.bench.profile: {key} must be a positive integer, got {value!r}"
+            )
+    plain_kwargs = {k: v for k, v in builder_kwargs.items() if k in ("num_classes", "model_kwargs")}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -276,10 +372,17 @@ def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = (
                 net = builder(**plain_kwargs)
             else:
                 net = builder(attention=spec.name, **{**builder_kwargs, **dict(spec.kwargs)})
-            row = profile_model(net, name=name, attention=spec.label, input_size=input_size,
-                                batch_size=batch_size, latency=latency, memory=memory,
-                                min_run_time=min_run_time,
-                                baseline_params=rows[0].params if rows else None)
+            row = profile_model(
+                net,
+                name=name,
+                attention=spec.label,
+                input_size=input_size,
+                batch_size=batch_size,
+                latency=latency,
+                memory=memory,
+                min_run_time=min_run_time,
+                baseline_params=rows[0].params if rows else None,
+            )
             rows.append(row)
     finally:
         torch.set_num_threads(old_threads)
@@ -288,17 +391,34 @@ def profile(model: str | Callable[..., nn.Module], attentions: Iterable[str] = (
 
 # ---------------------------------------------------------------------------------------------
 # formatting
-_HEADERS = ("model", "attention", "params", "Δparams", "GFLOPs (FlopCounter)", "GMACs",
-            "extra MFLOPs (elementwise)", "latency ms (median)", "peak MiB (activations)")
+_HEADERS = (
+    "model",
+    "attention",
+    "params",
+    "Δparams",
+    "GFLOPs (FlopCounter)",
+    "GMACs",
+    "extra MFLOPs (elementwise)",
+    "latency ms (median)",
+    "peak MiB (activations)",
+)
 
 
 def _cells(row: ProfileRow) -> list[str]:
     def opt(v: float | None, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    return [row.model, row.attention, f"{row.params:,}", f"{row.params_delta:+,}",
-            f"{row.flops / 1e9:.3f}", f"{row.gmacs:.3f}", f"{row.extra_flops / 1e6:.1f}",
-            opt(row.latency_ms, ".2f"), opt(row.peak_mb, ".1f")]
+    return [
+        row.model,
+        row.attention,
+        f"{row.params:,}",
+        f"{row.params_delta:+,}",
+        f"{row.flops / 1e9:.3f}",
+        f"{row.gmacs:.3f}",
+        f"{row.extra_flops / 1e6:.1f}",
+        opt(row.latency_ms, ".2f"),
+        opt(row.peak_mb, ".1f"),
+    ]
 
 
 def format_rows(rows: Sequence[ProfileRow], fmt: str = "table") -> str:
@@ -316,8 +436,10 @@ def format_rows(rows: Sequence[ProfileRow], fmt: str = "table") -> str:
         return buffer.getvalue()
     cells = [_cells(r) for r in rows]
     if fmt == "md":
-        lines = ["| " + " | ".join(_HEADERS) + " |",
-                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(_HEADERS))) + "|"]
+        lines = [
+            "| " + " | ".join(_HEADERS) + " |",
+            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(_HEADERS))) + "|",
+        ]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines) + "\n"
     if fmt == "table":
@@ -325,13 +447,17 @@ def format_rows(rows: Sequence[ProfileRow], fmt: str = "table") -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(_HEADERS))]
         out = []
         for i, r in enumerate(table):
-            out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                                 for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+            out.append(
+                "  ".join(
+                    c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))
+                ).rstrip()
+            )
             if i == 0:
                 out.append("  ".join("-" * w for w in widths))
         return "\n".join(out) + "\n"
-    raise ValueError("attnzoo.bench.format_rows: format must be table, md, csv or json, "
-                     f"got {fmt!r}")
+    raise ValueError(
+        f"attnzoo.bench.format_rows: format must be table, md, csv or json, got {fmt!r}"
+    )
 
 
 def headers() -> tuple[str, ...]:

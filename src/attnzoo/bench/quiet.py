@@ -28,8 +28,7 @@ from collections.abc import Iterator
 __all__ = ["NATIVE_NOISE", "filtered_native_stderr", "quiet_lightning"]
 
 #: lines of native (C++) or import-time output dropped by :func:`filtered_native_stderr`
-NATIVE_NOISE = re.compile(
-    r"^(USDT|STAGE):|gpuGetDeviceCount failed|No CUDA runtime is found")
+NATIVE_NOISE = re.compile(r"^(USDT|STAGE):|gpuGetDeviceCount failed|No CUDA runtime is found")
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
@@ -94,8 +93,11 @@ def filtered_native_stderr(verbose: bool = False) -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
-                    if not NATIVE_NOISE.search(ln)]
+            kept = [
+                ln
+                for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                if not NATIVE_NOISE.search(ln)
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()

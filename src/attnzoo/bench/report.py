@@ -66,26 +66,50 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default,
-                                       allow_nan=True) + "\n")
+    atomic_write_text(
+        path, json.dumps(payload, indent=2, default=_json_default, allow_nan=True) + "\n"
+    )
 
 
-def csv_columns(metric: str = "test_acc", extra: Sequence[str] = ("test_n", "train_acc")
-                ) -> tuple[str, ...]:
+def csv_columns(
+    metric: str = "test_acc", extra: Sequence[str] = ("test_n", "train_acc")
+) -> tuple[str, ...]:
     """The columns of results.csv for a task with primary ``metric`` and per-run ``extra``
     keys (the defaults are the classification task's)."""
-    return ("row", "task", "attention", "seed", "n_seeds", "metric", metric, f"{metric}_std",
-            "baseline", "diff_vs_baseline", "diff_low", "diff_high", "verdict", *extra,
-            "train_loss", "params", "flops", "extra_flops", "latency_ms", "peak_mb",
-            "train_seconds")
+    return (
+        "row",
+        "task",
+        "attention",
+        "seed",
+        "n_seeds",
+        "metric",
+        metric,
+        f"{metric}_std",
+        "baseline",
+        "diff_vs_baseline",
+        "diff_low",
+        "diff_high",
+        "verdict",
+        *extra,
+        "train_loss",
+        "params",
+        "flops",
+        "extra_flops",
+        "latency_ms",
+        "peak_mb",
+        "train_seconds",
+    )
 
 
-def write_results_csv(path: str | os.PathLike, runs: Sequence[dict], summary: Sequence[dict],
-                      columns: Sequence[str] = csv_columns()) -> None:
+def write_results_csv(
+    path: str | os.PathLike,
+    runs: Sequence[dict],
+    summary: Sequence[dict],
+    columns: Sequence[str] = csv_columns(),
+) -> None:
     """One ``row=run`` line per attention × seed, then one ``row=summary`` line per attention."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore",
-                       lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in runs:
         w.writerow({"row": "run", **r})
@@ -190,9 +214,13 @@ details{margin:.4em 0}summary{cursor:pointer}summary>h2,summary>h3{display:inlin
 
 
 def render_html(title: str, sections: Sequence[Section]) -> str:
-    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-             f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for sec in sections:
         lvl = min(max(sec.level, 2), 6)
         heading = f"<h{lvl}>{html.escape(sec.title)}</h{lvl}>"
@@ -214,22 +242,28 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
                 head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.headers)
                 body = "".join(
                     "<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>"
-                    for row in b.rows)
+                    for row in b.rows
+                )
                 parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             elif isinstance(b, Figure):
                 data = base64.b64encode(b.png).decode("ascii")
                 alt = html.escape(b.caption or b.name)
                 cap = f"<figcaption>{_inline(b.caption)}</figcaption>" if b.caption else ""
-                parts.append(f"<figure><img alt=\"{alt}\" src=\"data:image/png;base64,{data}\">"
-                             f"{cap}</figure>")
+                parts.append(
+                    f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{cap}</figure>'
+                )
         if sec.collapsed:
             parts.append("</details>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Section],
-                 extra_sections: Sequence[Section] = ()) -> tuple[Path, Path]:
+def write_report(
+    out_dir: str | os.PathLike,
+    title: str,
+    sections: Sequence[Section],
+    extra_sections: Sequence[Section] = (),
+) -> tuple[Path, Path]:
     """Write ``report.md`` (+ ``figures/*.png``) and ``report.html``; returns both paths."""
     out = Path(out_dir)
     all_sections = [*sections, *extra_sections]
@@ -285,8 +319,13 @@ def _name(label: str) -> str:
     return label.removesuffix("%").strip()
 
 
-def plot_accuracy(summary: Sequence[dict], per_seed: dict[str, list[float]], *,
-                  metric: str = "test_acc", label: str = "top-1 %") -> bytes:
+def plot_accuracy(
+    summary: Sequence[dict],
+    per_seed: dict[str, list[float]],
+    *,
+    metric: str = "test_acc",
+    label: str = "top-1 %",
+) -> bytes:
     """Bars of the mean ``metric`` with ±1 std error bars, and each seed as a dot."""
     plt = _plt()
     labels = [s["attention"] for s in summary]
@@ -309,8 +348,15 @@ def plot_accuracy(summary: Sequence[dict], per_seed: dict[str, list[float]], *,
     return _png(fig)
 
 
-def plot_tradeoff(summary: Sequence[dict], key: str, xlabel: str, title: str, *,
-                  metric: str = "test_acc", label: str = "top-1 %") -> bytes:
+def plot_tradeoff(
+    summary: Sequence[dict],
+    key: str,
+    xlabel: str,
+    title: str,
+    *,
+    metric: str = "test_acc",
+    label: str = "top-1 %",
+) -> bytes:
     """Mean ``metric`` (± std) against a cost (``params``, ``latency_ms``...)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -318,10 +364,14 @@ def plot_tradeoff(summary: Sequence[dict], key: str, xlabel: str, title: str, *,
         x = s.get(key)
         if x is None or (isinstance(x, float) and math.isnan(x)):
             continue
-        ax.errorbar([x], [100 * s[metric]], yerr=[100 * s[f"{metric}_std"]], fmt="o",
-                    capsize=3)
-        ax.annotate(s["attention"], (x, 100 * s[metric]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.errorbar([x], [100 * s[metric]], yerr=[100 * s[f"{metric}_std"]], fmt="o", capsize=3)
+        ax.annotate(
+            s["attention"],
+            (x, 100 * s[metric]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     ax.set_xlabel(xlabel)
     ax.ticklabel_format(axis="x", style="plain", useOffset=False)
     ax.set_ylabel(f"test {_name(label)} (%)")
@@ -330,8 +380,9 @@ def plot_tradeoff(summary: Sequence[dict], key: str, xlabel: str, title: str, *,
     return _png(fig)
 
 
-def plot_curves(histories: dict[str, list[list[dict]]], *, metric: str = "test_acc",
-                label: str = "top-1 %") -> bytes:
+def plot_curves(
+    histories: dict[str, list[list[dict]]], *, metric: str = "test_acc", label: str = "top-1 %"
+) -> bytes:
     """Per attention, mean over seeds per epoch: the test ``metric`` and the training loss
     (epochs without an evaluation are left out of the metric's curve)."""
     plt = _plt()
@@ -359,8 +410,9 @@ def plot_curves(histories: dict[str, list[list[dict]]], *, metric: str = "test_a
     return _png(fig)
 
 
-def plot_samples(images: Any, labels: Sequence[int], classes: Sequence[str],
-                 boxes: Any = None, ncols: int = 8) -> bytes:
+def plot_samples(
+    images: Any, labels: Sequence[int], classes: Sequence[str], boxes: Any = None, ncols: int = 8
+) -> bytes:
     """A grid of images (``(N, C, H, W)`` in ``[0, 1]``) titled by class, boxes in red."""
     plt = _plt()
     n = len(labels)
@@ -377,8 +429,11 @@ def plot_samples(images: Any, labels: Sequence[int], classes: Sequence[str],
             ax.imshow(img)
         if boxes is not None:
             x0, y0, x1, y1 = (float(v) for v in boxes[i])
-            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                                       edgecolor="red", linewidth=1))
+            ax.add_patch(
+                plt.Rectangle(
+                    (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1
+                )
+            )
         ax.set_title(str(classes[int(labels[i])]), fontsize=8)
     fig.tight_layout()
     return _png(fig)
@@ -401,8 +456,12 @@ def chance_level(labels: Any, num_classes: int) -> dict[str, Any]:
     top = int(counts.argmax())
     majority = int(counts[top]) / total if total else float("nan")
     uniform = 1.0 / num_classes
-    return {"uniform": uniform, "majority": majority, "majority_class": top,
-            "chance": max(uniform, majority)}
+    return {
+        "uniform": uniform,
+        "majority": majority,
+        "majority_class": top,
+        "chance": max(uniform, majority),
+    }
 
 
 def near_chance(mean: float, low: float, chance: float) -> bool:
@@ -458,13 +517,15 @@ def sample_per_class(labels: Any, n: int, *, seed: int = 0) -> list[int]:
     labels = torch.as_tensor(labels).long().flatten()
     gen = torch.Generator().manual_seed(seed)
     classes = labels.unique()
-    pools = [torch.nonzero(labels == c).flatten() for c in
-             classes[torch.randperm(len(classes), generator=gen)]]
+    pools = [
+        torch.nonzero(labels == c).flatten()
+        for c in classes[torch.randperm(len(classes), generator=gen)]
+    ]
     pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
     n = min(n, len(labels))
     picked: list[int] = []
     for k in range(max((len(p) for p in pools), default=0)):
-        picked += [p[k] for p in pools if k < len(p)][:n - len(picked)]
+        picked += [p[k] for p in pools if k < len(p)][: n - len(picked)]
         if len(picked) >= n:
             break
     return sorted(picked, key=lambda i: (int(labels[i]), i))
@@ -475,11 +536,17 @@ def _whisker(ax: Any, y: float, m: float, lo: float, hi: float, color: str) -> N
     ax.errorbar([m], [y], xerr=err, fmt="o", color=color, ecolor=color, capsize=3, ms=5)
 
 
-def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, float]],
-                baseline: str | None, reference: float | None = None, *,
-                flagged: Collection[str] = (), label: str = "top-1 %",
-                reference_name: str = "chance",
-                diffs: Sequence[tuple[str, str]] = ()) -> bytes:
+def plot_forest(
+    summary: Sequence[dict],
+    acc_ci: dict[str, tuple[float, float, float]],
+    baseline: str | None,
+    reference: float | None = None,
+    *,
+    flagged: Collection[str] = (),
+    label: str = "top-1 %",
+    reference_name: str = "chance",
+    diffs: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """The answer in one figure: the metric (``label``) per attention with its 95 % CI
     (``acc_ci``: label -> (mean, low, high)) and a ``reference`` level (dashed; the ``flagged``
     attentions in orange), then the paired differences to ``baseline`` with their 95 % CIs (the
@@ -489,15 +556,25 @@ def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, f
     name = _name(label)
     panels: list[tuple[str, tuple[str, str, str] | None]] = [(f"{label} (mean, 95 % CI)", None)]
     if baseline is not None:
-        panels.append((f"Δ {name} vs {baseline} (points)",
-                       ("diff_vs_baseline", "diff_low", "diff_high")))
+        panels.append(
+            (f"Δ {name} vs {baseline} (points)", ("diff_vs_baseline", "diff_low", "diff_high"))
+        )
         for key, name in diffs:
             if any(f"{key}_diff" in s for s in summary):
-                panels.append((f"Δ {name} vs {baseline} (points)",
-                               (f"{key}_diff", f"{key}_diff_low", f"{key}_diff_high")))
+                panels.append(
+                    (
+                        f"Δ {name} vs {baseline} (points)",
+                        (f"{key}_diff", f"{key}_diff_low", f"{key}_diff_high"),
+                    )
+                )
     n = len(summary)
-    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False,
-                             figsize=(min(11.0, 2.8 * len(panels) + 1.6), 0.38 * n + 1.0))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        sharey=True,
+        squeeze=False,
+        figsize=(min(11.0, 2.8 * len(panels) + 1.6), 0.38 * n + 1.0),
+    )
     ys = list(range(n))[::-1]  # the first attention at the top
     for ax, (title, keys) in zip(axes[0], panels):
         xs = [0.0] if keys is not None else [] if reference is None else [100 * reference]
@@ -511,8 +588,7 @@ def plot_forest(summary: Sequence[dict], acc_ci: dict[str, tuple[float, float, f
                 color = "#777777" if undecided else ("#1a9850" if m > 0 else "#d73027")
             else:
                 if s["attention"] == baseline:
-                    ax.text(0, y, "baseline", ha="center", va="center", fontsize=8,
-                            color="#555555")
+                    ax.text(0, y, "baseline", ha="center", va="center", fontsize=8, color="#555555")
                 continue
             _whisker(ax, y, 100 * m, 100 * lo, 100 * hi, color)
             xs += [100 * v for v in (m, lo, hi) if not math.isnan(v)]
@@ -545,8 +621,9 @@ def plot_confusion(confusions: dict[str, Any], classes: Sequence[str]) -> bytes:
     ncols = min(len(labels), 4)
     nrows = math.ceil(len(labels) / ncols)
     cell = 2.3 if k <= 10 else 3.0
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols + 0.4, cell * nrows + 0.3),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(cell * ncols + 0.4, cell * nrows + 0.3), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     names = [str(c)[:10] for c in classes]
@@ -555,8 +632,9 @@ def plot_confusion(confusions: dict[str, Any], classes: Sequence[str]) -> bytes:
         pct = 100 * m / m.sum(1, keepdim=True).clamp_min(1)
         ax.axis("on")
         ax.imshow(pct.numpy(), cmap="Blues", vmin=0, vmax=100)
-        ax.set_title(f"{label} ({100 * float(m.diagonal().sum() / m.sum().clamp_min(1)):.1f} %)",
-                     fontsize=9)
+        ax.set_title(
+            f"{label} ({100 * float(m.diagonal().sum() / m.sum().clamp_min(1)):.1f} %)", fontsize=9
+        )
         if k <= 20:
             ax.set_xticks(range(k), names, rotation=90, fontsize=7)
             ax.set_yticks(range(k), names, fontsize=7)
@@ -567,8 +645,15 @@ def plot_confusion(confusions: dict[str, Any], classes: Sequence[str]) -> bytes:
             for i in range(k):
                 for j in range(k):
                     v = float(pct[i, j])
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
-                            color="white" if v > 50 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if v > 50 else "black",
+                    )
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
     fig.tight_layout()
@@ -602,12 +687,14 @@ def how_to_read(baseline: str | None, label: str = "top-1 %", task_lines: str = 
         "2 FLOPs per multiply-add); **+elementwise** adds the pointwise, normalisation and "
         "pooling operations that counter ignores, which is where gating attention spends its "
         "time (`attnzoo.bench.profiling`). Latency is the median forward time in eval mode; it "
-        "is noisy on a busy machine."]
+        "is noisy on a busy machine.",
+    ]
     return "\n".join(lines)
 
 
-def _answer_section(result: Any, data: Any, run_config: dict,
-                    per_seed: dict[str, list[float]], part: Any) -> Section:
+def _answer_section(
+    result: Any, data: Any, run_config: dict, per_seed: dict[str, list[float]], part: Any
+) -> Section:
     """Setup, forest plot, the task's notes, the results table (flags marked), the baseline
     note."""
     summary, baseline = result.summary, result.baseline
@@ -621,13 +708,27 @@ def _answer_section(result: Any, data: Any, run_config: dict,
     caption += part.forest_note + "."
     names = [n for k, n in part.diffs if any(f"{k}_diff" in s for s in summary)]
     if baseline is not None:
-        caption += (f" Right: the paired difference to `{baseline}` in percentage points with "
-                    "its 95 % CI (green: better, red: worse, grey: no detectable effect)"
-                    + (f", for {', '.join([_name(label), *names[:-1]])} and {names[-1]}."
-                       if names else "."))
-    blocks.append(Figure("forest.png", plot_forest(
-        summary, ci, baseline, part.reference, flagged=part.flagged, label=label,
-        reference_name=part.reference_label.removeprefix("the "), diffs=part.diffs), caption))
+        caption += (
+            f" Right: the paired difference to `{baseline}` in percentage points with "
+            "its 95 % CI (green: better, red: worse, grey: no detectable effect)"
+            + (f", for {', '.join([_name(label), *names[:-1]])} and {names[-1]}." if names else ".")
+        )
+    blocks.append(
+        Figure(
+            "forest.png",
+            plot_forest(
+                summary,
+                ci,
+                baseline,
+                part.reference,
+                flagged=part.flagged,
+                label=label,
+                reference_name=part.reference_label.removeprefix("the "),
+                diffs=part.diffs,
+            ),
+            caption,
+        )
+    )
     blocks += part.notes
     headers, rows = result.table()
     rows = [list(r) for r in rows]
@@ -636,15 +737,21 @@ def _answer_section(result: Any, data: Any, run_config: dict,
             row[1] = f"{row[1]} ({part.flagged[s['attention']]})"
     blocks.append(Table(headers, rows))
     if baseline is None:
-        blocks.append(Text(
-            "**No baseline**: `none` is not among the attentions and no `--baseline` was given, "
-            "so no differences (Δ) are computed. Add `none` to `--attention`, or name one of "
-            "the attentions with `--baseline NAME` (API: `baseline=`).", note=True))
+        blocks.append(
+            Text(
+                "**No baseline**: `none` is not among the attentions and no `--baseline` was "
+                "given, "
+                "so no differences (Δ) are computed. Add `none` to `--attention`, or name one of "
+                "the attentions with `--baseline NAME` (API: `baseline=`).",
+                note=True,
+            )
+        )
     return Section("Result", blocks)
 
 
-def build_sections(result: Any, data: Any, run_config: dict, env: dict, command: str,
-                   part: Any) -> list[Section]:
+def build_sections(
+    result: Any, data: Any, run_config: dict, env: dict, command: str, part: Any
+) -> list[Section]:
     """The sections of the bench report, the answer first: the result (forest plot, the
     task's notes, table), how to read it (collapsed), the task's sections (``part``, an
     :class:`~attnzoo.bench.tasks.base.TaskReport`), then collapsed: more plots, the runs, how
@@ -656,44 +763,109 @@ def build_sections(result: Any, data: Any, run_config: dict, env: dict, command:
     for r in runs:
         per_seed.setdefault(r["attention"], []).append(r[metric])
         histories.setdefault(r["attention"], []).append(r.get("history", []))
-    secs = [_answer_section(result, data, run_config, per_seed, part),
-            Section("How to read the numbers", [Text(how_to_read(
-                result.baseline, label, part.how_to_read))], collapsed=True),
-            *part.sections]
+    secs = [
+        _answer_section(result, data, run_config, per_seed, part),
+        Section(
+            "How to read the numbers",
+            [Text(how_to_read(result.baseline, label, part.how_to_read))],
+            collapsed=True,
+        ),
+        *part.sections,
+    ]
     name = _name(label)
     kw = {"metric": metric, "label": label}
-    figs = [Figure("accuracy.png", plot_accuracy(summary, per_seed, **kw),
-                   f"Test {name} per attention (bars: mean, error bars: ±1 std, dots: seeds).")]
+    figs = [
+        Figure(
+            "accuracy.png",
+            plot_accuracy(summary, per_seed, **kw),
+            f"Test {name} per attention (bars: mean, error bars: ±1 std, dots: seeds).",
+        )
+    ]
     if any(s.get("params") for s in summary):
-        figs.append(Figure("acc_vs_params.png", plot_tradeoff(
-            summary, "params", "parameters", f"{name} vs parameters", **kw),
-            f"{name} vs parameters."))
+        figs.append(
+            Figure(
+                "acc_vs_params.png",
+                plot_tradeoff(summary, "params", "parameters", f"{name} vs parameters", **kw),
+                f"{name} vs parameters.",
+            )
+        )
     if any(s.get("latency_ms") for s in summary):
-        figs.append(Figure("acc_vs_latency.png", plot_tradeoff(
-            summary, "latency_ms", "CPU latency, batch 1 (ms)", f"{name} vs CPU latency", **kw),
-            f"{name} vs CPU latency at batch 1."))
-    figs.append(Figure("curves.png", plot_curves(histories, **kw),
-                       f"Test {name} and training loss per epoch, mean over seeds."))
+        figs.append(
+            Figure(
+                "acc_vs_latency.png",
+                plot_tradeoff(
+                    summary,
+                    "latency_ms",
+                    "CPU latency, batch 1 (ms)",
+                    f"{name} vs CPU latency",
+                    **kw,
+                ),
+                f"{name} vs CPU latency at batch 1.",
+            )
+        )
+    figs.append(
+        Figure(
+            "curves.png",
+            plot_curves(histories, **kw),
+            f"Test {name} and training loss per epoch, mean over seeds.",
+        )
+    )
     secs.append(Section("More plots", figs, collapsed=True))
     extra = [(h, k) for h, k in part.run_columns if any(k in r for r in runs)]
-    run_rows = [[r["attention"], r["seed"], fmt_pct(r[metric]),
-                 *(_cell(r.get(k)) for _, k in extra),
-                 "" if r.get("train_loss") is None else f"{r['train_loss']:.4f}",
-                 f"{r.get('train_seconds', 0.0):.1f}",
-                 r.get("resumed_from_epoch", 0) or ""] for r in runs]
-    secs.append(Section("Runs", [Table(
-        ["attention", "seed", f"test {label}", *(h for h, _ in extra), "train loss",
-         "train s", "resumed at epoch"], run_rows)], collapsed=True))
+    run_rows = [
+        [
+            r["attention"],
+            r["seed"],
+            fmt_pct(r[metric]),
+            *(_cell(r.get(k)) for _, k in extra),
+            "" if r.get("train_loss") is None else f"{r['train_loss']:.4f}",
+            f"{r.get('train_seconds', 0.0):.1f}",
+            r.get("resumed_from_epoch", 0) or "",
+        ]
+        for r in runs
+    ]
+    secs.append(
+        Section(
+            "Runs",
+            [
+                Table(
+                    [
+                        "attention",
+                        "seed",
+                        f"test {label}",
+                        *(h for h, _ in extra),
+                        "train loss",
+                        "train s",
+                        "resumed at epoch",
+                    ],
+                    run_rows,
+                )
+            ],
+            collapsed=True,
+        )
+    )
     env_rows = [[k, v] for k, v in env.items()]
     cfg_rows = [[k, v] for k, v in run_config.items()]
-    secs.append(Section("Reproduce", [
-        Text("The exact command:"), Code(command),
-        Text(f"Wall time of this invocation: {result.wall_seconds:.1f} s"
-             + (f" ({len(result.skipped)} finished runs were reused)." if result.skipped
-                else ".")),
-        Table(["setting", "value"], cfg_rows, "Configuration:"),
-        Table(["software / hardware", "value"], env_rows, "Environment:"),
-    ], collapsed=True))
+    secs.append(
+        Section(
+            "Reproduce",
+            [
+                Text("The exact command:"),
+                Code(command),
+                Text(
+                    f"Wall time of this invocation: {result.wall_seconds:.1f} s"
+                    + (
+                        f" ({len(result.skipped)} finished runs were reused)."
+                        if result.skipped
+                        else "."
+                    )
+                ),
+                Table(["setting", "value"], cfg_rows, "Configuration:"),
+                Table(["software / hardware", "value"], env_rows, "Environment:"),
+            ],
+            collapsed=True,
+        )
+    )
     return secs
 
 

@@ -22,8 +22,7 @@ from attnzoo.bench.engine import BenchConfig, BenchResult, execute
 __all__ = ["BenchConfig", "BenchResult", "run"]
 
 
-def run(config: BenchConfig | str | Sequence[str] | None = None,
-        **overrides: Any) -> BenchResult:
+def run(config: BenchConfig | str | Sequence[str] | None = None, **overrides: Any) -> BenchResult:
     """Train the task's model with each attention for each seed and write the report.
 
     ``run(BenchConfig(...))``, ``run("none,se,cbam", epochs=4, out="bench-out")`` (a first
@@ -51,6 +50,8 @@ def run(config: BenchConfig | str | Sequence[str] | None = None,
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"bench.run: unknown option(s) {', '.join(map(repr, unknown))}; the "
-                        f"options are the fields of BenchConfig: {', '.join(sorted(fields))}")
+        raise TypeError(
+            f"bench.run: unknown option(s) {', '.join(map(repr, unknown))}; the "
+            f"options are the fields of BenchConfig: {', '.join(sorted(fields))}"
+        )
     return execute(dataclasses.replace(config, **overrides))

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = ["PairedDifference", "Summary", "paired_difference", "summarize", "t_quantile"]
 
+
 def t_quantile(df: int, confidence: float = 0.95) -> float:
     """Two-sided critical value ``t_{(1+confidence)/2, df}`` of Student's t distribution
     (SciPy's, a dependency of the bench through scikit-learn)."""
@@ -95,8 +96,9 @@ class PairedDifference:
         return out
 
 
-def paired_difference(candidate: Mapping[int, float], baseline: Mapping[int, float], *,
-                      confidence: float = 0.95) -> PairedDifference:
+def paired_difference(
+    candidate: Mapping[int, float], baseline: Mapping[int, float], *, confidence: float = 0.95
+) -> PairedDifference:
     """Paired difference of per-seed values; only seeds present in both are used."""
     seeds = tuple(sorted(set(candidate) & set(baseline)))
     if not seeds:

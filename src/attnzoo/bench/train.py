@@ -74,8 +74,9 @@ def _is_decay_param(name: str, p: torch.Tensor) -> bool:
     return p.ndim > 1 and not name.endswith(".bias")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int
-                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
     """SGD (Nesterov, weight decay on weights only) and its one-cycle schedule over
     ``total_steps`` optimiser steps (``total_steps >= 1``).
 
@@ -91,13 +92,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int
     for name, p in model.named_parameters():
         (decay if _is_decay_param(name, p) else no_decay).append(p)
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
     pct_start = 0.25 if 0.25 * total_steps != 1 else 0.0
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start, div_factor=10.0,
-        final_div_factor=100.0)
+        opt,
+        max_lr=cfg.lr,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        div_factor=10.0,
+        final_div_factor=100.0,
+    )
     return opt, sched
 
 
@@ -116,10 +127,12 @@ def check_lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> None:
         raise ValueError(
             f"bench: the learning-rate schedule fails for {cfg.epochs} epochs x "
             f"{steps_per_epoch} batches per epoch ({total} steps): {type(err).__name__}: {err}. "
-            "Change --epochs, --batch-size or --n-train to get another number of steps") from None
+            "Change --epochs, --batch-size or --n-train to get another number of steps"
+        ) from None
     if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
-        raise ValueError(f"bench: the learning-rate schedule ends with LR {lrs} after {total} "
-                         "steps; check --lr")
+        raise ValueError(
+            f"bench: the learning-rate schedule ends with LR {lrs} after {total} steps; check --lr"
+        )
 
 
 def _lightning():
@@ -140,9 +153,15 @@ def _checkpoint_class() -> type:
         """``ModelCheckpoint`` saving ``last.ckpt`` every epoch via a temp file + ``os.replace``."""
 
         def __init__(self, dirpath: str | os.PathLike) -> None:
-            super().__init__(dirpath=str(dirpath), filename=CHECKPOINT_NAME[:-5], monitor=None,
-                             save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True,
-                             enable_version_counter=False)
+            super().__init__(
+                dirpath=str(dirpath),
+                filename=CHECKPOINT_NAME[:-5],
+                monitor=None,
+                save_top_k=1,
+                every_n_epochs=1,
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
 
         def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
             tmp = f"{filepath}.tmp"
@@ -168,13 +187,15 @@ def _history_class() -> type:
         """Keeps the module's ``history`` (per-epoch rows) and ``run_extras`` (a dict) in every
         checkpoint and restores them on resume, so a resumed run reports its full curves."""
 
-        def on_save_checkpoint(self, trainer: Any, pl_module: Any,
-                               checkpoint: dict[str, Any]) -> None:
+        def on_save_checkpoint(
+            self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+        ) -> None:
             checkpoint["bench_history"] = [dict(r) for r in pl_module.history]
             checkpoint["bench_extras"] = dict(getattr(pl_module, "run_extras", {}) or {})
 
-        def on_load_checkpoint(self, trainer: Any, pl_module: Any,
-                               checkpoint: dict[str, Any]) -> None:
+        def on_load_checkpoint(
+            self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+        ) -> None:
             pl_module.history = [dict(r) for r in checkpoint.get("bench_history", [])]
             pl_module.run_extras = dict(checkpoint.get("bench_extras", {}))
 
@@ -202,13 +223,20 @@ class RunOutcome:
     module: Any
 
 
-def _trainer_kwargs(*, accelerator: str, devices: Any, num_nodes: int, strategy: str,
-                    precision: str | None) -> dict[str, Any]:
+def _trainer_kwargs(
+    *, accelerator: str, devices: Any, num_nodes: int, strategy: str, precision: str | None
+) -> dict[str, Any]:
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if precision is None:
         precision = "32-true" if on_cpu else "16-mixed"
-    return dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                precision=precision, deterministic=True if on_cpu else "warn")
+    return dict(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        deterministic=True if on_cpu else "warn",
+    )
 
 
 def train_one(
@@ -237,17 +265,37 @@ def train_one(
     ``verbose`` (:func:`attnzoo.bench.quiet.quiet_lightning`).
     """
     with quiet_lightning(verbose):
-        return _train_one(make_module, make_loaders, epochs=epochs, seed=seed, run_dir=run_dir,
-                          accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                          strategy=strategy, precision=precision, progress=progress,
-                          logger=logger)
+        return _train_one(
+            make_module,
+            make_loaders,
+            epochs=epochs,
+            seed=seed,
+            run_dir=run_dir,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            progress=progress,
+            logger=logger,
+        )
 
 
-def _train_one(make_module: Callable[[], Any],
-               make_loaders: Callable[[], tuple[DataLoader, DataLoader]], *, epochs: int,
-               seed: int, run_dir: str | os.PathLike, accelerator: str, devices: Any,
-               num_nodes: int, strategy: str, precision: str | None, progress: bool,
-               logger: bool) -> RunOutcome:
+def _train_one(
+    make_module: Callable[[], Any],
+    make_loaders: Callable[[], tuple[DataLoader, DataLoader]],
+    *,
+    epochs: int,
+    seed: int,
+    run_dir: str | os.PathLike,
+    accelerator: str,
+    devices: Any,
+    num_nodes: int,
+    strategy: str,
+    precision: str | None,
+    progress: bool,
+    logger: bool,
+) -> RunOutcome:
     pl = _lightning()
     from lightning.pytorch.loggers import CSVLogger
 
@@ -258,8 +306,13 @@ def _train_one(make_module: Callable[[], Any],
     module.history = []
     module.run_extras = {}
     ckpt = run_dir / CHECKPOINT_NAME
-    kwargs = _trainer_kwargs(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                             strategy=strategy, precision=precision)
+    kwargs = _trainer_kwargs(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+    )
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=[_checkpoint_class()(run_dir), _history_class()(), *_progress_bar(progress)],
@@ -278,14 +331,23 @@ def _train_one(make_module: Callable[[], Any],
     if ckpt.is_file():
         resumed = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
     start = time.perf_counter()
-    trainer.fit(module, train_loader, eval_loader,
-                ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
+    trainer.fit(
+        module,
+        train_loader,
+        eval_loader,
+        ckpt_path=str(ckpt) if ckpt.is_file() else None,
+        weights_only=True,
+    )
     if trainer.world_size > 1:
         # the launcher may have started the other ranks: make sure all are done before writing
         trainer.strategy.barrier("attnzoo.train_one")
-    return RunOutcome(history=list(module.history), resumed_from_epoch=resumed,
-                      train_seconds=time.perf_counter() - start,
-                      is_global_zero=trainer.is_global_zero, module=module)
+    return RunOutcome(
+        history=list(module.history),
+        resumed_from_epoch=resumed,
+        train_seconds=time.perf_counter() - start,
+        is_global_zero=trainer.is_global_zero,
+        module=module,
+    )
 
 
 def _progress_bar(enabled: bool) -> list[Any]:

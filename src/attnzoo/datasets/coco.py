@@ -40,12 +40,17 @@ def _load_json(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"read_coco: {path} is not valid JSON ({err})") from None
-    missing = [k for k in ("images", "annotations", "categories")
-               if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
+    missing = [
+        k
+        for k in ("images", "annotations", "categories")
+        if not isinstance(doc, dict) or not isinstance(doc.get(k), list)
+    ]
     if missing:
-        raise ValueError(f"read_coco: {path} is not a COCO detection file: it needs the lists "
-                         f"'images', 'annotations' and 'categories'; missing or not a list: "
-                         f"{missing}")
+        raise ValueError(
+            f"read_coco: {path} is not a COCO detection file: it needs the lists "
+            f"'images', 'annotations' and 'categories'; missing or not a list: "
+            f"{missing}"
+        )
     return doc
 
 
@@ -53,12 +58,15 @@ def _categories(doc: dict[str, Any], path: Path) -> tuple[list[int], list[str]]:
     try:
         cats = sorted((int(c["id"]), str(c["name"])) for c in doc["categories"])
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"read_coco: {path}: every category needs an integer 'id' and a "
-                         "'name'") from None
+        raise ValueError(
+            f"read_coco: {path}: every category needs an integer 'id' and a 'name'"
+        ) from None
     ids = [i for i, _ in cats]
     if len(set(ids)) != len(ids) or not ids:
-        raise ValueError(f"read_coco: {path}: category ids must be distinct and at least one is "
-                         f"needed; got {ids}")
+        raise ValueError(
+            f"read_coco: {path}: category ids must be distinct and at least one is "
+            f"needed; got {ids}"
+        )
     return ids, [n for _, n in cats]
 
 
@@ -71,20 +79,31 @@ def _image_entry(entry: Any) -> tuple[Any, str, tuple[int, int] | None]:
     return entry["id"], str(entry["file_name"]), hw
 
 
-def _boxes(anns: list[dict], label_of: dict[int, int], where: str,
-           problems: Problems) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _boxes(
+    anns: list[dict], label_of: dict[int, int], where: str, problems: Problems
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     xyxy, labels, crowd = [], [], []
     for ann in anns:
         cat = ann.get("category_id")
         if cat not in label_of:
-            problems(where, "unknown class", f"annotation {ann.get('id')} has category_id {cat!r},"
-                                             f" not among the categories {sorted(label_of)}")
+            problems(
+                where,
+                "unknown class",
+                f"annotation {ann.get('id')} has category_id {cat!r},"
+                f" not among the categories {sorted(label_of)}",
+            )
             return None
         box = ann.get("bbox")
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            problems(where, "malformed annotation", f"annotation {ann.get('id')} has bbox {box!r}"
-                                                    ", expected [x, y, width, height]")
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        ):
+            problems(
+                where,
+                "malformed annotation",
+                f"annotation {ann.get('id')} has bbox {box!r}, expected [x, y, width, height]",
+            )
             return None
         x, y, w, h = (float(v) for v in box)
         xyxy.append((x, y, x + w, y + h))
@@ -93,8 +112,12 @@ def _boxes(anns: list[dict], label_of: dict[int, int], where: str,
     return np.array(xyxy, np.float64), np.array(labels, np.int64), np.array(crowd, bool)
 
 
-def read_coco(annotation_json: str | os.PathLike, images_dir: str | os.PathLike, *,
-              on_error: OnError = "raise") -> DetectionData:
+def read_coco(
+    annotation_json: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    *,
+    on_error: OnError = "raise",
+) -> DetectionData:
     """Read a COCO object-detection JSON file and its images (decoded on access).
 
     Args:
@@ -127,8 +150,11 @@ def read_coco(annotation_json: str | os.PathLike, images_dir: str | os.PathLike,
     for k, ann in enumerate(doc["annotations"]):
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if image_id not in known:
-            problems(f"{path} annotations[{k}]", "malformed annotation",
-                     f"image_id {image_id!r} is not among the images")
+            problems(
+                f"{path} annotations[{k}]",
+                "malformed annotation",
+                f"image_id {image_id!r} is not among the images",
+            )
             continue
         by_image[image_id].append(ann)
     keep: list[dict[str, Any]] = []
@@ -144,8 +170,11 @@ def read_coco(annotation_json: str | os.PathLike, images_dir: str | os.PathLike,
             problems(where, "unreadable image", f"{type(err).__name__}: {err}")
             continue
         if hw_json is not None and hw_json != hw:
-            problems(where, "size mismatch", f"the JSON says {hw_json[1]}x{hw_json[0]} (WxH) but "
-                                             f"the file is {hw[1]}x{hw[0]}")
+            problems(
+                where,
+                "size mismatch",
+                f"the JSON says {hw_json[1]}x{hw_json[0]} (WxH) but the file is {hw[1]}x{hw[0]}",
+            )
             continue
         if not by_image[image_id]:
             problems(where, "no objects", "no annotation refers to this image")
@@ -157,19 +186,36 @@ def read_coco(annotation_json: str | os.PathLike, images_dir: str | os.PathLike,
         if bad:
             problems(where, *bad)
             continue
-        keep.append({"file": file, "hw": hw, "id": image_id, "boxes": clip_boxes(parsed[0], *hw),
-                     "labels": parsed[1], "difficult": parsed[2]})
+        keep.append(
+            {
+                "file": file,
+                "hw": hw,
+                "id": image_id,
+                "boxes": clip_boxes(parsed[0], *hw),
+                "labels": parsed[1],
+                "difficult": parsed[2],
+            }
+        )
     problems.warn(len(doc["images"]))
     if not keep:
-        raise ValueError(f"read_coco: no usable image in {path} ({len(problems.skipped)} skipped: "
-                         f"{'; '.join(map(str, problems.skipped[:3]))})")
+        raise ValueError(
+            f"read_coco: no usable image in {path} ({len(problems.skipped)} skipped: "
+            f"{'; '.join(map(str, problems.skipped[:3]))})"
+        )
     return DetectionData(
         images=ImageFiles([r["file"] for r in keep], [r["hw"] for r in keep]),
-        boxes=[r["boxes"] for r in keep], labels=[r["labels"] for r in keep],
-        classes=tuple(classes), names=[r["file"].stem for r in keep],
-        difficult=[r["difficult"] for r in keep], skipped=problems.skipped,
-        meta={"annotation_json": str(path), "images_dir": str(folder),
-              "category_ids": cat_ids, "image_ids": [r["id"] for r in keep]},
+        boxes=[r["boxes"] for r in keep],
+        labels=[r["labels"] for r in keep],
+        classes=tuple(classes),
+        names=[r["file"].stem for r in keep],
+        difficult=[r["difficult"] for r in keep],
+        skipped=problems.skipped,
+        meta={
+            "annotation_json": str(path),
+            "images_dir": str(folder),
+            "category_ids": cat_ids,
+            "image_ids": [r["id"] for r in keep],
+        },
     )
 
 
@@ -183,8 +229,13 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
 
 
-def write_coco(data: DetectionData, root: str | os.PathLike, *, image_format: str = "jpg",
-               annotation_file: str = "annotations.json") -> Path:
+def write_coco(
+    data: DetectionData,
+    root: str | os.PathLike,
+    *,
+    image_format: str = "jpg",
+    annotation_file: str = "annotations.json",
+) -> Path:
     """Write ``data`` as ``root/images/<name>.jpg`` (or ``.png``) plus a COCO JSON file.
 
     Image ids are ``1..N`` in order, category ids ``1..K`` (label + 1), ``bbox`` is ``[x0, y0,
@@ -212,14 +263,25 @@ def write_coco(data: DetectionData, root: str | os.PathLike, *, image_format: st
             else:
                 segmentation, area = [[x0, y0, x1, y0, x1, y1, x0, y1]], (x1 - x0) * (y1 - y0)
             crowd = data.difficult is not None and bool(data.difficult[i][k])
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": int(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "area": area, "iscrowd": int(crowd),
-                                "segmentation": segmentation})
-    doc = {"info": {"description": "written by attnzoo"},
-           "images": images, "annotations": annotations,
-           "categories": [{"id": k + 1, "name": c, "supercategory": "object"}
-                          for k, c in enumerate(data.classes)]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(label) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": area,
+                    "iscrowd": int(crowd),
+                    "segmentation": segmentation,
+                }
+            )
+    doc = {
+        "info": {"description": "written by attnzoo"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(data.classes)
+        ],
+    }
     out = root / annotation_file
     out.write_text(json.dumps(doc), encoding="utf-8")
     return out

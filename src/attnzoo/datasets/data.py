@@ -74,8 +74,10 @@ class ImageFiles(Sequence):
         with Image.open(path) as im:
             arr = np.array(im.convert("RGB"), dtype=np.uint8)
         if arr.shape[:2] != self.sizes[index]:
-            raise ValueError(f"ImageFiles: {path} is {arr.shape[0]}x{arr.shape[1]} (HxW) but its "
-                             f"annotation says {self.sizes[index][0]}x{self.sizes[index][1]}")
+            raise ValueError(
+                f"ImageFiles: {path} is {arr.shape[0]}x{arr.shape[1]} (HxW) but its "
+                f"annotation says {self.sizes[index][0]}x{self.sizes[index][1]}"
+            )
         return arr
 
     def __repr__(self) -> str:
@@ -165,12 +167,21 @@ class DetectionData:
                 return ImageFiles([seq.paths[i] for i in idx], [seq.sizes[i] for i in idx])
             return [seq[i] for i in idx]
 
-        return replace(self, images=pick(self.images), boxes=pick(self.boxes),
-                       labels=pick(self.labels), names=pick(self.names),
-                       difficult=pick(self.difficult), instance_masks=pick(self.instance_masks),
-                       semantic_masks=pick(self.semantic_masks), skipped=list(self.skipped),
-                       meta={k: pick(v) if isinstance(v, list) and len(v) == len(self) else v
-                             for k, v in self.meta.items()})
+        return replace(
+            self,
+            images=pick(self.images),
+            boxes=pick(self.boxes),
+            labels=pick(self.labels),
+            names=pick(self.names),
+            difficult=pick(self.difficult),
+            instance_masks=pick(self.instance_masks),
+            semantic_masks=pick(self.semantic_masks),
+            skipped=list(self.skipped),
+            meta={
+                k: pick(v) if isinstance(v, list) and len(v) == len(self) else v
+                for k, v in self.meta.items()
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +197,10 @@ class Problems:
 
     def __call__(self, item: str, reason: str, detail: str, *, always_skip: bool = False) -> None:
         if self.on_error == "raise" and not always_skip:
-            raise ValueError(f"{self.reader}: {item}: {reason}: {detail} (pass on_error='skip' to "
-                             "leave such images out; they are then counted in .skipped)")
+            raise ValueError(
+                f"{self.reader}: {item}: {reason}: {detail} (pass on_error='skip' to "
+                "leave such images out; they are then counted in .skipped)"
+            )
         self.skipped.append(Skipped(str(item), reason, detail))
 
     def warn(self, total: int) -> None:
@@ -195,8 +208,11 @@ class Problems:
         if self.skipped:
             counts = Counter(s.reason for s in self.skipped)
             summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-            warnings.warn(f"{self.reader}: skipped {len(self.skipped)} of {total} images "
-                          f"({summary}); see .skipped for each", stacklevel=3)
+            warnings.warn(
+                f"{self.reader}: skipped {len(self.skipped)} of {total} images "
+                f"({summary}); see .skipped for each",
+                stacklevel=3,
+            )
 
 
 def box_problem(boxes: np.ndarray, height: int, width: int) -> tuple[str, str] | None:
@@ -207,8 +223,10 @@ def box_problem(boxes: np.ndarray, height: int, width: int) -> tuple[str, str] |
     for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         shown = f"box {k} ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
         if not np.isfinite([x0, y0, x1, y1]).all() or x1 <= x0 or y1 <= y0:
-            return "degenerate box", f"{shown} has no area (x0, y0, x1, y1 expected, x1 > x0, " \
-                                     "y1 > y0)"
+            return (
+                "degenerate box",
+                f"{shown} has no area (x0, y0, x1, y1 expected, x1 > x0, y1 > y0)",
+            )
         t = EDGE_TOLERANCE
         if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
             return "box outside image", f"{shown} is outside the {width}x{height} (WxH) image"
@@ -238,8 +256,7 @@ def find_image(folder: Path, stem: str, preferred: str | None = None) -> Path | 
         cand = folder / preferred
         if cand.is_file():
             return cand
-    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff",
-                ".webp"):
+    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp"):
         cand = folder / f"{stem}{ext}"
         if cand.is_file():
             return cand
@@ -269,8 +286,9 @@ def check_writable(writer: str, data: object) -> None:
     names = list(data.names)
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
-        raise ValueError(f"{writer}: image names must be unique (they become file names); "
-                         f"repeated: {dup[:5]}")
+        raise ValueError(
+            f"{writer}: image names must be unique (they become file names); repeated: {dup[:5]}"
+        )
     bad = [n for n in names if not n or "/" in n or "\\" in n or n.startswith(".")]
     if bad:
         raise ValueError(f"{writer}: image names must be plain file stems; got {bad[:5]}")

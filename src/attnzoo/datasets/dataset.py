@@ -18,16 +18,23 @@ def _size(value: object, data: DetectionData) -> tuple[int, int]:
     if value is None:
         sizes = set(data.sizes)
         if len(sizes) != 1:
-            raise ValueError("DetectionDataset: the images differ in size "
-                             f"({len(sizes)} sizes, e.g. {sorted(sizes)[:3]}); pass size=(H, W)")
+            raise ValueError(
+                "DetectionDataset: the images differ in size "
+                f"({len(sizes)} sizes, e.g. {sorted(sizes)[:3]}); pass size=(H, W)"
+            )
         value = sizes.pop()
     hw = (value, value) if isinstance(value, (int, np.integer)) else value
-    ok = (isinstance(hw, (tuple, list)) and len(hw) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in hw)
-          and all(v >= 32 and v % 32 == 0 for v in hw))
+    ok = (
+        isinstance(hw, (tuple, list))
+        and len(hw) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in hw)
+        and all(v >= 32 and v % 32 == 0 for v in hw)
+    )
     if not ok:
-        raise ValueError(f"DetectionDataset: size must be a positive multiple of 32 or a pair "
-                         f"(H, W) of them (YOLO strides); got {value!r}")
+        raise ValueError(
+            f"DetectionDataset: size must be a positive multiple of 32 or a pair "
+            f"(H, W) of them (YOLO strides); got {value!r}"
+        )
     return int(hw[0]), int(hw[1])
 
 
@@ -52,17 +59,28 @@ class DetectionDataset(Dataset):
         masks: also return the masks (the data must have them, e.g. the built-in scenes).
     """
 
-    def __init__(self, data: DetectionData, size: int | tuple[int, int] | None = None, *,
-                 hflip: float = 0.0, seed: int = 0, masks: bool = False) -> None:
+    def __init__(
+        self,
+        data: DetectionData,
+        size: int | tuple[int, int] | None = None,
+        *,
+        hflip: float = 0.0,
+        seed: int = 0,
+        masks: bool = False,
+    ) -> None:
         if not isinstance(data, DetectionData):
-            raise TypeError(f"DetectionDataset: data must be a DetectionData; got "
-                            f"{type(data).__name__}")
+            raise TypeError(
+                f"DetectionDataset: data must be a DetectionData; got {type(data).__name__}"
+            )
         if isinstance(hflip, bool) or not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:
-            raise ValueError(f"DetectionDataset: hflip must be a probability in [0, 1]; got "
-                             f"{hflip!r}")
+            raise ValueError(
+                f"DetectionDataset: hflip must be a probability in [0, 1]; got {hflip!r}"
+            )
         if masks and (data.instance_masks is None or data.semantic_masks is None):
-            raise ValueError("DetectionDataset: masks=True needs data with instance_masks and "
-                             "semantic_masks (the built-in scenes have them; folders do not)")
+            raise ValueError(
+                "DetectionDataset: masks=True needs data with instance_masks and "
+                "semantic_masks (the built-in scenes have them; folders do not)"
+            )
         self.data, self.size = data, _size(size, data)
         self.hflip, self.seed, self.masks = float(hflip), int(seed), bool(masks)
         self.epoch = 0
@@ -94,8 +112,9 @@ class DetectionDataset(Dataset):
             semantic = torch.from_numpy(np.asarray(d.semantic_masks[index], dtype=np.uint8))
         if (h, w) != self.size:
             shrink = self.size[0] < h or self.size[1] < w  # antialiasing matters only then
-            image = F.interpolate(image[None], size=self.size, mode="bilinear",
-                                  align_corners=False, antialias=shrink)[0].clamp_(0.0, 1.0)
+            image = F.interpolate(
+                image[None], size=self.size, mode="bilinear", align_corners=False, antialias=shrink
+            )[0].clamp_(0.0, 1.0)
             scale = torch.tensor([self.size[1] / w, self.size[0] / h] * 2)
             boxes *= scale
             if self.masks:
@@ -103,8 +122,10 @@ class DetectionDataset(Dataset):
                 semantic = _nearest(semantic[None], self.size)[0]
         if self._flipped(index):
             image = image.flip(-1)
-            boxes = torch.stack([self.size[1] - boxes[:, 2], boxes[:, 1],
-                                 self.size[1] - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = torch.stack(
+                [self.size[1] - boxes[:, 2], boxes[:, 1], self.size[1] - boxes[:, 0], boxes[:, 3]],
+                dim=1,
+            )
             if self.masks:
                 masks, semantic = masks.flip(-1), semantic.flip(-1)
         target["boxes"] = boxes
@@ -129,6 +150,8 @@ def collate_detection(
         raise ValueError("collate_detection: empty batch")
     shapes = {tuple(img.shape) for img, _ in batch}
     if len(shapes) != 1:
-        raise ValueError(f"collate_detection: images of different shapes {sorted(shapes)}; "
-                         "give DetectionDataset a size")
+        raise ValueError(
+            f"collate_detection: images of different shapes {sorted(shapes)}; "
+            "give DetectionDataset a size"
+        )
     return torch.stack([img for img, _ in batch]), [t for _, t in batch]

@@ -34,13 +34,15 @@ def upscaled_digits(scale: int) -> tuple[np.ndarray, np.ndarray]:
     images, target = _digit_bunch()
     imgs = torch.from_numpy(images / 16.0).unsqueeze(1)
     if scale > 1:
-        imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="bilinear",
-                                               align_corners=False)
+        imgs = torch.nn.functional.interpolate(
+            imgs, scale_factor=scale, mode="bilinear", align_corners=False
+        )
     return imgs[:, 0].clamp(0, 1).numpy(), target.copy()
 
 
-def split_sources(labels: np.ndarray, test_fraction: float,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_sources(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split item indices per class: ``round(test_fraction · n_class)`` of each go to test.
 
     Returns sorted ``(train_indices, test_indices)``, disjoint.
@@ -61,7 +63,7 @@ def ink_crop(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
     crop = digit[:size, :size]
     for _ in range(10):
         cy, cx = (int(v) for v in rng.integers(0, d - size + 1, size=2))
-        crop = digit[cy:cy + size, cx:cx + size]
+        crop = digit[cy : cy + size, cx : cx + size]
         if crop.sum() >= need:
             break
     return crop

@@ -59,16 +59,24 @@ def _is_int(v: object) -> bool:
 def _int_range(arg: str, value: object, low: int) -> tuple[int, int]:
     """An int ``k`` (→ ``(k, k)``) or a pair ``(lo, hi)`` with ``low <= lo <= hi``."""
     pair = (value, value) if _is_int(value) else value
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(map(_is_int, pair))
-            or not low <= pair[0] <= pair[1]):
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(map(_is_int, pair))
+        or not low <= pair[0] <= pair[1]
+    ):
         raise _fail(arg, f"an integer or a pair (lo, hi) of integers with {low} <= lo <= hi", value)
     return int(pair[0]), int(pair[1])
 
 
 def _canvas(value: object) -> tuple[int, int]:
     hw = (value, value) if _is_int(value) else value
-    if (not isinstance(hw, (tuple, list)) or len(hw) != 2 or not all(map(_is_int, hw))
-            or not all(v >= 32 and v % 32 == 0 for v in hw)):
+    if (
+        not isinstance(hw, (tuple, list))
+        or len(hw) != 2
+        or not all(map(_is_int, hw))
+        or not all(v >= 32 and v % 32 == 0 for v in hw)
+    ):
         raise _fail("canvas", "a positive multiple of 32 or a pair (H, W) of them", value)
     return int(hw[0]), int(hw[1])
 
@@ -85,11 +93,14 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inter / (area_a + area_b - inter), inter / np.minimum(area_a, area_b)
 
 
-def _candidates(hw: tuple[int, int], side: int, tries: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(
+    hw: tuple[int, int], side: int, tries: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """``tries`` random top-left corners ``(ys, xs)`` of a ``side`` square inside the canvas."""
-    return (rng.integers(0, hw[0] - side + 1, size=tries),
-            rng.integers(0, hw[1] - side + 1, size=tries))
+    return (
+        rng.integers(0, hw[0] - side + 1, size=tries),
+        rng.integers(0, hw[1] - side + 1, size=tries),
+    )
 
 
 def _colour(rng: np.random.Generator, colour: bool) -> np.ndarray:
@@ -101,20 +112,21 @@ def _colour(rng: np.random.Generator, colour: bool) -> np.ndarray:
 
 def _paint(img: np.ndarray, alpha: np.ndarray, y: int, x: int, colour: np.ndarray) -> None:
     h, w = alpha.shape
-    region = img[y:y + h, x:x + w]
+    region = img[y : y + h, x : x + w]
     a = alpha[..., None]
     region *= 1.0 - a
     region += a * colour
 
 
-def _background(hw: tuple[int, int], photos: tuple[np.ndarray, ...] | None,
-                rng: np.random.Generator) -> np.ndarray:
+def _background(
+    hw: tuple[int, int], photos: tuple[np.ndarray, ...] | None, rng: np.random.Generator
+) -> np.ndarray:
     h, w = hw
     if photos is None:
         return np.zeros((h, w, 3), np.float32)
     photo = photos[int(rng.integers(len(photos)))]
     y, x = (int(v) for v in rng.integers(0, [photo.shape[0] - h + 1, photo.shape[1] - w + 1]))
-    crop = photo[y:y + h, x:x + w]
+    crop = photo[y : y + h, x : x + w]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return crop * np.float32(_PHOTO_DIM)
@@ -126,13 +138,21 @@ def _ink_extents(alpha: np.ndarray) -> list[tuple[int, int, int, int]]:
     d = alpha.shape[-1]
     first = lambda m: m.argmax(axis=1)  # noqa: E731
     last = lambda m: d - m[:, ::-1].argmax(axis=1)  # noqa: E731
-    return list(zip(first(cols).tolist(), first(rows).tolist(), last(cols).tolist(),
-                    last(rows).tolist()))
+    return list(
+        zip(first(cols).tolist(), first(rows).tolist(), last(cols).tolist(), last(rows).tolist())
+    )
 
 
-def _place_objects(n: int, cycle: list[int], sources: np.ndarray, extents: dict,
-                   hw: tuple[int, int], max_iou: float, max_covered: float,
-                   rng: np.random.Generator) -> list[tuple]:
+def _place_objects(
+    n: int,
+    cycle: list[int],
+    sources: np.ndarray,
+    extents: dict,
+    hw: tuple[int, int],
+    max_iou: float,
+    max_covered: float,
+    rng: np.random.Generator,
+) -> list[tuple]:
     """``(source, scale, y, x, box)`` for up to ``n`` objects whose boxes overlap pairwise with
     IoU <= max_iou and cover at most ``max_covered`` of each other."""
     placed: list[tuple] = []
@@ -156,8 +176,14 @@ def _place_objects(n: int, cycle: list[int], sources: np.ndarray, extents: dict,
     return placed
 
 
-def _place_clutter(n: int, objects: list[tuple], sources: np.ndarray, digits: dict,
-                   hw: tuple[int, int], rng: np.random.Generator) -> list[tuple]:
+def _place_clutter(
+    n: int,
+    objects: list[tuple],
+    sources: np.ndarray,
+    digits: dict,
+    hw: tuple[int, int],
+    rng: np.random.Generator,
+) -> list[tuple]:
     """``(source, crop, y, x)`` for up to ``n`` fragments touching no object box."""
     used = {p[0] for p in objects}
     boxes = np.array([p[4] for p in objects]).reshape(-1, 4)
@@ -172,18 +198,34 @@ def _place_clutter(n: int, objects: list[tuple], sources: np.ndarray, digits: di
         crop = ink_crop(digits[scale][other], size, rng)
         ys, xs = _candidates(hw, size, _CLUTTER_TRIES, rng)
         ys, xs = ys[:, None], xs[:, None]
-        free = ((xs + size <= boxes[:, 0]) | (xs >= boxes[:, 2]) | (ys + size <= boxes[:, 1])
-                | (ys >= boxes[:, 3])).all(axis=1)
+        free = (
+            (xs + size <= boxes[:, 0])
+            | (xs >= boxes[:, 2])
+            | (ys + size <= boxes[:, 1])
+            | (ys >= boxes[:, 3])
+        ).all(axis=1)
         j = int(free.argmax())
         if free[j]:
             out.append((other, crop, int(ys[j, 0]), int(xs[j, 0])))
     return out
 
 
-def _render_split(split: str, n: int, sources: np.ndarray, digits: dict, labels: np.ndarray, *,
-                  hw: tuple[int, int], objects: tuple[int, int], clutter: tuple[int, int],
-                  photos: tuple[np.ndarray, ...] | None, colour: bool, max_iou: float,
-                  max_covered: float, rng: np.random.Generator) -> DetectionData:
+def _render_split(
+    split: str,
+    n: int,
+    sources: np.ndarray,
+    digits: dict,
+    labels: np.ndarray,
+    *,
+    hw: tuple[int, int],
+    objects: tuple[int, int],
+    clutter: tuple[int, int],
+    photos: tuple[np.ndarray, ...] | None,
+    colour: bool,
+    max_iou: float,
+    max_covered: float,
+    rng: np.random.Generator,
+) -> DetectionData:
     h, w = hw
     images = np.empty((n, h, w, 3), np.uint8)
     semantic = np.zeros((n, h, w), np.uint8)
@@ -192,10 +234,19 @@ def _render_split(split: str, n: int, sources: np.ndarray, digits: dict, labels:
     extents = {s: _ink_extents(a) for s, a in digits.items()}
     for i in range(n):
         img = _background(hw, photos, rng)
-        placed = _place_objects(int(rng.integers(objects[0], objects[1] + 1)), cycle, sources,
-                                extents, hw, max_iou, max_covered, rng)
-        frags = _place_clutter(int(rng.integers(clutter[0], clutter[1] + 1)), placed, sources,
-                               digits, hw, rng)
+        placed = _place_objects(
+            int(rng.integers(objects[0], objects[1] + 1)),
+            cycle,
+            sources,
+            extents,
+            hw,
+            max_iou,
+            max_covered,
+            rng,
+        )
+        frags = _place_clutter(
+            int(rng.integers(clutter[0], clutter[1] + 1)), placed, sources, digits, hw, rng
+        )
         for _src, crop, y, x in frags:
             _paint(img, crop, y, x, _colour(rng, colour))
         inst = np.zeros((len(placed), h, w), bool)
@@ -204,8 +255,8 @@ def _render_split(split: str, n: int, sources: np.ndarray, digits: dict, labels:
             d = alpha.shape[0]
             _paint(img, alpha, y, x, _colour(rng, colour))
             ink = alpha > 0
-            inst[k, y:y + d, x:x + d] = ink
-            semantic[i, y:y + d, x:x + d][ink] = 1 + labels[src]
+            inst[k, y : y + d, x : x + d] = ink
+            semantic[i, y : y + d, x : x + d][ink] = 1 + labels[src]
         img *= 255.0
         img += 0.5
         images[i] = img  # values in [0.5, 255.5): the cast truncates, i.e. rounds
@@ -215,8 +266,12 @@ def _render_split(split: str, n: int, sources: np.ndarray, digits: dict, labels:
         obj_src.append(np.array([p[0] for p in placed], np.int64))
         clut_src.append(np.array([f[0] for f in frags], np.int64))
     return DetectionData(
-        images=images, boxes=boxes, labels=labs, classes=tuple(str(c) for c in range(10)),
-        names=[f"{split}_{i:06d}" for i in range(n)], instance_masks=masks,
+        images=images,
+        boxes=boxes,
+        labels=labs,
+        classes=tuple(str(c) for c in range(10)),
+        names=[f"{split}_{i:06d}" for i in range(n)],
+        instance_masks=masks,
         semantic_masks=semantic,
         meta={"sources": obj_src, "clutter_sources": clut_src, "source_pool": sources},
     )
@@ -269,20 +324,32 @@ def make_digit_scenes(
     scales_r = _int_range("scales", scales, 1)
     clutter_r = _int_range("clutter", clutter, 0)
     if 8 * scales_r[1] > min(hw):
-        raise _fail("scales", f"at most {min(hw) // 8} for a {hw[0]}x{hw[1]} canvas (8·scale "
-                              "pixel digits)", scales)
+        raise _fail(
+            "scales",
+            f"at most {min(hw) // 8} for a {hw[0]}x{hw[1]} canvas (8·scale pixel digits)",
+            scales,
+        )
     if background not in ("black", "photo"):
         raise _fail("background", "'black' or 'photo'", background)
     if not isinstance(colour, (bool, np.bool_)):
         raise _fail("colour", "True or False", colour)
-    if isinstance(max_overlap_iou, bool) or not isinstance(max_overlap_iou, (int, float)) \
-            or not 0.0 <= max_overlap_iou < 1.0:
+    if (
+        isinstance(max_overlap_iou, bool)
+        or not isinstance(max_overlap_iou, (int, float))
+        or not 0.0 <= max_overlap_iou < 1.0
+    ):
         raise _fail("max_overlap_iou", "a number in [0, 1)", max_overlap_iou)
-    if isinstance(max_covered, bool) or not isinstance(max_covered, (int, float)) \
-            or not 0.0 <= max_covered <= 1.0:
+    if (
+        isinstance(max_covered, bool)
+        or not isinstance(max_covered, (int, float))
+        or not 0.0 <= max_covered <= 1.0
+    ):
         raise _fail("max_covered", "a number in [0, 1]", max_covered)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
-            or not 0.0 < test_fraction < 1.0:
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, (int, float))
+        or not 0.0 < test_fraction < 1.0
+    ):
         raise _fail("test_fraction", "a number in (0, 1)", test_fraction)
     if not _is_int(seed):
         raise _fail("seed", "an integer", seed)
@@ -295,8 +362,16 @@ def make_digit_scenes(
     rng = np.random.default_rng(seed)
     train_src, test_src = split_sources(labels, float(test_fraction), rng)
     photos = sample_photos(*hw) if background == "photo" else None
-    kw = dict(hw=hw, objects=objects_r, clutter=clutter_r, photos=photos, colour=bool(colour),
-              max_iou=float(max_overlap_iou), max_covered=float(max_covered), rng=rng)
+    kw = dict(
+        hw=hw,
+        objects=objects_r,
+        clutter=clutter_r,
+        photos=photos,
+        colour=bool(colour),
+        max_iou=float(max_overlap_iou),
+        max_covered=float(max_covered),
+        rng=rng,
+    )
     train = _render_split("train", n_train, train_src, digits, labels, **kw)
     test = _render_split("test", n_test, test_src, digits, labels, **kw)
     return train, test

@@ -70,26 +70,39 @@ def _parse_xml(path: Path) -> dict[str, Any]:
             raise ValueError(f"object {k}: {err}") from None
         objects.append((name, difficult, coords))
     fname = root.find("filename")
-    return {"filename": fname.text.strip() if fname is not None and fname.text else None,
-            "size": size, "objects": objects}
+    return {
+        "filename": fname.text.strip() if fname is not None and fname.text else None,
+        "size": size,
+        "objects": objects,
+    }
 
 
 def _split_ids(root: Path, split: str) -> list[str]:
     for sub in ("JPEGImages", "Annotations"):
         if not (root / sub).is_dir():
             hint = ""
-            nested = sorted(p.name for p in root.glob("VOC*") if (p / sub).is_dir()) \
-                if root.is_dir() else []
+            nested = (
+                sorted(p.name for p in root.glob("VOC*") if (p / sub).is_dir())
+                if root.is_dir()
+                else []
+            )
             if nested:
                 hint = f"; did you mean {root / nested[0]}?"
-            raise ValueError(f"read_voc: {root} has no {sub}/ folder; expected the VOC layout "
-                             f"JPEGImages/, Annotations/*.xml, ImageSets/Main/<split>.txt{hint}")
+            raise ValueError(
+                f"read_voc: {root} has no {sub}/ folder; expected the VOC layout "
+                f"JPEGImages/, Annotations/*.xml, ImageSets/Main/<split>.txt{hint}"
+            )
     split_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not split_file.is_file():
-        found = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt")
-                       if "_" not in p.stem) if (root / "ImageSets" / "Main").is_dir() else []
-        raise ValueError(f"read_voc: the split file {split_file} does not exist"
-                         + (f"; splits found: {', '.join(found)}" if found else ""))
+        found = (
+            sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+            if (root / "ImageSets" / "Main").is_dir()
+            else []
+        )
+        raise ValueError(
+            f"read_voc: the split file {split_file} does not exist"
+            + (f"; splits found: {', '.join(found)}" if found else "")
+        )
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"read_voc: the split file {split_file} lists no image")
@@ -109,8 +122,11 @@ def _check_record(root: Path, image_id: str, problems: Problems) -> dict[str, An
         return None
     path = find_image(root / "JPEGImages", image_id, rec["filename"])
     if path is None:
-        problems(str(xml), "missing image", f"no {rec['filename'] or image_id + '.jpg'} in "
-                                            f"{root / 'JPEGImages'}")
+        problems(
+            str(xml),
+            "missing image",
+            f"no {rec['filename'] or image_id + '.jpg'} in {root / 'JPEGImages'}",
+        )
         return None
     try:
         hw = image_size(path)
@@ -118,8 +134,12 @@ def _check_record(root: Path, image_id: str, problems: Problems) -> dict[str, An
         problems(str(path), "unreadable image", f"{type(err).__name__}: {err}")
         return None
     if rec["size"] is not None and rec["size"] != hw:
-        problems(str(xml), "size mismatch", f"<size> says {rec['size'][1]}x{rec['size'][0]} "
-                                            f"(WxH) but {path.name} is {hw[1]}x{hw[0]}")
+        problems(
+            str(xml),
+            "size mismatch",
+            f"<size> says {rec['size'][1]}x{rec['size'][0]} "
+            f"(WxH) but {path.name} is {hw[1]}x{hw[0]}",
+        )
         return None
     if not rec["objects"]:
         problems(str(xml), "no objects", "the annotation has no <object>")
@@ -128,9 +148,14 @@ def _check_record(root: Path, image_id: str, problems: Problems) -> dict[str, An
     return rec
 
 
-def read_voc(root: str | os.PathLike, split: str = "trainval", *,
-             classes: tuple[str, ...] | list[str] | None = None, keep_difficult: bool = True,
-             on_error: OnError = "raise") -> DetectionData:
+def read_voc(
+    root: str | os.PathLike,
+    split: str = "trainval",
+    *,
+    classes: tuple[str, ...] | list[str] | None = None,
+    keep_difficult: bool = True,
+    on_error: OnError = "raise",
+) -> DetectionData:
     """Read one split of a VOC-layout folder (images are decoded on access).
 
     Args:
@@ -155,8 +180,11 @@ def read_voc(root: str | os.PathLike, split: str = "trainval", *,
     """
     root = Path(root)
     problems = Problems("read_voc", on_error)
-    if classes is not None and (isinstance(classes, str) or not all(
-            isinstance(c, str) for c in classes) or len(set(classes)) != len(classes)):
+    if classes is not None and (
+        isinstance(classes, str)
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise ValueError(f"read_voc: classes must be a sequence of distinct names; got {classes!r}")
     ids = _split_ids(root, split)
     records = [r for r in (_check_record(root, i, problems) for i in ids) if r is not None]
@@ -182,22 +210,31 @@ def read_voc(root: str | os.PathLike, split: str = "trainval", *,
         labels = np.array([index[n] for n in names], np.int64)
         if not keep_difficult:
             if difficult.all():
-                problems(str(rec["xml"]), "only difficult objects", "keep_difficult=False",
-                         always_skip=True)
+                problems(
+                    str(rec["xml"]),
+                    "only difficult objects",
+                    "keep_difficult=False",
+                    always_skip=True,
+                )
                 continue
             xyxy, labels, difficult = xyxy[~difficult], labels[~difficult], difficult[~difficult]
         rec.update(boxes=clip_boxes(xyxy, *rec["hw"]), labels=labels, difficult=difficult)
         keep.append(rec)
     problems.warn(len(ids))
     if not keep:
-        raise ValueError(f"read_voc: no usable image in split {split!r} of {root} "
-                         f"({len(problems.skipped)} skipped: "
-                         f"{'; '.join(map(str, problems.skipped[:3]))})")
+        raise ValueError(
+            f"read_voc: no usable image in split {split!r} of {root} "
+            f"({len(problems.skipped)} skipped: "
+            f"{'; '.join(map(str, problems.skipped[:3]))})"
+        )
     return DetectionData(
         images=ImageFiles([r["path"] for r in keep], [r["hw"] for r in keep]),
-        boxes=[r["boxes"] for r in keep], labels=[r["labels"] for r in keep],
-        classes=tuple(classes), names=[r["xml"].stem for r in keep],
-        difficult=[r["difficult"] for r in keep], skipped=problems.skipped,
+        boxes=[r["boxes"] for r in keep],
+        labels=[r["labels"] for r in keep],
+        classes=tuple(classes),
+        names=[r["xml"].stem for r in keep],
+        difficult=[r["difficult"] for r in keep],
+        skipped=problems.skipped,
         meta={"root": str(root), "split": split},
     )
 
@@ -233,8 +270,9 @@ def _xml(name: str, filename: str, hw: tuple[int, int], objects: list[tuple]) ->
     return tree
 
 
-def write_voc(data: DetectionData, root: str | os.PathLike, split: str = "train", *,
-              image_format: str = "jpg") -> Path:
+def write_voc(
+    data: DetectionData, root: str | os.PathLike, split: str = "train", *, image_format: str = "jpg"
+) -> Path:
     """Write ``data`` as a VOC-layout folder under ``root``; returns ``root``.
 
     Images go to ``JPEGImages/<name>.jpg`` (JPEG quality 95) or ``.png``, one XML per image to
@@ -257,10 +295,13 @@ def write_voc(data: DetectionData, root: str | os.PathLike, split: str = "train"
         filename = f"{name}.{ext}"
         save_image(image, root / "JPEGImages" / filename, ext)
         flags = difficult[i] if difficult is not None else np.zeros(len(data.labels[i]), bool)
-        objects = [(data.classes[int(c)], bool(f), _voc_corners(b, *hw))
-                   for b, c, f in zip(data.boxes[i], data.labels[i], flags)]
-        _xml(name, filename, hw, objects).write(root / "Annotations" / f"{name}.xml",
-                                                 encoding="utf-8")
+        objects = [
+            (data.classes[int(c)], bool(f), _voc_corners(b, *hw))
+            for b, c, f in zip(data.boxes[i], data.labels[i], flags)
+        ]
+        _xml(name, filename, hw, objects).write(
+            root / "Annotations" / f"{name}.xml", encoding="utf-8"
+        )
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{n}\n" for n in data.names))
     (root / "classes.txt").write_text("".join(f"{c}\n" for c in data.classes))
     return root

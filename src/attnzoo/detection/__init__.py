@@ -18,10 +18,23 @@ from attnzoo.detection.yolov4_tiny import (
 # attnzoo.detection.metrics needs torchmetrics and pycocotools (the ``det`` extra): loaded lazily
 _METRICS = ("VOCMeanAP", "COCOMeanAP", "DetectionMetrics", "detection_metrics", "voc_map")
 
-__all__ = ["ANCHORS", "ANCHOR_MASKS", "PHI_ATTENTION", "CSPDarknet53Tiny", "YoloV4Tiny",
-           "HeadTargets", "YoloV4TinyLoss", "assign_targets", "box_ciou",
-           "decode_outputs", "postprocess", "kmeans_anchors", "LoadReport",
-           "load_reference_weights", *_METRICS]
+__all__ = [
+    "ANCHORS",
+    "ANCHOR_MASKS",
+    "PHI_ATTENTION",
+    "CSPDarknet53Tiny",
+    "YoloV4Tiny",
+    "HeadTargets",
+    "YoloV4TinyLoss",
+    "assign_targets",
+    "box_ciou",
+    "decode_outputs",
+    "postprocess",
+    "kmeans_anchors",
+    "LoadReport",
+    "load_reference_weights",
+    *_METRICS,
+]
 
 
 def __getattr__(name: str) -> object:

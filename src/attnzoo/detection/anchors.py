@@ -22,8 +22,9 @@ __all__ = ["kmeans_anchors", "shape_iou"]
 
 def shape_iou(wh: Tensor, centres: Tensor) -> Tensor:
     """IoU of boxes ``(N, 2)`` and ``(K, 2)`` (width, height) sharing one centre: ``(N, K)``."""
-    inter = torch.minimum(wh[:, None, 0], centres[None, :, 0]) * \
-        torch.minimum(wh[:, None, 1], centres[None, :, 1])
+    inter = torch.minimum(wh[:, None, 0], centres[None, :, 0]) * torch.minimum(
+        wh[:, None, 1], centres[None, :, 1]
+    )
     area = wh[:, 0] * wh[:, 1]
     return inter / (area[:, None] + (centres[:, 0] * centres[:, 1])[None, :] - inter)
 
@@ -49,13 +50,14 @@ def _lloyd(wh: Tensor, centres: Tensor, max_iter: int) -> tuple[Tensor, float]:
         assign = new_assign
         for j in range(len(centres)):
             members = wh[assign == j]
-            if len(members):   # an empty cluster keeps its centre
+            if len(members):  # an empty cluster keeps its centre
                 centres[j] = members.median(dim=0).values
     return centres, float(shape_iou(wh, centres).amax(dim=1).mean())
 
 
-def kmeans_anchors(wh: Tensor | np.ndarray, k: int = 6, *, seed: int = 0, n_init: int = 3,
-                   max_iter: int = 300) -> Tensor:
+def kmeans_anchors(
+    wh: Tensor | np.ndarray, k: int = 6, *, seed: int = 0, n_init: int = 3, max_iter: int = 300
+) -> Tensor:
     """Cluster box sizes into ``k`` anchors with the ``1 - IoU`` distance.
 
     Args:
@@ -80,26 +82,32 @@ def kmeans_anchors(wh: Tensor | np.ndarray, k: int = 6, *, seed: int = 0, n_init
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
     if not isinstance(wh, (Tensor, np.ndarray)):
-        raise TypeError(f"{where}: wh must be a Tensor or numpy array (N, 2), "
-                        f"got {type(wh).__name__}")
-    data = torch.as_tensor(np.asarray(wh) if isinstance(wh, np.ndarray) else wh.detach().cpu(),
-                           dtype=torch.float64)
+        raise TypeError(
+            f"{where}: wh must be a Tensor or numpy array (N, 2), got {type(wh).__name__}"
+        )
+    data = torch.as_tensor(
+        np.asarray(wh) if isinstance(wh, np.ndarray) else wh.detach().cpu(), dtype=torch.float64
+    )
     if data.ndim != 2 or data.shape[1] != 2:
-        raise ValueError(f"{where}: wh must have shape (N, 2) (width, height), "
-                         f"got {tuple(data.shape)}")
+        raise ValueError(
+            f"{where}: wh must have shape (N, 2) (width, height), got {tuple(data.shape)}"
+        )
     if not bool(torch.isfinite(data).all()) or not bool((data > 0).all()):
-        raise ValueError(f"{where}: wh must hold finite, positive widths and heights "
-                         f"(drop empty boxes first); got min {float(data.min())}")
+        raise ValueError(
+            f"{where}: wh must hold finite, positive widths and heights "
+            f"(drop empty boxes first); got min {float(data.min())}"
+        )
     n_distinct = len(torch.unique(data, dim=0))
     if n_distinct < k:
-        raise ValueError(f"{where}: need at least k={k} distinct box sizes, got {n_distinct} "
-                         f"({len(data)} boxes)")
+        raise ValueError(
+            f"{where}: need at least k={k} distinct box sizes, got {n_distinct} ({len(data)} boxes)"
+        )
     gen = torch.Generator().manual_seed(seed)
     best, best_iou = None, -1.0
     for _ in range(n_init):
         centres, mean_iou = _lloyd(data, _seed_centres(data, k, gen), max_iter)
         if mean_iou > best_iou:
             best, best_iou = centres, mean_iou
-    assert best is not None   # n_init >= 1
+    assert best is not None  # n_init >= 1
     order = (best[:, 0] * best[:, 1]).argsort(stable=True)
     return best[order].float()

@@ -74,12 +74,20 @@ class _Boxes(NamedTuple):
     counts: list[int]  # boxes per image
 
 
-def _gather_boxes(targets: Any, input_size: tuple[int, int], num_classes: int,
-                  dtype: torch.dtype, device: torch.device, where: str) -> _Boxes:
+def _gather_boxes(
+    targets: Any,
+    input_size: tuple[int, int],
+    num_classes: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    where: str,
+) -> _Boxes:
     """Validate ``targets`` and concatenate them into normalised centre/size boxes."""
     if not isinstance(targets, (list, tuple)):
-        raise TypeError(f"{where}: targets must be a list of dicts with 'boxes' and 'labels', "
-                        f"got {type(targets).__name__}")
+        raise TypeError(
+            f"{where}: targets must be a list of dicts with 'boxes' and 'labels', "
+            f"got {type(targets).__name__}"
+        )
     boxes, labels = [], []
     for n, target in enumerate(targets):
         if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
@@ -90,43 +98,57 @@ def _gather_boxes(targets: Any, input_size: tuple[int, int], num_classes: int,
         if b.numel() == 0 and c.numel() == 0:
             b, c = b.reshape(0, 4), c.reshape(0)
         if b.dim() != 2 or b.shape[1] != 4 or c.shape != (b.shape[0],):
-            raise ValueError(f"{where}: targets[{n}] must have boxes (N, 4) and labels (N,), got "
-                             f"{tuple(b.shape)} and {tuple(c.shape)}")
+            raise ValueError(
+                f"{where}: targets[{n}] must have boxes (N, 4) and labels (N,), got "
+                f"{tuple(b.shape)} and {tuple(c.shape)}"
+            )
         if not b.is_floating_point() or c.is_floating_point() or c.is_complex():
-            raise TypeError(f"{where}: targets[{n}] boxes must be floating point and labels "
-                            f"integers, got {b.dtype} and {c.dtype}")
+            raise TypeError(
+                f"{where}: targets[{n}] boxes must be floating point and labels "
+                f"integers, got {b.dtype} and {c.dtype}"
+            )
         boxes.append(b.to(device=device, dtype=dtype))
         labels.append(c.to(device=device, dtype=torch.long))
     counts = [len(c) for c in labels]
     if not boxes:
-        boxes, labels = [torch.zeros(0, 4, dtype=dtype, device=device)], [
-            torch.zeros(0, dtype=torch.long, device=device)]
+        boxes, labels = (
+            [torch.zeros(0, 4, dtype=dtype, device=device)],
+            [torch.zeros(0, dtype=torch.long, device=device)],
+        )
     xyxy, labels_all = torch.cat(boxes), torch.cat(labels)
     height, width = input_size
     if len(labels_all):
         if not bool(torch.isfinite(xyxy).all()):
             raise ValueError(f"{where}: target boxes must be finite")
         if bool(((xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])).any()):
-            raise ValueError(f"{where}: target boxes must be xyxy with x1 < x2 and y1 < y2 "
-                             "(pixels of the input)")
+            raise ValueError(
+                f"{where}: target boxes must be xyxy with x1 < x2 and y1 < y2 (pixels of the input)"
+            )
         if bool(((labels_all < 0) | (labels_all >= num_classes)).any()):
-            raise ValueError(f"{where}: target labels must be in [0, {num_classes}), got values "
-                             f"from {int(labels_all.min())} to {int(labels_all.max())}")
+            raise ValueError(
+                f"{where}: target labels must be in [0, {num_classes}), got values "
+                f"from {int(labels_all.min())} to {int(labels_all.max())}"
+            )
     # the reference's loader: normalise x by the width and y by the height, then centre/size
     x1, x2 = xyxy[:, 0] / width, xyxy[:, 2] / width
     y1, y2 = xyxy[:, 1] / height, xyxy[:, 3] / height
     w, h = x2 - x1, y2 - y1
     cxcywh = torch.stack([x1 + w / 2, y1 + h / 2, w, h], dim=1)
     if len(labels_all) and bool(((cxcywh[:, :2] < 0) | (cxcywh[:, :2] >= 1)).any()):
-        raise ValueError(f"{where}: target box centres must lie inside the input image "
-                         f"(0 <= cx < {width}, 0 <= cy < {height} pixels)")
-    image = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                    torch.tensor(counts, device=device, dtype=torch.long))
+        raise ValueError(
+            f"{where}: target box centres must lie inside the input image "
+            f"(0 <= cx < {width}, 0 <= cy < {height} pixels)"
+        )
+    image = torch.repeat_interleave(
+        torch.arange(len(counts), device=device),
+        torch.tensor(counts, device=device, dtype=torch.long),
+    )
     return _Boxes(cxcywh, labels_all, image, counts)
 
 
-def _best_anchors(gt: _Boxes, anchors: Tensor, anchor_masks: Sequence[Sequence[int]],
-                  input_size: tuple[int, int]) -> Tensor:
+def _best_anchors(
+    gt: _Boxes, anchors: Tensor, anchor_masks: Sequence[Sequence[int]], input_size: tuple[int, int]
+) -> Tensor:
     """Index of the anchor each box is assigned to (best shape IoU among the used anchors)."""
     height, width = input_size
     aw, ah = anchors[:, 0] / width, anchors[:, 1] / height  # normalised like the boxes
@@ -138,8 +160,14 @@ def _best_anchors(gt: _Boxes, anchors: Tensor, anchor_masks: Sequence[Sequence[i
     return iou.masked_fill(~used, -1.0).argmax(dim=1)
 
 
-def _assign_head(gt: _Boxes, best: Tensor, mask: Sequence[int], grid: tuple[int, int],
-                 num_classes: int, n_anchors: int) -> HeadTargets:
+def _assign_head(
+    gt: _Boxes,
+    best: Tensor,
+    mask: Sequence[int],
+    grid: tuple[int, int],
+    num_classes: int,
+    n_anchors: int,
+) -> HeadTargets:
     """Positives of one head: one cell per box whose anchor is in ``mask``; later boxes win."""
     rows, cols = grid
     batch, slots = len(gt.counts), len(mask)
@@ -149,8 +177,9 @@ def _assign_head(gt: _Boxes, best: Tensor, mask: Sequence[int], grid: tuple[int,
     slot = slot_of[best]
     sel = torch.nonzero(slot >= 0).squeeze(1)  # boxes of this head, in list order
     cxcywh = gt.cxcywh[sel]
-    grid_box = torch.stack([cxcywh[:, 0] * cols, cxcywh[:, 1] * rows,
-                            cxcywh[:, 2] * cols, cxcywh[:, 3] * rows], dim=1)
+    grid_box = torch.stack(
+        [cxcywh[:, 0] * cols, cxcywh[:, 1] * rows, cxcywh[:, 2] * cols, cxcywh[:, 3] * rows], dim=1
+    )
     i = grid_box[:, 0].floor().long().clamp_(0, cols - 1)
     j = grid_box[:, 1].floor().long().clamp_(0, rows - 1)
     cell = ((gt.image[sel] * slots + slot[sel]) * rows + j) * cols + i
@@ -168,32 +197,50 @@ def _assign_head(gt: _Boxes, best: Tensor, mask: Sequence[int], grid: tuple[int,
     cls[position[cell], gt.labels[sel]] = 1.0
     obj = torch.zeros(n_cells, dtype=torch.bool, device=device)
     obj[pos_cells] = True
-    index = torch.stack([pos_cells // (slots * rows * cols), pos_cells // (rows * cols) % slots,
-                         pos_cells // cols % rows, pos_cells % cols], dim=1)
+    index = torch.stack(
+        [
+            pos_cells // (slots * rows * cols),
+            pos_cells // (rows * cols) % slots,
+            pos_cells // cols % rows,
+            pos_cells % cols,
+        ],
+        dim=1,
+    )
     return HeadTargets(index, grid_box[win], cls, obj.view(batch, slots, rows, cols))
 
 
 def _check_anchors(anchors: Any, anchor_masks: Any, where: str) -> tuple[Tensor, tuple]:
     a = torch.as_tensor(anchors, dtype=torch.float64)
     if a.dim() != 2 or a.shape[1] != 2 or len(a) == 0 or not bool((a > 0).all()):
-        raise ValueError(f"{where}: anchors must be a non-empty sequence of positive (w, h) "
-                         f"pairs, got shape {tuple(a.shape)}")
+        raise ValueError(
+            f"{where}: anchors must be a non-empty sequence of positive (w, h) "
+            f"pairs, got shape {tuple(a.shape)}"
+        )
     try:
         masks = tuple(tuple(int(k) for k in mask) for mask in anchor_masks)
     except TypeError:
-        raise TypeError(f"{where}: anchor_masks must be a sequence of sequences of anchor "
-                        f"indices, got {anchor_masks!r}") from None
+        raise TypeError(
+            f"{where}: anchor_masks must be a sequence of sequences of anchor "
+            f"indices, got {anchor_masks!r}"
+        ) from None
     flat = [k for mask in masks for k in mask]
     if not masks or any(not m for m in masks) or any(not 0 <= k < len(a) for k in flat):
-        raise ValueError(f"{where}: anchor_masks must list anchor indices in [0, {len(a)}) for "
-                         f"every head, got {anchor_masks!r}")
+        raise ValueError(
+            f"{where}: anchor_masks must list anchor indices in [0, {len(a)}) for "
+            f"every head, got {anchor_masks!r}"
+        )
     return a, masks
 
 
-def assign_targets(targets: list[dict], grid_sizes: Sequence[tuple[int, int]],
-                   input_size: tuple[int, int], num_classes: int, *,
-                   anchors: Sequence[Sequence[float]] = ANCHORS,
-                   anchor_masks: Sequence[Sequence[int]] = ANCHOR_MASKS) -> list[HeadTargets]:
+def assign_targets(
+    targets: list[dict],
+    grid_sizes: Sequence[tuple[int, int]],
+    input_size: tuple[int, int],
+    num_classes: int,
+    *,
+    anchors: Sequence[Sequence[float]] = ANCHORS,
+    anchor_masks: Sequence[Sequence[int]] = ANCHOR_MASKS,
+) -> list[HeadTargets]:
     """Assign ground-truth boxes to head cells and anchors as the YOLOv4-tiny reference does.
 
     Args:
@@ -212,14 +259,26 @@ def assign_targets(targets: list[dict], grid_sizes: Sequence[tuple[int, int]],
     num_classes = check_positive_int(where, "num_classes", num_classes)
     anchor_t, masks = _check_anchors(anchors, anchor_masks, where)
     if len(grid_sizes) != len(masks):
-        raise ValueError(f"{where}: grid_sizes must give one (rows, columns) per head "
-                         f"({len(masks)}), got {len(grid_sizes)}")
-    ref = next((t["boxes"] for t in targets if isinstance(t, dict) and isinstance(
-        t.get("boxes"), Tensor) and t["boxes"].is_floating_point()), torch.zeros(0))
+        raise ValueError(
+            f"{where}: grid_sizes must give one (rows, columns) per head "
+            f"({len(masks)}), got {len(grid_sizes)}"
+        )
+    ref = next(
+        (
+            t["boxes"]
+            for t in targets
+            if isinstance(t, dict)
+            and isinstance(t.get("boxes"), Tensor)
+            and t["boxes"].is_floating_point()
+        ),
+        torch.zeros(0),
+    )
     gt = _gather_boxes(targets, tuple(input_size), num_classes, ref.dtype, ref.device, where)
     best = _best_anchors(gt, anchor_t.to(ref.device, ref.dtype), masks, tuple(input_size))
-    return [_assign_head(gt, best, mask, tuple(grid), num_classes, len(anchor_t))
-            for mask, grid in zip(masks, grid_sizes)]
+    return [
+        _assign_head(gt, best, mask, tuple(grid), num_classes, len(anchor_t))
+        for mask, grid in zip(masks, grid_sizes)
+    ]
 
 
 def box_ciou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -250,8 +309,10 @@ def box_ciou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     rho2 = (xy1 - xy2).pow(2).sum(-1)
     enclose_wh = (torch.maximum(hi1, hi2) - torch.minimum(lo1, lo2)).clamp(min=0)
     c2 = enclose_wh.pow(2).sum(-1)
-    v = (4 / math.pi**2) * (torch.atan(wh1[..., 0] / wh1[..., 1].clamp(min=_EPS))
-                            - torch.atan(wh2[..., 0] / wh2[..., 1].clamp(min=_EPS))).pow(2)
+    v = (4 / math.pi**2) * (
+        torch.atan(wh1[..., 0] / wh1[..., 1].clamp(min=_EPS))
+        - torch.atan(wh2[..., 0] / wh2[..., 1].clamp(min=_EPS))
+    ).pow(2)
     alpha = v / (1 - iou + v).clamp(min=_EPS)
     return iou - rho2 / c2.clamp(min=_EPS) - alpha * v
 
@@ -262,8 +323,9 @@ def _bce(prob: Tensor, target: Tensor) -> Tensor:
     return -target * torch.log(p) - (1 - target) * torch.log(1 - p)
 
 
-def _ignored(pred: Tensor, anchors_grid: Tensor, gt: _Boxes, grid: tuple[int, int],
-             threshold: float) -> Tensor:
+def _ignored(
+    pred: Tensor, anchors_grid: Tensor, gt: _Boxes, grid: tuple[int, int], threshold: float
+) -> Tensor:
     """``(B, A, h, w)`` bool: decoded predictions with IoU > ``threshold`` to a box of their image.
 
     ``pred`` is the head map viewed as ``(B, A, 5 + nc, h, w)``; boxes are compared in grid cells.
@@ -273,14 +335,15 @@ def _ignored(pred: Tensor, anchors_grid: Tensor, gt: _Boxes, grid: tuple[int, in
         return torch.zeros(batch, slots, rows, cols, dtype=torch.bool, device=pred.device)
     with torch.no_grad():
         # corners of the decoded predictions, (B, 1, N) each
-        cx = torch.sigmoid(pred[:, :, 0]) + torch.arange(cols, dtype=pred.dtype,
-                                                          device=pred.device)
-        cy = torch.sigmoid(pred[:, :, 1]) + torch.arange(rows, dtype=pred.dtype,
-                                                          device=pred.device).unsqueeze(1)
+        cx = torch.sigmoid(pred[:, :, 0]) + torch.arange(cols, dtype=pred.dtype, device=pred.device)
+        cy = torch.sigmoid(pred[:, :, 1]) + torch.arange(
+            rows, dtype=pred.dtype, device=pred.device
+        ).unsqueeze(1)
         w = torch.exp(pred[:, :, 2]) * anchors_grid[:, 0].view(1, slots, 1, 1)
         h = torch.exp(pred[:, :, 3]) * anchors_grid[:, 1].view(1, slots, 1, 1)
-        px1, px2, py1, py2, parea = (t.reshape(batch, 1, -1) for t in (
-            cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2, w * h))
+        px1, px2, py1, py2, parea = (
+            t.reshape(batch, 1, -1) for t in (cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2, w * h)
+        )
         # corners of the ground truth padded to (B, Gmax, 1); padding has zero size (IoU 0)
         offsets = torch.tensor([0, *gt.counts[:-1]], device=pred.device).cumsum(0)
         slot = torch.arange(len(gt.labels), device=pred.device) - offsets[gt.image]
@@ -331,11 +394,19 @@ class YoloV4TinyLoss(nn.Module):
         are float32 for float16 / bfloat16 head maps, else in the maps' dtype.
     """
 
-    def __init__(self, num_classes: int, *, anchors: Sequence[Sequence[float]] = ANCHORS,
-                 anchor_masks: Sequence[Sequence[int]] = ANCHOR_MASKS,
-                 ignore_threshold: float = 0.5, label_smoothing: float = 0.0,
-                 box_ratio: float = 0.05, obj_ratio: float = 5.0, cls_ratio: float = 1.0,
-                 balance: Sequence[float] = (0.4, 1.0)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        anchors: Sequence[Sequence[float]] = ANCHORS,
+        anchor_masks: Sequence[Sequence[int]] = ANCHOR_MASKS,
+        ignore_threshold: float = 0.5,
+        label_smoothing: float = 0.0,
+        box_ratio: float = 0.05,
+        obj_ratio: float = 5.0,
+        cls_ratio: float = 1.0,
+        balance: Sequence[float] = (0.4, 1.0),
+    ) -> None:
         super().__init__()
         where = type(self).__name__
         self.num_classes = check_positive_int(where, "num_classes", num_classes)
@@ -350,12 +421,16 @@ class YoloV4TinyLoss(nn.Module):
         self.cls_ratio = _check_ratio(where, "cls_ratio", cls_ratio)
         self.balance = tuple(_check_ratio(where, "balance", b) for b in balance)
         if len(self.balance) != len(self.anchor_masks):
-            raise ValueError(f"{where}: balance must give one weight per head "
-                             f"({len(self.anchor_masks)}), got {len(self.balance)}")
+            raise ValueError(
+                f"{where}: balance must give one weight per head "
+                f"({len(self.anchor_masks)}), got {len(self.balance)}"
+            )
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, ignore_threshold={self.ignore_threshold}, "
-                f"label_smoothing={self.label_smoothing}")
+        return (
+            f"num_classes={self.num_classes}, ignore_threshold={self.ignore_threshold}, "
+            f"label_smoothing={self.label_smoothing}"
+        )
 
     def _check_outputs(self, outputs: Any, targets: Any) -> list[tuple[int, int]]:
         where, heads = type(self).__name__, len(self.anchor_masks)
@@ -366,24 +441,31 @@ class YoloV4TinyLoss(nn.Module):
         grids = []
         for level, (out, mask) in enumerate(zip(outputs, self.anchor_masks)):
             if not isinstance(out, Tensor) or out.dim() != 4 or not out.is_floating_point():
-                raise ValueError(f"{where}: outputs[{level}] must be a floating-point (B, C, h, w) "
-                                 "tensor")
+                raise ValueError(
+                    f"{where}: outputs[{level}] must be a floating-point (B, C, h, w) tensor"
+                )
             channels = len(mask) * (5 + self.num_classes)
             if out.shape[1] != channels:
-                raise ValueError(f"{where}: outputs[{level}] must have {len(mask)} * (5 + "
-                                 f"{self.num_classes}) = {channels} channels, got {out.shape[1]}")
+                raise ValueError(
+                    f"{where}: outputs[{level}] must have {len(mask)} * (5 + "
+                    f"{self.num_classes}) = {channels} channels, got {out.shape[1]}"
+                )
             expected = (first.shape[2] * 2**level, first.shape[3] * 2**level)
             if out.shape[0] != first.shape[0] or tuple(out.shape[2:]) != expected:
-                raise ValueError(f"{where}: outputs[{level}] must be ({first.shape[0]}, "
-                                 f"{channels}, {expected[0]}, {expected[1]}) (stride "
-                                 f"{32 // 2**level}), got {tuple(out.shape)}")
+                raise ValueError(
+                    f"{where}: outputs[{level}] must be ({first.shape[0]}, "
+                    f"{channels}, {expected[0]}, {expected[1]}) (stride "
+                    f"{32 // 2**level}), got {tuple(out.shape)}"
+                )
             if out.dtype != first.dtype or out.device != first.device:
                 raise ValueError(f"{where}: all head maps must share dtype and device")
             grids.append(expected)
         if not isinstance(targets, (list, tuple)) or len(targets) != first.shape[0]:
             got = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
-            raise ValueError(f"{where}: targets must be a list of {first.shape[0]} dicts (one per "
-                             f"image), got {got}")
+            raise ValueError(
+                f"{where}: targets must be a list of {first.shape[0]} dicts (one per "
+                f"image), got {got}"
+            )
         return grids
 
     def forward(self, outputs: tuple[Tensor, ...], targets: list[dict]) -> dict[str, Tensor]:
@@ -403,8 +485,11 @@ class YoloV4TinyLoss(nn.Module):
         for level, (out, mask, grid) in enumerate(zip(outputs, self.anchor_masks, grids)):
             batch, slots = out.shape[0], len(mask)
             pred = out.view(batch, slots, 5 + nc, *grid).to(ref.dtype)
-            stride = torch.tensor([input_size[1] / grid[1], input_size[0] / grid[0]],
-                                  dtype=ref.dtype, device=ref.device)
+            stride = torch.tensor(
+                [input_size[1] / grid[1], input_size[0] / grid[0]],
+                dtype=ref.dtype,
+                device=ref.device,
+            )
             anchors_grid = anchors[list(mask)] / stride
             head = _assign_head(gt, best, mask, grid, nc, len(anchors))
             keep = head.obj | ~_ignored(pred, anchors_grid, gt, grid, self.ignore_threshold)
@@ -412,7 +497,8 @@ class YoloV4TinyLoss(nn.Module):
             # BCE with a 0/1 target: -log(p) at positives, -log(1 - p) elsewhere (one log)
             conf_bce = -torch.log(torch.where(head.obj, conf, 1 - conf))
             obj_loss = obj_loss + (conf_bce * keep).sum() / keep.sum().clamp(min=1) * (
-                self.balance[level] * obj_ratio)
+                self.balance[level] * obj_ratio
+            )
             if len(head.index):
                 b, k, j, i = head.index.unbind(1)
                 p = pred[b, k, :, j, i]  # (P, 5 + nc)
@@ -423,5 +509,9 @@ class YoloV4TinyLoss(nn.Module):
                 loss_cls = _bce(torch.sigmoid(p[:, 5:]), cls_target).mean()
                 box_loss = box_loss + loss_loc * self.box_ratio
                 cls_loss = cls_loss + loss_cls * cls_ratio
-        return {"loss": box_loss + obj_loss + cls_loss, "box": box_loss, "obj": obj_loss,
-                "cls": cls_loss}
+        return {
+            "loss": box_loss + obj_loss + cls_loss,
+            "box": box_loss,
+            "obj": obj_loss,
+            "cls": cls_loss,
+        }

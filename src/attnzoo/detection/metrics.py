@@ -47,27 +47,44 @@ from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.wrappers.abstract import WrapperMetric
 from torchvision.ops import box_iou
 
-__all__ = ["COCOMeanAP", "DetectionMetrics", "VOCMeanAP", "average_precision",
-           "detection_metrics", "match_detections", "voc_map"]
+__all__ = [
+    "COCOMeanAP",
+    "DetectionMetrics",
+    "VOCMeanAP",
+    "average_precision",
+    "detection_metrics",
+    "match_detections",
+    "voc_map",
+]
 
 
 def _box_iou(a: Tensor, b: Tensor, plus_one_pixel: bool) -> Tensor:
     """Pairwise IoU ``(N, M)`` of xyxy boxes (inclusive ``+1`` pixel convention if asked)."""
     if not plus_one_pixel:
         return box_iou(a, b)
-    iw = (torch.minimum(a[:, None, 2], b[None, :, 2])
-          - torch.maximum(a[:, None, 0], b[None, :, 0]) + 1).clamp(min=0)
-    ih = (torch.minimum(a[:, None, 3], b[None, :, 3])
-          - torch.maximum(a[:, None, 1], b[None, :, 1]) + 1).clamp(min=0)
+    iw = (
+        torch.minimum(a[:, None, 2], b[None, :, 2])
+        - torch.maximum(a[:, None, 0], b[None, :, 0])
+        + 1
+    ).clamp(min=0)
+    ih = (
+        torch.minimum(a[:, None, 3], b[None, :, 3])
+        - torch.maximum(a[:, None, 1], b[None, :, 1])
+        + 1
+    ).clamp(min=0)
     inter = iw * ih
     area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
     area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def match_detections(pred: dict[str, Tensor], target: dict[str, Tensor], *,
-                     iou_threshold: float = 0.5,
-                     plus_one_pixel: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def match_detections(
+    pred: dict[str, Tensor],
+    target: dict[str, Tensor],
+    *,
+    iou_threshold: float = 0.5,
+    plus_one_pixel: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """VOC matching of one image's detections (the module docstring gives the rule).
 
     Args:
@@ -86,17 +103,20 @@ def match_detections(pred: dict[str, Tensor], target: dict[str, Tensor], *,
     gt_boxes = target["boxes"].detach().reshape(-1, 4).double().cpu()
     gt_labels = target["labels"].detach().reshape(-1).long().cpu()
     difficult = target.get("difficult")
-    difficult = (torch.zeros(len(gt_labels), dtype=torch.bool) if difficult is None
-                 else difficult.detach().reshape(-1).bool().cpu())
+    difficult = (
+        torch.zeros(len(gt_labels), dtype=torch.bool)
+        if difficult is None
+        else difficult.detach().reshape(-1).bool().cpu()
+    )
     tp = torch.zeros(len(scores), dtype=torch.bool)
     if len(gt_labels) == 0 or len(scores) == 0:
         return scores, labels, tp
     iou = _box_iou(boxes, gt_boxes, plus_one_pixel)
     iou[labels[:, None] != gt_labels[None, :]] = -1.0
-    best_iou, best_gt = iou.amax(dim=1), iou.argmax(dim=1)   # first maximum on ties, as the devkit
+    best_iou, best_gt = iou.amax(dim=1), iou.argmax(dim=1)  # first maximum on ties, as the devkit
     hit = best_iou >= iou_threshold
     ignored = hit & difficult[best_gt]
-    claim = (hit & ~ignored).nonzero().squeeze(1)   # detections that reach a free-or-taken box
+    claim = (hit & ~ignored).nonzero().squeeze(1)  # detections that reach a free-or-taken box
     first = torch.full((len(gt_labels),), len(scores), dtype=torch.long)
     first.scatter_reduce_(0, best_gt[claim], claim, reduce="amin")
     tp[claim] = first[best_gt[claim]] == claim  # only the best-scored claim of a box is a TP
@@ -133,42 +153,64 @@ def average_precision(scores: Tensor, tp: Tensor, n_positives: int) -> float:
     return float((steps * envelope).sum())
 
 
-def _check_batch(preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]],
-                 num_classes: int | None, where: str) -> None:
+def _check_batch(
+    preds: Sequence[dict[str, Tensor]],
+    targets: Sequence[dict[str, Tensor]],
+    num_classes: int | None,
+    where: str,
+) -> None:
     """Validate lists of prediction and target dicts (the torchmetrics detection format)."""
     if not isinstance(preds, Sequence) or not isinstance(targets, Sequence):
-        raise TypeError(f"{where}: preds and targets must be lists of dicts, got "
-                        f"{type(preds).__name__} and {type(targets).__name__}")
+        raise TypeError(
+            f"{where}: preds and targets must be lists of dicts, got "
+            f"{type(preds).__name__} and {type(targets).__name__}"
+        )
     if len(preds) != len(targets):
-        raise ValueError(f"{where}: preds and targets must have one dict per image, got "
-                         f"{len(preds)} and {len(targets)}")
-    for kind, items, keys in (("preds", preds, ("boxes", "scores", "labels")),
-                              ("targets", targets, ("boxes", "labels"))):
+        raise ValueError(
+            f"{where}: preds and targets must have one dict per image, got "
+            f"{len(preds)} and {len(targets)}"
+        )
+    for kind, items, keys in (
+        ("preds", preds, ("boxes", "scores", "labels")),
+        ("targets", targets, ("boxes", "labels")),
+    ):
         for i, item in enumerate(items):
             if not isinstance(item, dict) or any(k not in item for k in keys):
                 raise ValueError(f"{where}: {kind}[{i}] must be a dict with keys {keys}")
             n = item["labels"].numel()
             if item["boxes"].reshape(-1).numel() != 4 * n or (
-                    item["boxes"].numel() and item["boxes"].shape[-1] != 4):
-                raise ValueError(f"{where}: {kind}[{i}]['boxes'] must be ({n}, 4) xyxy, got "
-                                 f"{tuple(item['boxes'].shape)}")
+                item["boxes"].numel() and item["boxes"].shape[-1] != 4
+            ):
+                raise ValueError(
+                    f"{where}: {kind}[{i}]['boxes'] must be ({n}, 4) xyxy, got "
+                    f"{tuple(item['boxes'].shape)}"
+                )
             extra = [k for k in ("scores", "difficult") if k in item and item[k].numel() != n]
             if extra:
-                raise ValueError(f"{where}: {kind}[{i}]['{extra[0]}'] must have {n} entries "
-                                 f"(one per box), got {item[extra[0]].numel()}")
-            if num_classes is not None and n and not (
-                    0 <= int(item["labels"].min()) and int(item["labels"].max()) < num_classes):
-                raise ValueError(f"{where}: {kind}[{i}]['labels'] must be in [0, {num_classes}), "
-                                 f"got range [{int(item['labels'].min())}, "
-                                 f"{int(item['labels'].max())}]")
+                raise ValueError(
+                    f"{where}: {kind}[{i}]['{extra[0]}'] must have {n} entries "
+                    f"(one per box), got {item[extra[0]].numel()}"
+                )
+            if (
+                num_classes is not None
+                and n
+                and not (0 <= int(item["labels"].min()) and int(item["labels"].max()) < num_classes)
+            ):
+                raise ValueError(
+                    f"{where}: {kind}[{i}]['labels'] must be in [0, {num_classes}), "
+                    f"got range [{int(item['labels'].min())}, "
+                    f"{int(item['labels'].max())}]"
+                )
 
 
 def _per_class_ap(scores: Tensor, labels: Tensor, tp: Tensor, n_pos: Tensor) -> list[float]:
     """AP of each class from the gathered detections and the positives per class."""
-    order = torch.sort(labels.double(), stable=True).indices   # by class, input order kept
+    order = torch.sort(labels.double(), stable=True).indices  # by class, input order kept
     sizes = torch.bincount(labels, minlength=len(n_pos)).tolist()
-    return [average_precision(s, t, int(n))
-            for s, t, n in zip(scores[order].split(sizes), tp[order].split(sizes), n_pos)]
+    return [
+        average_precision(s, t, int(n))
+        for s, t, n in zip(scores[order].split(sizes), tp[order].split(sizes), n_pos)
+    ]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -177,21 +219,31 @@ def _mean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def voc_map(preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]],
-            num_classes: int, *, iou_threshold: float = 0.5,
-            plus_one_pixel: bool = False) -> dict[str, Any]:
+def voc_map(
+    preds: Sequence[dict[str, Tensor]],
+    targets: Sequence[dict[str, Tensor]],
+    num_classes: int,
+    *,
+    iou_threshold: float = 0.5,
+    plus_one_pixel: bool = False,
+) -> dict[str, Any]:
     """VOC AP of a whole dataset at once: ``{"map50": float, "per_class": list[float]}``.
 
     ``map50`` is the mean over classes with at least one non-difficult box (others are ``NaN`` in
     ``per_class``). The same computation as :class:`VOCMeanAP`, without torchmetrics' states.
     """
     _check_batch(preds, targets, num_classes, "voc_map")
-    parts = [match_detections(p, t, iou_threshold=iou_threshold, plus_one_pixel=plus_one_pixel)
-             for p, t in zip(preds, targets)]
-    n_pos = sum((_count_positives(t, num_classes) for t in targets),
-                torch.zeros(num_classes, dtype=torch.long))
-    scores, labels, tp = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0)
-                          for i in range(3))
+    parts = [
+        match_detections(p, t, iou_threshold=iou_threshold, plus_one_pixel=plus_one_pixel)
+        for p, t in zip(preds, targets)
+    ]
+    n_pos = sum(
+        (_count_positives(t, num_classes) for t in targets),
+        torch.zeros(num_classes, dtype=torch.long),
+    )
+    scores, labels, tp = (
+        torch.cat([p[i] for p in parts]) if parts else torch.zeros(0) for i in range(3)
+    )
     per_class = _per_class_ap(scores, labels.long(), tp.bool(), n_pos)
     return {"map50": _mean(per_class), "per_class": per_class}
 
@@ -215,13 +267,19 @@ class VOCMeanAP(Metric):
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
-    scores: list[Tensor] | Tensor   # states: lists until torchmetrics gathers them
+    scores: list[Tensor] | Tensor  # states: lists until torchmetrics gathers them
     labels: list[Tensor] | Tensor
     tp: list[Tensor] | Tensor
     n_pos: Tensor
 
-    def __init__(self, num_classes: int, *, iou_threshold: float = 0.5,
-                 plus_one_pixel: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        iou_threshold: float = 0.5,
+        plus_one_pixel: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         _check_options(num_classes, iou_threshold, "VOCMeanAP")
         self.num_classes = num_classes
@@ -230,28 +288,37 @@ class VOCMeanAP(Metric):
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("tp", default=[], dist_reduce_fx="cat")
-        self.add_state("n_pos", default=torch.zeros(num_classes, dtype=torch.long),
-                       dist_reduce_fx="sum")
+        self.add_state(
+            "n_pos", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum"
+        )
 
-    def update(self, preds: Sequence[dict[str, Tensor]],
-               targets: Sequence[dict[str, Tensor]]) -> None:
+    def update(
+        self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> None:
         """Match each image's detections and accumulate scores, labels, TP flags and counts."""
         _check_batch(preds, targets, self.num_classes, "VOCMeanAP.update")
-        parts = [match_detections(p, t, iou_threshold=self.iou_threshold,
-                                  plus_one_pixel=self.plus_one_pixel)
-                 for p, t in zip(preds, targets)]
+        parts = [
+            match_detections(
+                p, t, iou_threshold=self.iou_threshold, plus_one_pixel=self.plus_one_pixel
+            )
+            for p, t in zip(preds, targets)
+        ]
         # float32 states (a process that saw no data sends float32), one entry per update
         for name, i in (("scores", 0), ("labels", 1), ("tp", 2)):
-            getattr(self, name).append(torch.cat([p[i].float() for p in parts]
-                                                 + [torch.zeros(0)]).to(self.device))
+            getattr(self, name).append(
+                torch.cat([p[i].float() for p in parts] + [torch.zeros(0)]).to(self.device)
+            )
         for t in targets:
             self.n_pos += _count_positives(t, self.num_classes).to(self.device)
 
     def compute(self) -> dict[str, Any]:
         """``{"map50": float, "per_class": list[float]}``."""
         if isinstance(self.scores, list) and not self.scores:
-            scores, labels, tp = torch.zeros(0), torch.zeros(0, dtype=torch.long), \
-                torch.zeros(0, dtype=torch.bool)
+            scores, labels, tp = (
+                torch.zeros(0),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.bool),
+            )
         else:
             scores = dim_zero_cat(self.scores).cpu()
             labels = dim_zero_cat(self.labels).cpu().long()
@@ -285,28 +352,51 @@ class COCOMeanAP(Metric):
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
-    _STATES = ("det_boxes", "det_scores", "det_labels", "det_counts",
-               "gt_boxes", "gt_labels", "gt_crowd", "gt_counts")
+    _STATES = (
+        "det_boxes",
+        "det_scores",
+        "det_labels",
+        "det_counts",
+        "gt_boxes",
+        "gt_labels",
+        "gt_crowd",
+        "gt_counts",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
-        metric_keys = {"dist_sync_on_step", "process_group", "dist_sync_fn", "sync_on_compute",
-                       "compute_with_cache", "compute_on_cpu", "distributed_available_fn"}
+        metric_keys = {
+            "dist_sync_on_step",
+            "process_group",
+            "dist_sync_fn",
+            "sync_on_compute",
+            "compute_with_cache",
+            "compute_on_cpu",
+            "distributed_available_fn",
+        }
         super().__init__(**{k: kwargs.pop(k) for k in list(kwargs) if k in metric_keys})
         from torchmetrics.detection import MeanAveragePrecision
 
         if kwargs.get("backend", "auto") == "auto":
-            kwargs["backend"] = ("faster_coco_eval" if importlib.util.find_spec("faster_coco_eval")
-                                 else "pycocotools")
+            kwargs["backend"] = (
+                "faster_coco_eval"
+                if importlib.util.find_spec("faster_coco_eval")
+                else "pycocotools"
+            )
         self.backend: str = kwargs["backend"]
-        self._map_kwargs = {"box_format": "xyxy", "iou_type": "bbox", **kwargs,
-                            "sync_on_compute": False}
-        MeanAveragePrecision(**self._map_kwargs)   # fail now, not at compute, if pycocotools is
+        self._map_kwargs = {
+            "box_format": "xyxy",
+            "iou_type": "bbox",
+            **kwargs,
+            "sync_on_compute": False,
+        }
+        MeanAveragePrecision(**self._map_kwargs)  # fail now, not at compute, if pycocotools is
         # missing or an argument is wrong
-        for name in self._STATES:   # float32 throughout: a process without data sends float32
+        for name in self._STATES:  # float32 throughout: a process without data sends float32
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Sequence[dict[str, Tensor]],
-               targets: Sequence[dict[str, Tensor]]) -> None:
+    def update(
+        self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> None:
         """Store the batch's boxes flat, with the number of boxes of each image."""
         _check_batch(preds, targets, None, "COCOMeanAP.update")
 
@@ -315,41 +405,63 @@ class COCOMeanAP(Metric):
             return torch.cat(parts + [torch.zeros(0, device=self.device)])
 
         def counts(items: Sequence[dict[str, Tensor]]) -> Tensor:
-            return torch.tensor([float(item["labels"].numel()) for item in items],
-                                device=self.device)
+            return torch.tensor(
+                [float(item["labels"].numel()) for item in items], device=self.device
+            )
 
-        crowd = [{"c": t["difficult"] if "difficult" in t else torch.zeros(t["labels"].numel())}
-                 for t in targets]
-        for name, value in (("det_boxes", flat(preds, "boxes")),
-                            ("det_scores", flat(preds, "scores")),
-                            ("det_labels", flat(preds, "labels")), ("det_counts", counts(preds)),
-                            ("gt_boxes", flat(targets, "boxes")),
-                            ("gt_labels", flat(targets, "labels")), ("gt_crowd", flat(crowd, "c")),
-                            ("gt_counts", counts(targets))):
+        crowd = [
+            {"c": t["difficult"] if "difficult" in t else torch.zeros(t["labels"].numel())}
+            for t in targets
+        ]
+        for name, value in (
+            ("det_boxes", flat(preds, "boxes")),
+            ("det_scores", flat(preds, "scores")),
+            ("det_labels", flat(preds, "labels")),
+            ("det_counts", counts(preds)),
+            ("gt_boxes", flat(targets, "boxes")),
+            ("gt_labels", flat(targets, "labels")),
+            ("gt_crowd", flat(crowd, "c")),
+            ("gt_counts", counts(targets)),
+        ):
             getattr(self, name).append(value)
 
     def compute(self) -> dict[str, float]:
         """``{"map": float, "map50": float, "map75": float}``."""
-        state = {name: dim_zero_cat(getattr(self, name)).cpu() if len(getattr(self, name))
-                 else torch.zeros(0) for name in self._STATES}
+        state = {
+            name: dim_zero_cat(getattr(self, name)).cpu()
+            if len(getattr(self, name))
+            else torch.zeros(0)
+            for name in self._STATES
+        }
         if len(state["gt_counts"]) == 0:
             return {"map": math.nan, "map50": math.nan, "map75": math.nan}
         n_det, n_gt = state["det_counts"].long().tolist(), state["gt_counts"].long().tolist()
-        preds = [{"boxes": b.reshape(-1, 4), "scores": s, "labels": lab.long()}
-                 for b, s, lab in zip(state["det_boxes"].split([4 * n for n in n_det]),
-                                      state["det_scores"].split(n_det),
-                                      state["det_labels"].split(n_det))]
-        targets = [{"boxes": b.reshape(-1, 4), "labels": lab.long(), "iscrowd": c.long()}
-                   for b, lab, c in zip(state["gt_boxes"].split([4 * n for n in n_gt]),
-                                        state["gt_labels"].split(n_gt),
-                                        state["gt_crowd"].split(n_gt))]
+        preds = [
+            {"boxes": b.reshape(-1, 4), "scores": s, "labels": lab.long()}
+            for b, s, lab in zip(
+                state["det_boxes"].split([4 * n for n in n_det]),
+                state["det_scores"].split(n_det),
+                state["det_labels"].split(n_det),
+            )
+        ]
+        targets = [
+            {"boxes": b.reshape(-1, 4), "labels": lab.long(), "iscrowd": c.long()}
+            for b, lab, c in zip(
+                state["gt_boxes"].split([4 * n for n in n_gt]),
+                state["gt_labels"].split(n_gt),
+                state["gt_crowd"].split(n_gt),
+            )
+        ]
         from torchmetrics.detection import MeanAveragePrecision
 
         coco = MeanAveragePrecision(**self._map_kwargs)
         coco.update(preds, targets)
         result = coco.compute()
-        return {"map": _nan_if_missing(result["map"]), "map50": _nan_if_missing(result["map_50"]),
-                "map75": _nan_if_missing(result["map_75"])}
+        return {
+            "map": _nan_if_missing(result["map"]),
+            "map50": _nan_if_missing(result["map_50"]),
+            "map75": _nan_if_missing(result["map_75"]),
+        }
 
 
 class DetectionMetrics(WrapperMetric):
@@ -360,14 +472,16 @@ class DetectionMetrics(WrapperMetric):
     states across processes, so it can be used under DDP like any torchmetrics metric.
     """
 
-    def __init__(self, num_classes: int, *, plus_one_pixel: bool = False, **coco_kwargs: Any
-                 ) -> None:
+    def __init__(
+        self, num_classes: int, *, plus_one_pixel: bool = False, **coco_kwargs: Any
+    ) -> None:
         super().__init__()
         self.voc = VOCMeanAP(num_classes, plus_one_pixel=plus_one_pixel)
         self.coco = COCOMeanAP(**coco_kwargs)
 
-    def update(self, preds: Sequence[dict[str, Tensor]],
-               targets: Sequence[dict[str, Tensor]]) -> None:
+    def update(
+        self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> None:
         """Update both parts."""
         self.voc.update(preds, targets)
         self.coco.update(preds, targets)
@@ -375,8 +489,12 @@ class DetectionMetrics(WrapperMetric):
     def compute(self) -> dict[str, Any]:
         """``{"map50", "map", "map75", "per_class_ap50"}``."""
         voc, coco = self.voc.compute(), self.coco.compute()
-        return {"map50": voc["map50"], "map": coco["map"], "map75": coco["map75"],
-                "per_class_ap50": voc["per_class"]}
+        return {
+            "map50": voc["map50"],
+            "map": coco["map"],
+            "map75": coco["map75"],
+            "per_class_ap50": voc["per_class"],
+        }
 
     def reset(self) -> None:
         """Reset both parts."""
@@ -384,8 +502,9 @@ class DetectionMetrics(WrapperMetric):
         self.coco.reset()
 
 
-def detection_metrics(num_classes: int, *, plus_one_pixel: bool = False,
-                      **coco_kwargs: Any) -> DetectionMetrics:
+def detection_metrics(
+    num_classes: int, *, plus_one_pixel: bool = False, **coco_kwargs: Any
+) -> DetectionMetrics:
     """The bench's evaluation metric: :class:`DetectionMetrics` for ``num_classes`` classes
     (``coco_kwargs``, e.g. ``backend="pycocotools"``, go to :class:`COCOMeanAP`)."""
     return DetectionMetrics(num_classes, plus_one_pixel=plus_one_pixel, **coco_kwargs)

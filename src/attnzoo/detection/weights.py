@@ -54,10 +54,15 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 
 #: reference attention submodule -> attnzoo's (se, cbam, eca, ca "yolov4-tiny" presets)
 _ATTENTION_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("fc.0.", "fc1."), ("fc.2.", "fc2."),  # se_block
-    ("channelattention.fc1.", "channel.fc1."), ("channelattention.fc2.", "channel.fc2."),
+    ("fc.0.", "fc1."),
+    ("fc.2.", "fc2."),  # se_block
+    ("channelattention.fc1.", "channel.fc1."),
+    ("channelattention.fc2.", "channel.fc2."),
     ("spatialattention.conv1.", "spatial.conv."),  # cbam_block
-    ("conv_1x1.", "conv1."), ("bn.", "bn1."), ("F_h.", "conv_h."), ("F_w.", "conv_w."),  # CA
+    ("conv_1x1.", "conv1."),
+    ("bn.", "bn1."),
+    ("F_h.", "conv_h."),
+    ("F_w.", "conv_w."),  # CA
 )  # eca_block's "conv." is already ours
 
 #: the class-count-dependent 1x1 prediction convs: shape mismatches there are expected
@@ -84,11 +89,15 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.mapped)} tensors; {len(self.missing)} missing, "
-                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
-        for title, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("mismatched", [f"{k}: {tuple(a)} vs {tuple(b)}"
-                                             for k, a, b in self.mismatched])):
+        lines = [
+            f"loaded {len(self.mapped)} tensors; {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"
+        ]
+        for title, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mismatched", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched]),
+        ):
             if items:
                 shown = ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
                 lines.append(f"  {title}: {shown}")
@@ -103,12 +112,12 @@ def reference_to_attnzoo_key(key: str) -> str:
     """
     for ref, ours in _PREFIXES:
         if key.startswith(ref):
-            return ours + key[len(ref):]
+            return ours + key[len(ref) :]
     slot, _, inner = key.partition(".")
     if slot in ATTENTION_SLOTS and inner:
         for ref, ours in _ATTENTION_PREFIXES:
             if inner.startswith(ref):
-                return f"{slot}.{ours}{inner[len(ref):]}"
+                return f"{slot}.{ours}{inner[len(ref) :]}"
     return key
 
 
@@ -117,7 +126,7 @@ def _candidates(key: str, model: YoloV4Tiny) -> list[str]:
     slot, _, inner = key.partition(".")
     if slot not in ATTENTION_SLOTS or not inner:
         return [key]
-    bare = inner[len("attn."):] if inner.startswith("attn.") else inner
+    bare = inner[len("attn.") :] if inner.startswith("attn.") else inner
     if isinstance(getattr(model, slot), IdentityInit):
         return [f"{slot}.attn.{bare}", f"{slot}.{inner}"]
     return [f"{slot}.{bare}", f"{slot}.{inner}"]
@@ -143,28 +152,38 @@ def _read(source: Mapping[str, Tensor] | str | os.PathLike[str]) -> dict[str, Te
             loaded = loaded["state_dict"]  # a training checkpoint
         source = loaded
     if not isinstance(source, Mapping):
-        raise TypeError(f"{_WHERE}: expected a state dict (a mapping of names to tensors) or a "
-                        f"path to one, got {type(source).__name__}")
+        raise TypeError(
+            f"{_WHERE}: expected a state dict (a mapping of names to tensors) or a "
+            f"path to one, got {type(source).__name__}"
+        )
     state = {}
     for key, value in source.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise TypeError(f"{_WHERE}: state dict entries must be str -> Tensor; entry "
-                            f"{key!r} is {type(value).__name__}")
+            raise TypeError(
+                f"{_WHERE}: state dict entries must be str -> Tensor; entry "
+                f"{key!r} is {type(value).__name__}"
+            )
         state[key] = value
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 def _is_backbone_or_neck(key: str) -> bool:
     slot = key.partition(".")[0]
-    return (slot not in ATTENTION_SLOTS and not key.startswith(_HEAD_OUTPUTS)
-            and not key.endswith("num_batches_tracked"))
+    return (
+        slot not in ATTENTION_SLOTS
+        and not key.startswith(_HEAD_OUTPUTS)
+        and not key.endswith("num_batches_tracked")
+    )
 
 
-def load_reference_weights(model: YoloV4Tiny,
-                           state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str], *,
-                           strict_backbone: bool = True) -> LoadReport:
+def load_reference_weights(
+    model: YoloV4Tiny,
+    state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str],
+    *,
+    strict_backbone: bool = True,
+) -> LoadReport:
     """Load a YOLOv4-tiny state dict (the reference's layout or ours) into ``model``.
 
     Args:
@@ -185,8 +204,9 @@ def load_reference_weights(model: YoloV4Tiny,
         ValueError: no file at the path; with ``strict_backbone``, backbone/neck tensors missing.
     """
     if not isinstance(model, YoloV4Tiny):
-        raise TypeError(f"{_WHERE}: model must be an attnzoo.detection.YoloV4Tiny, got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"{_WHERE}: model must be an attnzoo.detection.YoloV4Tiny, got {type(model).__name__}"
+        )
     source = _read(state_dict_or_path)
     target = model.state_dict()
     report = LoadReport()
@@ -198,8 +218,10 @@ def load_reference_weights(model: YoloV4Tiny,
             continue
         name = names[0]
         if name in loaded:
-            raise ValueError(f"{_WHERE}: two source keys map to {name!r} (a state dict mixing "
-                             "the reference's layout and attnzoo's?)")
+            raise ValueError(
+                f"{_WHERE}: two source keys map to {name!r} (a state dict mixing "
+                "the reference's layout and attnzoo's?)"
+            )
         fitted = _fit(value, target[name])
         if fitted is None:
             report.mismatched.append((name, tuple(value.shape), tuple(target[name].shape)))
@@ -211,9 +233,11 @@ def load_reference_weights(model: YoloV4Tiny,
     if strict_backbone:
         absent = [k for k in target if k not in loaded and _is_backbone_or_neck(k)]
         if absent:
-            raise ValueError(f"{_WHERE}: {len(absent)} backbone/neck tensors of the model were "
-                             f"not found with a matching shape (first: {', '.join(absent[:4])}); "
-                             "is this a YOLOv4-tiny state dict? Pass strict_backbone=False to "
-                             f"load it partially.\n{report}")
+            raise ValueError(
+                f"{_WHERE}: {len(absent)} backbone/neck tensors of the model were "
+                f"not found with a matching shape (first: {', '.join(absent[:4])}); "
+                "is this a YOLOv4-tiny state dict? Pass strict_backbone=False to "
+                f"load it partially.\n{report}"
+            )
     model.load_state_dict(loaded, strict=False)
     return report

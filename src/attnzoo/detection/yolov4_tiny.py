@@ -43,12 +43,25 @@ from torch import Tensor, nn
 from attnzoo.models.attach import IdentityInit, _is_identity
 from attnzoo.registry import create, info
 
-__all__ = ["ANCHORS", "ANCHOR_MASKS", "ATTENTION_INITS", "ATTENTION_SLOTS", "PHI_ATTENTION",
-           "CSPDarknet53Tiny", "YoloV4Tiny"]
+__all__ = [
+    "ANCHORS",
+    "ANCHOR_MASKS",
+    "ATTENTION_INITS",
+    "ATTENTION_SLOTS",
+    "PHI_ATTENTION",
+    "CSPDarknet53Tiny",
+    "YoloV4Tiny",
+]
 
 #: the reference's anchors (w, h) in pixels at 416x416 and the anchors each head uses
-ANCHORS: tuple[tuple[int, int], ...] = ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169),
-                                        (344, 319))
+ANCHORS: tuple[tuple[int, int], ...] = (
+    (10, 14),
+    (23, 27),
+    (37, 58),
+    (81, 82),
+    (135, 169),
+    (344, 319),
+)
 ANCHOR_MASKS: tuple[tuple[int, ...], ...] = ((3, 4, 5), (1, 2, 3))  # P5 (stride 32), P4 (16)
 
 #: the inserted modules' attribute names and channels (feat1, feat2, upsampled P5)
@@ -59,10 +72,10 @@ ATTENTION_INITS: tuple[str, ...] = ("default", "identity")
 #: phi -> (registry name, preset): the reference's module variants where a preset exists
 PHI_ATTENTION: dict[int, tuple[str, str | None] | None] = {
     0: None,
-    1: ("se", "yolov4-tiny"),     # SE, reduction 16, FCs without bias
-    2: ("cbam", "yolov4-tiny"),   # CBAM, reduction 8, no MLP bias, [avg, max], no BN
-    3: ("eca", "yolov4-tiny"),    # ECA with the adaptive kernel size (gamma 2, b 1)
-    4: ("ca", "yolov4-tiny"),     # CA_Block: reduction 16, mip = C // 16, no bias, BN, ReLU
+    1: ("se", "yolov4-tiny"),  # SE, reduction 16, FCs without bias
+    2: ("cbam", "yolov4-tiny"),  # CBAM, reduction 8, no MLP bias, [avg, max], no BN
+    3: ("eca", "yolov4-tiny"),  # ECA with the adaptive kernel size (gamma 2, b 1)
+    4: ("ca", "yolov4-tiny"),  # CA_Block: reduction 16, mip = C // 16, no bias, BN, ReLU
 }
 
 
@@ -95,7 +108,7 @@ class CSPTinyBlock(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         route = self.conv1(x)
-        b = self.conv2(route[:, self.half_channels:])
+        b = self.conv2(route[:, self.half_channels :])
         d = self.conv3(b)
         feat = self.conv4(torch.cat([d, b], dim=1))
         return self.pool(torch.cat([route, feat], dim=1)), feat
@@ -121,14 +134,17 @@ class CSPDarknet53Tiny(nn.Module):
         return feat1, self.conv(x)
 
 
-def _attention_factory(attention: Any, phi: int | None,
-                       kwargs: dict[str, Any]) -> Callable[[int], nn.Module] | None:
+def _attention_factory(
+    attention: Any, phi: int | None, kwargs: dict[str, Any]
+) -> Callable[[int], nn.Module] | None:
     if phi is not None:
         if attention is not None:
             raise ValueError("YoloV4Tiny: give attention= or phi=, not both")
         if phi not in PHI_ATTENTION:
-            raise ValueError(f"YoloV4Tiny: phi must be one of {sorted(PHI_ATTENTION)} "
-                             f"(0 none, 1 SE, 2 CBAM, 3 ECA, 4 CA), got {phi!r}")
+            raise ValueError(
+                f"YoloV4Tiny: phi must be one of {sorted(PHI_ATTENTION)} "
+                f"(0 none, 1 SE, 2 CBAM, 3 ECA, 4 CA), got {phi!r}"
+            )
         choice = PHI_ATTENTION[phi]
         if choice is None:
             if kwargs:
@@ -147,8 +163,9 @@ def _attention_factory(attention: Any, phi: int | None,
     return lambda channels: create(attention, channels, **kwargs)
 
 
-def _make_attention(factory: Callable[[int], nn.Module] | None, channels: int,
-                    attention_init: str) -> nn.Module:
+def _make_attention(
+    factory: Callable[[int], nn.Module] | None, channels: int, attention_init: str
+) -> nn.Module:
     """One inserted module: ``nn.Identity`` without attention, else the factory's module,
     wrapped in ``IdentityInit`` for ``attention_init="identity"`` unless already the identity."""
     if factory is None:
@@ -192,16 +209,25 @@ class YoloV4Tiny(nn.Module):
     feat2_att: nn.Module
     upsample_att: nn.Module
 
-    def __init__(self, num_classes: int, attention: Any = None, *, phi: int | None = None,
-                 num_anchors: int = 3, attention_init: str = "default",
-                 **attention_kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        attention: Any = None,
+        *,
+        phi: int | None = None,
+        num_anchors: int = 3,
+        attention_init: str = "default",
+        **attention_kwargs: Any,
+    ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("num_anchors", num_anchors)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"YoloV4Tiny: {name} must be a positive integer, got {value!r}")
         if attention_init not in ATTENTION_INITS:
-            raise ValueError(f"YoloV4Tiny: attention_init must be one of {ATTENTION_INITS}, got "
-                             f"{attention_init!r}")
+            raise ValueError(
+                f"YoloV4Tiny: attention_init must be one of {ATTENTION_INITS}, got "
+                f"{attention_init!r}"
+            )
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         out = num_anchors * (5 + num_classes)
@@ -209,8 +235,9 @@ class YoloV4Tiny(nn.Module):
         self.backbone = CSPDarknet53Tiny()
         self.conv_for_p5 = ConvBlock(512, 256, 1)
         self.head_p5 = nn.Sequential(ConvBlock(256, 512, 3), nn.Conv2d(512, out, 1))
-        self.upsample = nn.Sequential(ConvBlock(256, 128, 1),
-                                      nn.Upsample(scale_factor=2, mode="nearest"))
+        self.upsample = nn.Sequential(
+            ConvBlock(256, 128, 1), nn.Upsample(scale_factor=2, mode="nearest")
+        )
         self.head_p4 = nn.Sequential(ConvBlock(384, 256, 3), nn.Conv2d(256, out, 1))
         self._init_weights()
         # attention modules keep their own initialisation (e.g. zero-initialised branches)
@@ -231,8 +258,10 @@ class YoloV4Tiny(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"YoloV4Tiny: expected input (B, 3, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % 32 != 0 or x.shape[-1] % 32 != 0:
-            raise ValueError("YoloV4Tiny: input height and width must be multiples of 32, got "
-                             f"{x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(
+                "YoloV4Tiny: input height and width must be multiples of 32, got "
+                f"{x.shape[-2]}x{x.shape[-1]}"
+            )
         feat1, feat2 = self.backbone(x)
         feat1 = self.feat1_att(feat1)
         p5 = self.conv_for_p5(self.feat2_att(feat2))

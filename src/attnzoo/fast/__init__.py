@@ -69,8 +69,9 @@ _PLAIN_CLASSES = {fast: base for base, fast in FAST_CLASSES.items()}
 
 def _swap(model: nn.Module, table: dict[type, type], what: str) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attnzoo.fast.{what}: model must be an nn.Module, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"attnzoo.fast.{what}: model must be an nn.Module, got {type(model).__name__}"
+        )
     for module in model.modules():
         new = table.get(type(module))
         if new is not None:

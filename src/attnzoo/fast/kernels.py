@@ -128,8 +128,13 @@ def _compile(cc: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"],
-                                capture_output=True, text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip()[-2000:] or f"{cc} exited {result.returncode}")
         os.replace(tmp, target)
@@ -145,8 +150,11 @@ def _build_and_load() -> ctypes.CDLL:
     version = _compiler_version(cc)
     errors = []
     for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE, _FLAGS_SERIAL):
-        key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(flags),
-                                        sys.platform, _cpu_identity()]).encode()).hexdigest()
+        key = hashlib.sha256(
+            "\n".join(
+                [_SOURCE.read_text(), version, " ".join(flags), sys.platform, _cpu_identity()]
+            ).encode()
+        ).hexdigest()
         target = _cache_dir() / f"kernels-{key[:16]}.so"
         try:
             if not target.exists():
@@ -172,8 +180,10 @@ def available() -> bool:
             _lib = _build_and_load()
         except (RuntimeError, OSError, subprocess.SubprocessError) as error:
             _reason = str(error)
-            _log.warning("attnzoo.fast: fused CPU kernels unavailable, using plain torch ops "
-                         "(%s)", _reason.splitlines()[0])
+            _log.warning(
+                "attnzoo.fast: fused CPU kernels unavailable, using plain torch ops (%s)",
+                _reason.splitlines()[0],
+            )
     return _lib is not None
 
 
@@ -185,8 +195,16 @@ def unavailable_reason() -> str | None:
 def usable(*tensors: Tensor) -> bool:
     """True when the kernels are available and every tensor is float32, contiguous, non-empty
     and on the CPU."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               and t.numel() > 0 for t in tensors) and available()
+    return (
+        all(
+            t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.numel() > 0
+            for t in tensors
+        )
+        and available()
+    )
 
 
 def _require(name: str, *tensors: Tensor) -> None:
@@ -194,20 +212,29 @@ def _require(name: str, *tensors: Tensor) -> None:
     and on the CPU (the loops index raw memory: anything else would read wrong or
     out-of-bounds data)."""
     if not available():
-        raise RuntimeError(f"attnzoo.fast.kernels.{name}: the kernels are unavailable "
-                           f"({unavailable_reason()})")
+        raise RuntimeError(
+            f"attnzoo.fast.kernels.{name}: the kernels are unavailable ({unavailable_reason()})"
+        )
     for t in tensors:
-        if (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
-                or t.numel() == 0):
-            raise ValueError(f"attnzoo.fast.kernels.{name}: tensors must be float32, contiguous "
-                             f"(NCHW), non-empty and on the CPU; got {t.dtype}, {t.device}, "
-                             f"shape {tuple(t.shape)}, strides {t.stride()}")
+        if (
+            t.dtype != torch.float32
+            or t.device.type != "cpu"
+            or not t.is_contiguous()
+            or t.numel() == 0
+        ):
+            raise ValueError(
+                f"attnzoo.fast.kernels.{name}: tensors must be float32, contiguous "
+                f"(NCHW), non-empty and on the CPU; got {t.dtype}, {t.device}, "
+                f"shape {tuple(t.shape)}, strides {t.stride()}"
+            )
 
 
 def _require_numel(name: str, what: str, t: Tensor, numel: int) -> None:
     if t.numel() != numel:
-        raise ValueError(f"attnzoo.fast.kernels.{name}: {what} must hold {numel} values; got "
-                         f"shape {tuple(t.shape)}")
+        raise ValueError(
+            f"attnzoo.fast.kernels.{name}: {what} must hold {numel} values; got "
+            f"shape {tuple(t.shape)}"
+        )
 
 
 def _nt() -> int:
@@ -221,22 +248,26 @@ def _ptr(t: Tensor) -> int:
 def _rows(name: str, x: Tensor) -> tuple[int, int, tuple[int, ...]]:
     """(rows ``B * C``, row length, shape of a per-row tensor) for ``x`` ``(B, C, *spatial)``."""
     if x.dim() < 3:
-        raise ValueError(f"attnzoo.fast.kernels.{name}: expected (B, C, *spatial); got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"attnzoo.fast.kernels.{name}: expected (B, C, *spatial); got shape {tuple(x.shape)}"
+        )
     rows = x.shape[0] * x.shape[1]
     return rows, x.numel() // max(rows, 1), x.shape[:2] + (1,) * (x.dim() - 2)
 
 
 def _same_shape(name: str, a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"attnzoo.fast.kernels.{name}: both maps must have the same shape; got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"attnzoo.fast.kernels.{name}: both maps must have the same shape; got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
 
 
 def _image(name: str, x: Tensor) -> tuple[int, int, int, int]:
     if x.dim() != 4:
-        raise ValueError(f"attnzoo.fast.kernels.{name}: expected (B, C, H, W); got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"attnzoo.fast.kernels.{name}: expected (B, C, H, W); got shape {tuple(x.shape)}"
+        )
     return tuple(x.shape)
 
 
@@ -341,17 +372,20 @@ def conv_same(x: Tensor, weight: Tensor) -> Tensor:
     b, cin, h, w = _image("conv_same", x)
     k = weight.shape[-1]
     if w + k - 1 > MAX_CONV_ROW or k % 2 == 0 or weight.shape != (1, cin, k, k):
-        raise ValueError(f"attnzoo.fast.kernels.conv_same: weight must be (1, {cin}, k, k) with k "
-                         f"odd and W + k - 1 <= {MAX_CONV_ROW}; got weight "
-                         f"{tuple(weight.shape)} for input {tuple(x.shape)}")
+        raise ValueError(
+            f"attnzoo.fast.kernels.conv_same: weight must be (1, {cin}, k, k) with k "
+            f"odd and W + k - 1 <= {MAX_CONV_ROW}; got weight "
+            f"{tuple(weight.shape)} for input {tuple(x.shape)}"
+        )
     out = x.new_empty(b, 1, h, w)
     _lib.az_conv_same(_ptr(x), _ptr(weight), b, cin, h, w, k, _ptr(out), _nt())
     return out
 
 
 # ---- CBAM's backward: y = (x * s) * a, v = x * s never stored ----------------------------------
-def _cbam_check(name: str, x: Tensor, g: Tensor, s: Tensor,
-                pixel: dict[str, Tensor], row: dict[str, Tensor]) -> tuple[int, int, int]:
+def _cbam_check(
+    name: str, x: Tensor, g: Tensor, s: Tensor, pixel: dict[str, Tensor], row: dict[str, Tensor]
+) -> tuple[int, int, int]:
     _require(name, x, g, s, *pixel.values(), *row.values())
     _same_shape(name, g, x)
     b, c, h, w = _image(name, x)
@@ -368,35 +402,81 @@ def cbam_grad_spatial(g: Tensor, x: Tensor, s: Tensor, M: Tensor) -> tuple[Tenso
     its maximum ``M`` over channels (the forward's spatial max pool); ``(B, 1, H, W)`` each."""
     b, c, p = _cbam_check("cbam_grad_spatial", x, g, s, {"M": M}, {})
     grad_a, cnt = x.new_empty(b, 1, *x.shape[2:]), x.new_empty(b, 1, *x.shape[2:])
-    _lib.az_cbam_grad_spatial(_ptr(g), _ptr(x), _ptr(s), _ptr(M), b, c, p, _ptr(grad_a),
-                              _ptr(cnt), _nt())
+    _lib.az_cbam_grad_spatial(
+        _ptr(g), _ptr(x), _ptr(s), _ptr(M), b, c, p, _ptr(grad_a), _ptr(cnt), _nt()
+    )
     return grad_a, cnt
 
 
-def cbam_grad_channel(g: Tensor, x: Tensor, s: Tensor, a: Tensor, gm_c: Tensor, M: Tensor,
-                      share: Tensor, mrow: Tensor) -> tuple[Tensor, Tensor]:
+def cbam_grad_channel(
+    g: Tensor, x: Tensor, s: Tensor, a: Tensor, gm_c: Tensor, M: Tensor, share: Tensor, mrow: Tensor
+) -> tuple[Tensor, Tensor]:
     """Per row: ``grad_s = sum_p x * dL/dv`` with ``dL/dv = g * a + gm_c + [x * s == M] * share``
     (``gm_c`` = the spatial mean pool's gradient / C, ``share`` = the spatial max pool's gradient
     / tie count, per pixel) and the number of pixels where ``x`` equals its row maximum
     ``mrow``; ``(B, C, 1, 1)`` each."""
-    b, c, p = _cbam_check("cbam_grad_channel", x, g, s,
-                          {"a": a, "gm_c": gm_c, "M": M, "share": share}, {"mrow": mrow})
+    b, c, p = _cbam_check(
+        "cbam_grad_channel", x, g, s, {"a": a, "gm_c": gm_c, "M": M, "share": share}, {"mrow": mrow}
+    )
     grad_s, rowcnt = x.new_empty(b, c, 1, 1), x.new_empty(b, c, 1, 1)
-    _lib.az_cbam_grad_channel(_ptr(g), _ptr(x), _ptr(s), _ptr(a), _ptr(gm_c), _ptr(M),
-                              _ptr(share), _ptr(mrow), b, c, p, _ptr(grad_s), _ptr(rowcnt), _nt())
+    _lib.az_cbam_grad_channel(
+        _ptr(g),
+        _ptr(x),
+        _ptr(s),
+        _ptr(a),
+        _ptr(gm_c),
+        _ptr(M),
+        _ptr(share),
+        _ptr(mrow),
+        b,
+        c,
+        p,
+        _ptr(grad_s),
+        _ptr(rowcnt),
+        _nt(),
+    )
     return grad_s, rowcnt
 
 
-def cbam_grad_input(g: Tensor, x: Tensor, s: Tensor, a: Tensor, gm_c: Tensor, M: Tensor,
-                    share: Tensor, mrow: Tensor, gmean_p: Tensor, gmax_share: Tensor) -> Tensor:
+def cbam_grad_input(
+    g: Tensor,
+    x: Tensor,
+    s: Tensor,
+    a: Tensor,
+    gm_c: Tensor,
+    M: Tensor,
+    share: Tensor,
+    mrow: Tensor,
+    gmean_p: Tensor,
+    gmax_share: Tensor,
+) -> Tensor:
     """``grad_x = dL/dv * s + gmean_p + [x == mrow] * gmax_share`` (``gmean_p`` = the channel
     mean pool's gradient / (H * W), ``gmax_share`` = the channel max pool's gradient / tie count,
     per row), one pass."""
-    b, c, p = _cbam_check("cbam_grad_input", x, g, s,
-                          {"a": a, "gm_c": gm_c, "M": M, "share": share},
-                          {"mrow": mrow, "gmean_p": gmean_p, "gmax_share": gmax_share})
+    b, c, p = _cbam_check(
+        "cbam_grad_input",
+        x,
+        g,
+        s,
+        {"a": a, "gm_c": gm_c, "M": M, "share": share},
+        {"mrow": mrow, "gmean_p": gmean_p, "gmax_share": gmax_share},
+    )
     out = torch.empty_like(x)
-    _lib.az_cbam_grad_input(_ptr(g), _ptr(x), _ptr(s), _ptr(a), _ptr(gm_c), _ptr(M), _ptr(share),
-                            _ptr(mrow), _ptr(gmean_p), _ptr(gmax_share), b, c, p, _ptr(out),
-                            _nt())
+    _lib.az_cbam_grad_input(
+        _ptr(g),
+        _ptr(x),
+        _ptr(s),
+        _ptr(a),
+        _ptr(gm_c),
+        _ptr(M),
+        _ptr(share),
+        _ptr(mrow),
+        _ptr(gmean_p),
+        _ptr(gmax_share),
+        b,
+        c,
+        p,
+        _ptr(out),
+        _nt(),
+    )
     return out

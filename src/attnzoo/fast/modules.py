@@ -31,8 +31,14 @@ def qualifies(x: object) -> bool:
         return False
     if isinstance(x, torch.fx.Proxy):
         return True
-    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 4 and x.is_contiguous() and not torch.is_autocast_enabled("cpu"))
+    return (
+        isinstance(x, Tensor)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous()
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def _batchnorm_args(bn: nn.BatchNorm2d | None) -> tuple:
@@ -63,10 +69,17 @@ def _plain_batchnorm(bn: nn.Module | None) -> bool:
     return bn is None or (type(bn) is nn.BatchNorm2d and bn.affine)
 
 
-_CBAM_LAYERS = {"channel": ChannelGate, "spatial": SpatialGate, "channel.fc1": nn.Linear,
-                "channel.act": nn.ReLU, "channel.fc2": nn.Linear, "channel.gate": nn.Sigmoid,
-                "spatial.conv": nn.Conv2d, "spatial.bn": nn.BatchNorm2d,
-                "spatial.gate": nn.Sigmoid}
+_CBAM_LAYERS = {
+    "channel": ChannelGate,
+    "spatial": SpatialGate,
+    "channel.fc1": nn.Linear,
+    "channel.act": nn.ReLU,
+    "channel.fc2": nn.Linear,
+    "channel.gate": nn.Sigmoid,
+    "spatial.conv": nn.Conv2d,
+    "spatial.bn": nn.BatchNorm2d,
+    "spatial.gate": nn.Sigmoid,
+}
 _ECA_LAYERS = {"conv": nn.Conv1d, "gate": nn.Sigmoid}
 
 
@@ -87,13 +100,25 @@ class FastCBAM(CBAM):
 
     def forward(self, x: Tensor) -> Tensor:
         spatial = self.spatial
-        if (self.order != "channel-spatial" or not qualifies(x)
-                or not _plain_batchnorm(spatial.bn) or not _untouched(self, _CBAM_LAYERS)):
+        if (
+            self.order != "channel-spatial"
+            or not qualifies(x)
+            or not _plain_batchnorm(spatial.bn)
+            or not _untouched(self, _CBAM_LAYERS)
+        ):
             return super().forward(x)
         check_input("CBAM", x, self.channels)
         fc1, fc2 = self.channel.fc1, self.channel.fc2
-        out = ops.cbam(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, spatial.conv.weight,
-                       *_batchnorm_args(spatial.bn), spatial.pool_order == "max-mean")
+        out = ops.cbam(
+            x,
+            fc1.weight,
+            fc1.bias,
+            fc2.weight,
+            fc2.bias,
+            spatial.conv.weight,
+            *_batchnorm_args(spatial.bn),
+            spatial.pool_order == "max-mean",
+        )
         _update_running_stats(spatial.bn, out[7])
         return out[0]
 
@@ -124,8 +149,12 @@ def _hooked(module: nn.Module) -> bool:
     """Any hook on ``module`` or a submodule, or a global module hook."""
     from torch.nn.modules import module as nn_module
 
-    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+    if (
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    ):
         return True
     return any(getattr(m, d) for m in module.modules() for d in _HOOK_DICTS)
 
@@ -142,8 +171,14 @@ def foldable(norm: nn.Module, gate: nn.Module) -> bool:
     if entry[0] == "eca":
         conv = gate.conv
         k = conv.kernel_size[0]
-        return (conv.bias is None and k % 2 == 1 and conv.padding == (k // 2,)
-                and conv.stride == (1,) and conv.dilation == (1,) and conv.groups == 1)
+        return (
+            conv.bias is None
+            and k % 2 == 1
+            and conv.padding == (k // 2,)
+            and conv.stride == (1,)
+            and conv.dilation == (1,)
+            and conv.groups == 1
+        )
     return True
 
 
@@ -168,19 +203,24 @@ class BatchNormGate2d(nn.Module):
             raise ValueError(
                 "attnzoo.fast.BatchNormGate2d: norm must be an affine nn.BatchNorm2d and gate an "
                 f"unmodified SqueezeExcitation or EfficientChannelAttention over the same "
-                f"channels; got {type(norm).__name__} and {type(gate).__name__}")
+                f"channels; got {type(norm).__name__} and {type(gate).__name__}"
+            )
         self.norm = norm
         self.gate = gate
 
     def _folds(self, z: Tensor) -> bool:
         norm = self.norm
-        if (not qualifies(z) or isinstance(z, torch.fx.Proxy) or z.shape[1] != norm.num_features
-                or not foldable(norm, self.gate) or _hooked(self)):
+        if (
+            not qualifies(z)
+            or isinstance(z, torch.fx.Proxy)
+            or z.shape[1] != norm.num_features
+            or not foldable(norm, self.gate)
+            or _hooked(self)
+        ):
             return False
         if norm.training and z.shape[0] * z.shape[2] * z.shape[3] <= 1:
             return False  # BatchNorm's own error
-        return all(t.dtype == torch.float32 and t.device.type == "cpu"
-                   for t in self.parameters())
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in self.parameters())
 
     def forward(self, z: Tensor) -> Tensor:
         if not self._folds(z):
@@ -192,8 +232,9 @@ class BatchNormGate2d(nn.Module):
         else:
             weights = (gate.conv.weight, None, None, None)
         bn_w, bn_b, running_mean, running_var, use_batch, eps = _batchnorm_args(norm)
-        y, *_, mean, var = ops.bn_gate(z, bn_w, bn_b, running_mean, running_var, use_batch, eps,
-                                       kind, *weights)
+        y, *_, mean, var = ops.bn_gate(
+            z, bn_w, bn_b, running_mean, running_var, use_batch, eps, kind, *weights
+        )
         if use_batch:
             total = z.shape[0] * z.shape[2] * z.shape[3]
             _update_running(norm, mean, var * (total / (total - 1)))

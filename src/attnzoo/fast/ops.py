@@ -49,21 +49,46 @@ def _mlp(z: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
     return F.linear(F.relu(F.linear(z, w1, b1)), w2, b2)
 
 
-def _spatial_logits(maps: Tensor, conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
-                    running_mean: Tensor | None, running_var: Tensor | None,
-                    use_batch_stats: bool, eps: float) -> Tensor:
+def _spatial_logits(
+    maps: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor | None,
+    bn_b: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+) -> Tensor:
     z = F.conv2d(maps, conv_w, padding=conv_w.shape[-1] // 2)
     if bn_w is None:
         return z
-    return F.batch_norm(z, None if use_batch_stats else running_mean,
-                        None if use_batch_stats else running_var, bn_w, bn_b,
-                        use_batch_stats, 0.0, eps)
+    return F.batch_norm(
+        z,
+        None if use_batch_stats else running_mean,
+        None if use_batch_stats else running_var,
+        bn_w,
+        bn_b,
+        use_batch_stats,
+        0.0,
+        eps,
+    )
 
 
-def cbam_plain(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-               conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
-               running_mean: Tensor | None, running_var: Tensor | None, use_batch_stats: bool,
-               eps: float, max_first: bool) -> Tensor:
+def cbam_plain(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    conv_w: Tensor,
+    bn_w: Tensor | None,
+    bn_b: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    max_first: bool,
+) -> Tensor:
     """Channel-then-spatial CBAM with torch ops (running statistics are read, never updated)."""
     logits = _mlp(x.mean((2, 3)), w1, b1, w2, b2) + _mlp(x.amax((2, 3)), w1, b1, w2, b2)
     v = x * torch.sigmoid(logits)[:, :, None, None]
@@ -80,18 +105,26 @@ def eca_plain(x: Tensor, weight: Tensor) -> Tensor:
     return x * torch.sigmoid(logits)[:, 0, :, None, None]
 
 
-def _plain_grads(fn, inputs: list[Tensor | None], g: Tensor, create_graph: bool
-                 ) -> list[Tensor | None]:
+def _plain_grads(
+    fn, inputs: list[Tensor | None], g: Tensor, create_graph: bool
+) -> list[Tensor | None]:
     """Gradients of ``fn(*inputs)`` w.r.t. the inputs that require them (others: None)."""
     wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     with torch.enable_grad():
         if not create_graph:
-            inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor)
-                      and t.is_floating_point() else t for t in inputs]
+            inputs = [
+                t.detach().requires_grad_(t.requires_grad)
+                if isinstance(t, Tensor) and t.is_floating_point()
+                else t
+                for t in inputs
+            ]
             wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
         out = fn(*inputs)
-        grads = torch.autograd.grad(out, wanted, g, create_graph=create_graph,
-                                    allow_unused=True) if wanted else ()
+        grads = (
+            torch.autograd.grad(out, wanted, g, create_graph=create_graph, allow_unused=True)
+            if wanted
+            else ()
+        )
     by_id = {id(t): gr for t, gr in zip(wanted, grads)}
     return [by_id.get(id(t)) if isinstance(t, Tensor) else None for t in inputs]
 
@@ -99,11 +132,21 @@ def _plain_grads(fn, inputs: list[Tensor | None], g: Tensor, create_graph: bool
 # ---------------------------------------------------------------------------------------------
 # CBAM
 @torch.library.custom_op("attnzoo::cbam", mutates_args=())
-def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-         conv_w: Tensor, bn_w: Tensor | None, bn_b: Tensor | None,
-         running_mean: Tensor | None, running_var: Tensor | None, use_batch_stats: bool,
-         eps: float, max_first: bool
-         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def cbam(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    conv_w: Tensor,
+    bn_w: Tensor | None,
+    bn_b: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    max_first: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Channel-then-spatial CBAM (module docstring). Returns ``y`` and what the backward needs:
     ``s``, ``a``, ``M``, ``mean_c``, ``max_c``, ``maps``, ``z`` (the conv output, from which the
     caller updates BatchNorm's running statistics: the op is functional), BatchNorm's saved mean
@@ -132,22 +175,45 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
     else:
         stats = (None, None) if use_batch_stats else (running_mean, running_var)
         zn, save_mean, save_invstd = _aten.native_batch_norm(
-            z, bn_w, bn_b, *stats, use_batch_stats, 0.0, eps)
+            z, bn_w, bn_b, *stats, use_batch_stats, 0.0, eps
+        )
     a = torch.sigmoid(zn)
     y = kernels.scale_channel_spatial(x, s, a) if fused and kernels.usable(a) else x * s * a
     return y, s, a, big_m, mean_c, max_c, maps, z, save_mean, save_invstd
 
 
 @cbam.register_fake
-def _(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps,
-      max_first):
+def _(
+    x,
+    w1,
+    b1,
+    w2,
+    b2,
+    conv_w,
+    bn_w,
+    bn_b,
+    running_mean,
+    running_var,
+    use_batch_stats,
+    eps,
+    max_first,
+):
     b, c, h, w = x.shape
     pixel = x.new_empty(b, 1, h, w)
     row = x.new_empty(b, c, 1, 1)
     stats = x.new_empty(0 if bn_w is None else 1)
-    return (torch.empty_like(x), row, pixel, torch.empty_like(pixel), torch.empty_like(row),
-            torch.empty_like(row), x.new_empty(b, 2, h, w), torch.empty_like(pixel), stats,
-            torch.empty_like(stats))
+    return (
+        torch.empty_like(x),
+        row,
+        pixel,
+        torch.empty_like(pixel),
+        torch.empty_like(row),
+        torch.empty_like(row),
+        x.new_empty(b, 2, h, w),
+        torch.empty_like(pixel),
+        stats,
+        torch.empty_like(stats),
+    )
 
 
 def _depthwise(x: Tensor, kernels_: Tensor, padding: int) -> Tensor:
@@ -158,8 +224,9 @@ def _depthwise(x: Tensor, kernels_: Tensor, padding: int) -> Tensor:
     return out.view(b, c, out.shape[-2], out.shape[-1])
 
 
-def _conv_same_backward(dz: Tensor, maps: Tensor, conv_w: Tensor, depthwise: bool
-                        ) -> tuple[Tensor, Tensor]:
+def _conv_same_backward(
+    dz: Tensor, maps: Tensor, conv_w: Tensor, depthwise: bool
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``F.conv2d(maps, conv_w, padding=k // 2)`` (``Cin -> 1``, no bias) w.r.t.
     ``maps`` and ``conv_w``. ``depthwise``: as ``B * Cin`` depthwise convolutions (oneDNN's
     depthwise kernels are several times faster than its dense backward for ``Cin = 2, Cout = 1``
@@ -167,8 +234,18 @@ def _conv_same_backward(dz: Tensor, maps: Tensor, conv_w: Tensor, depthwise: boo
     k = conv_w.shape[-1]
     if not depthwise:
         d_maps, g_conv, _ = _aten.convolution_backward(
-            dz, maps, conv_w, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
-            [True, True, False])
+            dz,
+            maps,
+            conv_w,
+            None,
+            [1, 1],
+            [k // 2, k // 2],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, True, False],
+        )
         return d_maps, g_conv
     b, c, h, w = maps.shape
     dz_rep = dz.expand(b, c, h, w)
@@ -180,12 +257,29 @@ def _conv_same_backward(dz: Tensor, maps: Tensor, conv_w: Tensor, depthwise: boo
 
 
 @torch.library.custom_op("attnzoo::cbam_backward", mutates_args=())
-def cbam_backward(g: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                  conv_w: Tensor, bn_w: Tensor | None, running_mean: Tensor | None,
-                  running_var: Tensor | None, s: Tensor, a: Tensor, big_m: Tensor,
-                  mean_c: Tensor, max_c: Tensor, maps: Tensor, z: Tensor, save_mean: Tensor,
-                  save_invstd: Tensor, use_batch_stats: bool, eps: float, max_first: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def cbam_backward(
+    g: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    s: Tensor,
+    a: Tensor,
+    big_m: Tensor,
+    mean_c: Tensor,
+    max_c: Tensor,
+    maps: Tensor,
+    z: Tensor,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    use_batch_stats: bool,
+    eps: float,
+    max_first: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`cbam`'s ``y`` w.r.t. ``x, w1, b1, w2, b2, conv_w, bn_w, bn_b``
     (zeros for absent biases / BatchNorm)."""
     b, c, h, w = x.shape
@@ -202,8 +296,17 @@ def cbam_backward(g: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tenso
         dz, g_bn_w, g_bn_b = dzn, conv_w.new_zeros(1), conv_w.new_zeros(1)
     else:
         dz, g_bn_w, g_bn_b = _aten.native_batch_norm_backward(
-            dzn, z, bn_w, running_mean, running_var, save_mean, save_invstd, use_batch_stats,
-            eps, [True, True, True])
+            dzn,
+            z,
+            bn_w,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            use_batch_stats,
+            eps,
+            [True, True, True],
+        )
     d_maps, g_conv = _conv_same_backward(dz, maps, conv_w, depthwise=fused)
     d_max, d_mean = (d_maps[:, :1], d_maps[:, 1:]) if max_first else (d_maps[:, 1:], d_maps[:, :1])
     gm_c = (d_mean / c).contiguous()
@@ -231,47 +334,143 @@ def cbam_backward(g: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tenso
     g_mean_p = (g_mean / (h * w)).view(b, c, 1, 1).contiguous()
     g_max_share = (g_max.view(b, c, 1, 1) / rowcnt).contiguous()
     if fused:
-        grad_x = kernels.cbam_grad_input(g, x, s, a, gm_c, big_m, share, max_c, g_mean_p,
-                                         g_max_share)
+        grad_x = kernels.cbam_grad_input(
+            g, x, s, a, gm_c, big_m, share, max_c, g_mean_p, g_max_share
+        )
     else:
         grad_x = dv * s + g_mean_p + (x == max_c).to(x.dtype) * g_max_share
     return grad_x, g_w1, g_b1, g_w2, g_b2, g_conv, g_bn_w, g_bn_b
 
 
 @cbam_backward.register_fake
-def _(g, x, w1, b1, w2, conv_w, bn_w, running_mean, running_var, s, a, big_m, mean_c, max_c,
-      maps, z, save_mean, save_invstd, use_batch_stats, eps, max_first):
-    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
-            torch.empty_like(w2), w2.new_empty(w2.shape[0]), torch.empty_like(conv_w),
-            conv_w.new_empty(1), conv_w.new_empty(1))
+def _(
+    g,
+    x,
+    w1,
+    b1,
+    w2,
+    conv_w,
+    bn_w,
+    running_mean,
+    running_var,
+    s,
+    a,
+    big_m,
+    mean_c,
+    max_c,
+    maps,
+    z,
+    save_mean,
+    save_invstd,
+    use_batch_stats,
+    eps,
+    max_first,
+):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(w1),
+        w1.new_empty(w1.shape[0]),
+        torch.empty_like(w2),
+        w2.new_empty(w2.shape[0]),
+        torch.empty_like(conv_w),
+        conv_w.new_empty(1),
+        conv_w.new_empty(1),
+    )
 
 
 _CBAM_GRAD_INPUTS = 8  # x, w1, b1, w2, b2, conv_w, bn_w, bn_b
 
 
 def _cbam_setup(ctx, inputs, output) -> None:
-    (x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps,
-     max_first) = inputs
+    (
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        conv_w,
+        bn_w,
+        bn_b,
+        running_mean,
+        running_var,
+        use_batch_stats,
+        eps,
+        max_first,
+    ) = inputs
     keep_stats = bn_w is not None and not use_batch_stats
-    ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b,
-                          running_mean if keep_stats else None,
-                          running_var if keep_stats else None, *output[1:])
+    ctx.save_for_backward(
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        conv_w,
+        bn_w,
+        bn_b,
+        running_mean if keep_stats else None,
+        running_var if keep_stats else None,
+        *output[1:],
+    )
     ctx.flags = (use_batch_stats, eps, max_first)
 
 
 def _cbam_backward(ctx, g: Tensor, *unused: Tensor):
-    (x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, s, a, big_m, mean_c,
-     max_c, maps, z, save_mean, save_invstd) = ctx.saved_tensors
+    (
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        conv_w,
+        bn_w,
+        bn_b,
+        running_mean,
+        running_var,
+        s,
+        a,
+        big_m,
+        mean_c,
+        max_c,
+        maps,
+        z,
+        save_mean,
+        save_invstd,
+    ) = ctx.saved_tensors
     use_batch_stats, eps, max_first = ctx.flags
     params = [x, w1, b1, w2, b2, conv_w, bn_w, bn_b]
     if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
         grads = _plain_grads(
             lambda *t: cbam_plain(*t, running_mean, running_var, use_batch_stats, eps, max_first),
-            params, g, create_graph=True)
+            params,
+            g,
+            create_graph=True,
+        )
     else:
-        grads = list(cbam_backward(g, x, w1, b1, w2, conv_w, bn_w, running_mean, running_var,
-                                   s, a, big_m, mean_c, max_c, maps, z, save_mean, save_invstd,
-                                   use_batch_stats, eps, max_first))
+        grads = list(
+            cbam_backward(
+                g,
+                x,
+                w1,
+                b1,
+                w2,
+                conv_w,
+                bn_w,
+                running_mean,
+                running_var,
+                s,
+                a,
+                big_m,
+                mean_c,
+                max_c,
+                maps,
+                z,
+                save_mean,
+                save_invstd,
+                use_batch_stats,
+                eps,
+                max_first,
+            )
+        )
         grads = [gr if t is not None else None for gr, t in zip(grads, params)]
     return (*grads, None, None, None, None, None)
 
@@ -298,8 +497,9 @@ def _(x, weight):
 
 
 @torch.library.custom_op("attnzoo::eca_backward", mutates_args=())
-def eca_backward(g: Tensor, x: Tensor, weight: Tensor, s: Tensor, z: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+def eca_backward(
+    g: Tensor, x: Tensor, weight: Tensor, s: Tensor, z: Tensor
+) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`eca`'s ``y`` w.r.t. ``x`` and ``weight``."""
     b, c, h, w = x.shape
     g = g.contiguous()
@@ -308,7 +508,8 @@ def eca_backward(g: Tensor, x: Tensor, weight: Tensor, s: Tensor, z: Tensor
     d_logits = (grad_s * s * (1 - s)).view(b, 1, c)
     k = weight.shape[-1]
     d_z, g_w, _ = _aten.convolution_backward(
-        d_logits, z, weight, None, [1], [k // 2], [1], False, [0], 1, [True, True, False])
+        d_logits, z, weight, None, [1], [k // 2], [1], False, [0], 1, [True, True, False]
+    )
     term = (d_z / (h * w)).view(b, c, 1, 1).contiguous()
     if fused and kernels.usable(term):
         grad_x = kernels.rows_scale_shift(g, s, term)
@@ -332,8 +533,7 @@ def _eca_backward(ctx, g: Tensor, *unused: Tensor):
     if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
         return tuple(_plain_grads(eca_plain, [x, weight], g, create_graph=True))
     grad_x, g_w = eca_backward(g, x, weight, s, z)
-    return (grad_x if ctx.needs_input_grad[0] else None,
-            g_w if ctx.needs_input_grad[1] else None)
+    return (grad_x if ctx.needs_input_grad[0] else None, g_w if ctx.needs_input_grad[1] else None)
 
 
 eca.register_autograd(_eca_backward, setup_context=_eca_setup)
@@ -384,8 +584,9 @@ def _eca_backward_flops(g_shape, x_shape, w_shape, *args, out_shape=None, **kwar
 _GATES = ("se", "eca")
 
 
-def _gate_logits(p: Tensor, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor | None,
-                 b2: Tensor | None) -> Tensor:
+def _gate_logits(
+    p: Tensor, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None
+) -> Tensor:
     """The gate's logits for descriptors ``p`` ``(B, C)``: SE ``fc2(relu(fc1(p)))``, ECA
     ``conv1d`` across channels (``w1`` the ``(1, 1, k)`` kernel)."""
     if kind == "se":
@@ -393,9 +594,20 @@ def _gate_logits(p: Tensor, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor
     return F.conv1d(p[:, None], w1, padding=w1.shape[-1] // 2)[:, 0]
 
 
-def bn_gate_plain(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | None,
-                  running_var: Tensor | None, use_batch_stats: bool, eps: float, kind: str,
-                  w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None) -> Tensor:
+def bn_gate_plain(
+    z: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    kind: str,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor | None,
+    b2: Tensor | None,
+) -> Tensor:
     """``u * sigmoid(logits(mean_hw(u)))`` with ``u = batch_norm(z)``, with torch ops (running
     statistics are read, never updated)."""
     stats = (None, None) if use_batch_stats else (running_mean, running_var)
@@ -415,10 +627,20 @@ def _row_stats(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("attnzoo::bn_gate", mutates_args=())
-def bn_gate(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | None,
-            running_var: Tensor | None, use_batch_stats: bool, eps: float, kind: str,
-            w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def bn_gate(
+    z: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    kind: str,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor | None,
+    b2: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """BatchNorm2d then an SE / ECA gate, folded (section comment above). Returns ``y`` and what
     the backward needs: the gate ``s`` and descriptors ``p`` ``(B, C)``, the row means ``(B, C)``,
     and the mean and (biased) variance the normalisation used ``(C,)``: the batch's with
@@ -451,15 +673,34 @@ def bn_gate(z: Tensor, bn_w: Tensor, bn_b: Tensor, running_mean: Tensor | None,
 def _(z, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps, kind, w1, b1, w2, b2):
     b, c = z.shape[:2]
     row = z.new_empty(b, c)
-    return (torch.empty_like(z), row, torch.empty_like(row), torch.empty_like(row),
-            z.new_empty(c), z.new_empty(c))
+    return (
+        torch.empty_like(z),
+        row,
+        torch.empty_like(row),
+        torch.empty_like(row),
+        z.new_empty(c),
+        z.new_empty(c),
+    )
 
 
 @torch.library.custom_op("attnzoo::bn_gate_backward", mutates_args=())
-def bn_gate_backward(g: Tensor, z: Tensor, bn_w: Tensor, bn_b: Tensor, use_batch_stats: bool,
-                     eps: float, kind: str, w1: Tensor, b1: Tensor | None, w2: Tensor | None,
-                     s: Tensor, p: Tensor, row_mean: Tensor, mean: Tensor, var: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def bn_gate_backward(
+    g: Tensor,
+    z: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    use_batch_stats: bool,
+    eps: float,
+    kind: str,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor | None,
+    s: Tensor,
+    p: Tensor,
+    row_mean: Tensor,
+    mean: Tensor,
+    var: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`bn_gate`'s ``y`` w.r.t. ``z, bn_w, bn_b, w1, b1, w2, b2`` (ECA: ``w1``
     only; placeholders for the absent ``b1, w2, b2``; SE without biases: their would-be
     gradients, which the caller drops)."""
@@ -483,8 +724,18 @@ def bn_gate_backward(g: Tensor, z: Tensor, bn_w: Tensor, bn_b: Tensor, use_batch
     else:
         k = w1.shape[-1]
         d_p, g_w1, _ = _aten.convolution_backward(
-            d_logits[:, None], p[:, None], w1, None, [1], [k // 2], [1], False, [0], 1,
-            [True, True, False])
+            d_logits[:, None],
+            p[:, None],
+            w1,
+            None,
+            [1],
+            [k // 2],
+            [1],
+            False,
+            [0],
+            1,
+            [True, True, False],
+        )
         gp, g_b1, g_w2, g_b2 = d_p[:, 0], w1.new_zeros(1), w1.new_zeros(0), w1.new_zeros(0)
     big_s = (s * g1 + gp).sum(0)
     big_t = (s * centred + gp * (row_mean - mean)).sum(0)
@@ -499,43 +750,84 @@ def bn_gate_backward(g: Tensor, z: Tensor, bn_w: Tensor, bn_b: Tensor, use_batch
     if fused and kernels.usable(scale_g, scale_z, shift):
         grad_z = kernels.rows_affine2(g, z, scale_g, scale_z, shift)
     else:
-        grad_z = (scale_g[:, :, None, None] * g + scale_z[:, :, None, None] * z
-                  + shift[:, :, None, None])
+        grad_z = (
+            scale_g[:, :, None, None] * g + scale_z[:, :, None, None] * z + shift[:, :, None, None]
+        )
     return grad_z, big_t / sigma, big_s, g_w1, g_b1, g_w2, g_b2
 
 
 @bn_gate_backward.register_fake
 def _(g, z, bn_w, bn_b, use_batch_stats, eps, kind, w1, b1, w2, s, p, row_mean, mean, var):
     if kind == "se":
-        return (torch.empty_like(z), torch.empty_like(bn_w), torch.empty_like(bn_b),
-                torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
-                w2.new_empty(w2.shape[0]))
-    return (torch.empty_like(z), torch.empty_like(bn_w), torch.empty_like(bn_b),
-            torch.empty_like(w1), w1.new_empty(1), w1.new_empty(0), w1.new_empty(0))
+        return (
+            torch.empty_like(z),
+            torch.empty_like(bn_w),
+            torch.empty_like(bn_b),
+            torch.empty_like(w1),
+            w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2),
+            w2.new_empty(w2.shape[0]),
+        )
+    return (
+        torch.empty_like(z),
+        torch.empty_like(bn_w),
+        torch.empty_like(bn_b),
+        torch.empty_like(w1),
+        w1.new_empty(1),
+        w1.new_empty(0),
+        w1.new_empty(0),
+    )
 
 
 def _bn_gate_setup(ctx, inputs, output) -> None:
-    (z, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps, kind, w1, b1, w2,
-     b2) = inputs
+    (z, bn_w, bn_b, running_mean, running_var, use_batch_stats, eps, kind, w1, b1, w2, b2) = inputs
     keep = not use_batch_stats
-    ctx.save_for_backward(z, bn_w, bn_b, w1, b1, w2, b2, running_mean if keep else None,
-                          running_var if keep else None, *output[1:])
+    ctx.save_for_backward(
+        z,
+        bn_w,
+        bn_b,
+        w1,
+        b1,
+        w2,
+        b2,
+        running_mean if keep else None,
+        running_var if keep else None,
+        *output[1:],
+    )
     ctx.flags = (use_batch_stats, eps, kind)
 
 
 def _bn_gate_backward(ctx, g: Tensor, *unused: Tensor):
-    (z, bn_w, bn_b, w1, b1, w2, b2, running_mean, running_var, s, p, row_mean, mean,
-     var) = ctx.saved_tensors
+    (z, bn_w, bn_b, w1, b1, w2, b2, running_mean, running_var, s, p, row_mean, mean, var) = (
+        ctx.saved_tensors
+    )
     use_batch_stats, eps, kind = ctx.flags
     params = [z, bn_w, bn_b, w1, b1, w2, b2]
     if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+
         def fn(z_, bn_w_, bn_b_, w1_, b1_, w2_, b2_):
-            return bn_gate_plain(z_, bn_w_, bn_b_, running_mean, running_var, use_batch_stats,
-                                 eps, kind, w1_, b1_, w2_, b2_)
+            return bn_gate_plain(
+                z_,
+                bn_w_,
+                bn_b_,
+                running_mean,
+                running_var,
+                use_batch_stats,
+                eps,
+                kind,
+                w1_,
+                b1_,
+                w2_,
+                b2_,
+            )
+
         grads = _plain_grads(fn, params, g, create_graph=True)
     else:
-        grads = list(bn_gate_backward(g, z, bn_w, bn_b, use_batch_stats, eps, kind, w1, b1, w2,
-                                      s, p, row_mean, mean, var))
+        grads = list(
+            bn_gate_backward(
+                g, z, bn_w, bn_b, use_batch_stats, eps, kind, w1, b1, w2, s, p, row_mean, mean, var
+            )
+        )
         grads = [gr if t is not None else None for gr, t in zip(grads, params)]
     z_g, bn_w_g, bn_b_g, w1_g, b1_g, w2_g, b2_g = grads
     return z_g, bn_w_g, bn_b_g, None, None, None, None, None, w1_g, b1_g, w2_g, b2_g
@@ -545,8 +837,20 @@ bn_gate.register_autograd(_bn_gate_backward, setup_context=_bn_gate_setup)
 
 
 @register_flop_formula(torch.ops.attnzoo.bn_gate)
-def _bn_gate_flops(z_shape, bn_w_shape, bn_b_shape, rm_shape, rv_shape, use_batch_stats, eps,
-                   kind, w1_shape, *args, out_shape=None, **kwargs) -> int:
+def _bn_gate_flops(
+    z_shape,
+    bn_w_shape,
+    bn_b_shape,
+    rm_shape,
+    rv_shape,
+    use_batch_stats,
+    eps,
+    kind,
+    w1_shape,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     b, c = z_shape[:2]
     if kind == "se":  # two (B, C) x (C, h) matmuls
         return 2 * 2 * b * c * w1_shape[0]
@@ -554,6 +858,17 @@ def _bn_gate_flops(z_shape, bn_w_shape, bn_b_shape, rm_shape, rv_shape, use_batc
 
 
 @register_flop_formula(torch.ops.attnzoo.bn_gate_backward)
-def _bn_gate_backward_flops(g_shape, z_shape, bn_w_shape, bn_b_shape, use_batch_stats, eps,
-                            kind, w1_shape, *args, out_shape=None, **kwargs) -> int:
+def _bn_gate_backward_flops(
+    g_shape,
+    z_shape,
+    bn_w_shape,
+    bn_b_shape,
+    use_batch_stats,
+    eps,
+    kind,
+    w1_shape,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     return 2 * _bn_gate_flops(z_shape, None, None, None, None, None, None, kind, w1_shape)

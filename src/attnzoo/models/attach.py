@@ -270,40 +270,66 @@ def _out_channels_bottleneck(b: nn.Module) -> int:
 
 
 register_block(
-    ("torchvision.models.resnet", "BasicBlock"), _tv_basic_forward, default="before_add",
-    channels={"before_add": _out_channels_basic, "after_conv3x3": lambda b: b.conv1.out_channels,
-              "after_block": _out_channels_basic},
+    ("torchvision.models.resnet", "BasicBlock"),
+    _tv_basic_forward,
+    default="before_add",
+    channels={
+        "before_add": _out_channels_basic,
+        "after_conv3x3": lambda b: b.conv1.out_channels,
+        "after_block": _out_channels_basic,
+    },
 )
 register_block(
-    ("torchvision.models.resnet", "Bottleneck"), _tv_bottleneck_forward, default="before_add",
-    channels={"before_add": _out_channels_bottleneck,
-              "after_conv3x3": lambda b: b.conv2.out_channels,
-              "after_block": _out_channels_bottleneck},
+    ("torchvision.models.resnet", "Bottleneck"),
+    _tv_bottleneck_forward,
+    default="before_add",
+    channels={
+        "before_add": _out_channels_bottleneck,
+        "after_conv3x3": lambda b: b.conv2.out_channels,
+        "after_block": _out_channels_bottleneck,
+    },
 )
 register_block(
-    ("timm.models.resnet", "BasicBlock"), _timm_basic_forward, default="before_add",
-    channels={"before_add": _out_channels_basic, "after_conv3x3": lambda b: b.conv1.out_channels,
-              "after_block": _out_channels_basic},
+    ("timm.models.resnet", "BasicBlock"),
+    _timm_basic_forward,
+    default="before_add",
+    channels={
+        "before_add": _out_channels_basic,
+        "after_conv3x3": lambda b: b.conv1.out_channels,
+        "after_block": _out_channels_basic,
+    },
 )
 register_block(
-    ("timm.models.resnet", "Bottleneck"), _timm_bottleneck_forward, default="before_add",
-    channels={"before_add": _out_channels_bottleneck,
-              "after_conv3x3": lambda b: b.conv2.out_channels,
-              "after_block": _out_channels_bottleneck},
+    ("timm.models.resnet", "Bottleneck"),
+    _timm_bottleneck_forward,
+    default="before_add",
+    channels={
+        "before_add": _out_channels_bottleneck,
+        "after_conv3x3": lambda b: b.conv2.out_channels,
+        "after_block": _out_channels_bottleneck,
+    },
 )
 register_block(
-    ("torchvision.models.mobilenetv2", "InvertedResidual"), _tv_inverted_forward,
+    ("torchvision.models.mobilenetv2", "InvertedResidual"),
+    _tv_inverted_forward,
     default="after_dwconv",
-    channels={"after_dwconv": lambda b: b.conv[_dw_index(b)][0].out_channels,
-              "before_add": lambda b: b.out_channels, "after_block": lambda b: b.out_channels},
+    channels={
+        "after_dwconv": lambda b: b.conv[_dw_index(b)][0].out_channels,
+        "before_add": lambda b: b.out_channels,
+        "after_block": lambda b: b.out_channels,
+    },
     check=_check_inverted,
 )
 
 
 #: the BatchNorm right before the "before_add" slot, per block forward: the (norm, attention)
 #: pairs that attnzoo.fast folds into one layer while its switch is on
-_NORM_BEFORE_ADD = {_tv_basic_forward: "bn2", _tv_bottleneck_forward: "bn3",
-                    _timm_basic_forward: "bn2", _timm_bottleneck_forward: "bn3"}
+_NORM_BEFORE_ADD = {
+    _tv_basic_forward: "bn2",
+    _tv_bottleneck_forward: "bn3",
+    _timm_basic_forward: "bn2",
+    _timm_bottleneck_forward: "bn3",
+}
 
 
 def _fold(host: nn.Module, child: str, module: nn.Module) -> None:
@@ -332,7 +358,7 @@ def _encode(cls: type) -> str:
 
 
 def _decode(name: str) -> type:
-    body = name[len(_PREFIX):]
+    body = name[len(_PREFIX) :]
     mod, _, qual = body.partition("_2")
 
     def unesc(s: str) -> str:
@@ -414,14 +440,16 @@ def attached(model: nn.Module) -> list[AttachedModule]:
         for child, rec in host.__dict__[_RECORD].items():
             module = host._modules[child]
             inner = module.attn if isinstance(module, IdentityInit) else module
-            out.append(AttachedModule(
-                path=f"{path}.{child}" if path else child,
-                position=rec["position"],
-                cls=type(inner).__name__,
-                channels=rec["channels"],
-                params=sum(p.numel() for p in module.parameters()),
-                identity_init=rec["identity_init"],
-            ))
+            out.append(
+                AttachedModule(
+                    path=f"{path}.{child}" if path else child,
+                    position=rec["position"],
+                    cls=type(inner).__name__,
+                    channels=rec["channels"],
+                    params=sum(p.numel() for p in module.parameters()),
+                    identity_init=rec["identity_init"],
+                )
+            )
     return out
 
 
@@ -459,12 +487,15 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype |
     return None, None
 
 
-def _build(attention: Any, channels: int, kwargs: Mapping[str, Any], identity_init: bool,
-           host: nn.Module) -> nn.Module:
+def _build(
+    attention: Any, channels: int, kwargs: Mapping[str, Any], identity_init: bool, host: nn.Module
+) -> nn.Module:
     module = create(attention, channels, **kwargs)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"attnzoo.attach: the attention factory returned {type(module).__name__}, "
-                        "expected an nn.Module")
+        raise TypeError(
+            f"attnzoo.attach: the attention factory returned {type(module).__name__}, "
+            "expected an nn.Module"
+        )
     device, dtype = _device_dtype(host)
     if device is not None:
         module = module.to(device=device, dtype=dtype)
@@ -483,8 +514,9 @@ def _is_identity(module: nn.Module, channels: int, device: Any, dtype: Any) -> b
     was_training = module.training
     module.eval()
     try:
-        probe = torch.randn(2, channels, 5, 7, device=device,
-                            dtype=dtype or torch.get_default_dtype())
+        probe = torch.randn(
+            2, channels, 5, 7, device=device, dtype=dtype or torch.get_default_dtype()
+        )
         return bool(torch.equal(module(probe), probe))
     except Exception:  # noqa: BLE001  (a module that cannot run on the probe is simply wrapped)
         return False
@@ -492,23 +524,34 @@ def _is_identity(module: nn.Module, channels: int, device: Any, dtype: Any) -> b
         module.train(was_training)
 
 
-def _insert(host: nn.Module, child: str, module: nn.Module, position: str, channels: int,
-            identity_init: bool) -> None:
+def _insert(
+    host: nn.Module,
+    child: str,
+    module: nn.Module,
+    position: str,
+    channels: int,
+    identity_init: bool,
+) -> None:
     if child in host._modules:
         raise ValueError(f"attnzoo.attach: {type(host).__name__} already has a child {child!r}")
     if not _is_plain_sequential(host) and "_attnzoo_base" not in type(host).__dict__:
         host.__class__ = _attached_class(type(host))
     host.add_module(child, module)
-    host.__dict__.setdefault(_RECORD, {})[child] = {"position": position, "channels": channels,
-                                                     "identity_init": identity_init}
+    host.__dict__.setdefault(_RECORD, {})[child] = {
+        "position": position,
+        "channels": channels,
+        "identity_init": identity_init,
+    }
     if fast.is_enabled() and position == "before_add":
         _fold(host, child, module)  # SE / ECA after a BatchNorm2d: one folded layer
 
 
 def _check_free(host: nn.Module, child: str, path: str) -> None:
     if child in host._modules:
-        raise ValueError(f"attnzoo.attach: {path or 'model'} already has {child!r}; "
-                         "call attnzoo.detach(model) first")
+        raise ValueError(
+            f"attnzoo.attach: {path or 'model'} already has {child!r}; "
+            "call attnzoo.detach(model) first"
+        )
 
 
 def _dry_run(model: nn.Module, paths: list[str], example_input: Any) -> dict[str, list[Any]]:
@@ -516,13 +559,13 @@ def _dry_run(model: nn.Module, paths: list[str], example_input: Any) -> dict[str
     handles = []
     for p in paths:
         module = model.get_submodule(p)
-        handles.append(module.register_forward_hook(
-            lambda m, a, o, p=p: outputs[p].append(o)))
+        handles.append(module.register_forward_hook(lambda m, a, o, p=p: outputs[p].append(o)))
     device, dtype = _device_dtype(model)
     if example_input is None:
         example_input = (1, 3, 224, 224)
     if isinstance(example_input, (tuple, list, torch.Size)) and all(
-            isinstance(s, int) for s in example_input):
+        isinstance(s, int) for s in example_input
+    ):
         example_input = torch.zeros(tuple(example_input), device=device, dtype=dtype)
     was_training = model.training
     try:
@@ -599,8 +642,10 @@ def attach(
             after = [after]
         paths = list(after)
         if position is not None or stages is not None or every != 1 or stage_kwargs or select:
-            raise ValueError("attnzoo.attach: after= cannot be combined with position, stages, "
-                             "every, select or stage_kwargs")
+            raise ValueError(
+                "attnzoo.attach: after= cannot be combined with position, stages, "
+                "every, select or stage_kwargs"
+            )
         if not paths:
             raise ValueError("attnzoo.attach: after= is empty")
         hosts = {p: _resolve_path(model, p) for p in paths}
@@ -613,29 +658,38 @@ def attach(
                 raise ValueError(
                     f"attnzoo.attach: module {p!r} ran {len(calls)} times in one forward pass; "
                     "an attention after it would apply at every call (shared modules such as "
-                    "torchvision's block.relu cannot be targets). Choose another path.")
+                    "torchvision's block.relu cannot be targets). Choose another path."
+                )
             out = calls[0]
             if not isinstance(out, Tensor) or out.dim() < 3:
-                raise ValueError(f"attnzoo.attach: module {p!r} does not return a (B, C, ...) "
-                                 f"tensor, got {type(out).__name__}")
+                raise ValueError(
+                    f"attnzoo.attach: module {p!r} does not return a (B, C, ...) "
+                    f"tensor, got {type(out).__name__}"
+                )
             plan.append((hosts[p], p, _SLOT["after"], "after", int(out.shape[1]), dict()))
     else:
         all_stages = _stages(model)
         if not all_stages:
             known = ", ".join(f"{m}.{q}" for m, q in _KINDS)
-            raise ValueError(f"attnzoo.attach: found no known residual blocks in the model; it "
-                             f"has {_block_types(model)}. Known blocks: {known}. Use "
-                             "after=[module paths] to insert after any module, or "
-                             "attnzoo.models.register_block for a new block type")
+            raise ValueError(
+                f"attnzoo.attach: found no known residual blocks in the model; it "
+                f"has {_block_types(model)}. Known blocks: {known}. Use "
+                "after=[module paths] to insert after any module, or "
+                "attnzoo.models.register_block for a new block type"
+            )
         chosen = range(1, len(all_stages) + 1) if stages is None else list(stages)
         for s in chosen:
             if not isinstance(s, int) or not 1 <= s <= len(all_stages):
-                raise ValueError(f"attnzoo.attach: stages must be integers in 1..{len(all_stages)} "
-                                 f"for this model, got {s!r}")
+                raise ValueError(
+                    f"attnzoo.attach: stages must be integers in 1..{len(all_stages)} "
+                    f"for this model, got {s!r}"
+                )
         unknown = set(stage_kwargs) - set(chosen)
         if unknown:
-            raise ValueError(f"attnzoo.attach: stage_kwargs for stages {sorted(unknown)} that "
-                             f"are not attached (stages={list(chosen)})")
+            raise ValueError(
+                f"attnzoo.attach: stage_kwargs for stages {sorted(unknown)} that "
+                f"are not attached (stages={list(chosen)})"
+            )
         if position == "after_stage" and every != 1:
             raise ValueError("attnzoo.attach: every= has no meaning with position='after_stage'")
         for s in chosen:
@@ -653,7 +707,8 @@ def attach(
                     supported = sorted(set(kind.channels) | {"after_stage"})
                     raise ValueError(
                         f"attnzoo.attach: position {pos!r} is not available in "
-                        f"{_base_class(block).__name__} ({path}); supported: {supported}")
+                        f"{_base_class(block).__name__} ({path}); supported: {supported}"
+                    )
                 if kind.check is not None:
                     kind.check(block)
                 channels = int(kind.channels[lookup](block))
@@ -675,7 +730,8 @@ def attach(
                 f"attnzoo.attach: cannot build {_attention_name(attention)} for "
                 f"{_base_class(host).__name__} {path!r} (position {pos!r}, {ch} channels): "
                 f"{err}. Skip such blocks with select=/stages=, or change the module's "
-                "arguments") from err
+                "arguments"
+            ) from err
     for (host, _, child, pos, ch, _), module in zip(plan, built):
         _insert(host, child, module, pos, ch, identity_init)
     return model
@@ -683,8 +739,11 @@ def attach(
 
 def _block_types(model: nn.Module, n: int = 12) -> str:
     """The distinct module classes of ``model`` that are not torch's own layers, for errors."""
-    seen = list(dict.fromkeys(type(m).__name__ for m in model.modules()
-                              if not type(m).__module__.startswith("torch.")))
+    seen = list(
+        dict.fromkeys(
+            type(m).__name__ for m in model.modules() if not type(m).__module__.startswith("torch.")
+        )
+    )
     if not seen:
         layers = list(dict.fromkeys(type(m).__name__ for m in model.modules()))
         return "only torch.nn layers (" + ", ".join(layers[:n]) + ")"
@@ -709,7 +768,8 @@ def _hub_file(weights: Any) -> Path:
             f"attnzoo: the weights {type(weights).__name__}.{weights.name} are not in the local "
             f"torch hub cache: expected the file {path.name} in {folder}. attnzoo never "
             f"downloads: fetch {weights.url} yourself and place it there (the folder follows "
-            "TORCH_HOME), or pass weights= a file path or a state dict")
+            "TORCH_HOME), or pass weights= a file path or a state dict"
+        )
     return path
 
 
@@ -727,8 +787,9 @@ def _weights_by_name(name: str, enum_cls: Any) -> Any:
         return None
 
 
-def resolve_weights(weights: Any, enum_cls: Any = None, *,
-                    who: str = "attnzoo.load_pretrained") -> Mapping[str, Tensor]:
+def resolve_weights(
+    weights: Any, enum_cls: Any = None, *, who: str = "attnzoo.load_pretrained"
+) -> Mapping[str, Tensor]:
     """A state dict from any of the ``weights=`` forms the builders accept.
 
     Args:
@@ -748,16 +809,23 @@ def resolve_weights(weights: Any, enum_cls: Any = None, *,
     if isinstance(weights, WeightsEnum):
         return torch.load(_hub_file(weights), map_location="cpu", weights_only=True)
     if not isinstance(weights, (str, Path)):
-        raise TypeError(f"{who}: weights must be a state dict, a file path, a torchvision "
-                        f"weights enum or its name; got {type(weights).__name__}")
+        raise TypeError(
+            f"{who}: weights must be a state dict, a file path, a torchvision "
+            f"weights enum or its name; got {type(weights).__name__}"
+        )
     if Path(weights).is_file():
         return torch.load(weights, map_location="cpu", weights_only=True)
     enum = _weights_by_name(str(weights), enum_cls) if isinstance(weights, str) else None
     if enum is None:
-        names = (f" ({enum_cls.__name__}: {', '.join(enum_cls.__members__)})"
-                 if enum_cls is not None else "")
-        raise FileNotFoundError(f"{who}: weights {str(weights)!r} is neither a file nor the "
-                                f"name of torchvision weights{names}")
+        names = (
+            f" ({enum_cls.__name__}: {', '.join(enum_cls.__members__)})"
+            if enum_cls is not None
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{who}: weights {str(weights)!r} is neither a file nor the "
+            f"name of torchvision weights{names}"
+        )
     return torch.load(_hub_file(enum), map_location="cpu", weights_only=True)
 
 
@@ -768,7 +836,10 @@ def _head_keys(model: nn.Module) -> set[str]:
 
 
 def load_pretrained(
-    model: nn.Module, state_dict: Mapping[str, Tensor] | str | Path | Any, *, strict: bool = True,
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor] | str | Path | Any,
+    *,
+    strict: bool = True,
     new_head: bool = False,
 ) -> list[str]:
     """Load a plain (attention-free) ``state_dict`` into an attached model.
@@ -796,15 +867,22 @@ def load_pretrained(
     own = model.state_dict()
     expected = set(own)
     given = set(state_dict)
-    mismatched = [k for k in sorted(expected & given)
-                  if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape]
+    mismatched = [
+        k
+        for k in sorted(expected & given)
+        if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape
+    ]
     head = _head_keys(model) if new_head else set()
     skipped = [k for k in mismatched if k in head]
-    bad_shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in mismatched if k not in skipped]
+    bad_shapes = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in mismatched
+        if k not in skipped
+    ]
     if bad_shapes:
-        raise RuntimeError("attnzoo.load_pretrained: shape mismatch (given vs model): "
-                           f"{_short(bad_shapes)}")
+        raise RuntimeError(
+            f"attnzoo.load_pretrained: shape mismatch (given vs model): {_short(bad_shapes)}"
+        )
     missing = expected - given
     missing_attn = sorted(k for k in missing if k.startswith(prefixes))
     other_missing = sorted(k for k in missing if not k.startswith(prefixes))
@@ -813,17 +891,21 @@ def load_pretrained(
         raise RuntimeError(
             "attnzoo.load_pretrained: the state_dict does not match the network outside the "
             f"attention modules. Missing: {_short(other_missing)}; unexpected: "
-            f"{_short(unexpected)}")
+            f"{_short(unexpected)}"
+        )
     if skipped:
         import warnings
 
-        shapes = ", ".join(f"{k} {tuple(state_dict[k].shape)} -> {tuple(own[k].shape)}"
-                           for k in skipped)
-        warnings.warn(f"attnzoo.load_pretrained: new classifier head, not loaded from the "
-                      f"weights: {shapes}; it keeps its initialisation", UserWarning,
-                      stacklevel=2)
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped},
-                          strict=False)
+        shapes = ", ".join(
+            f"{k} {tuple(state_dict[k].shape)} -> {tuple(own[k].shape)}" for k in skipped
+        )
+        warnings.warn(
+            f"attnzoo.load_pretrained: new classifier head, not loaded from the "
+            f"weights: {shapes}; it keeps its initialisation",
+            UserWarning,
+            stacklevel=2,
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
     return missing_attn
 
 

@@ -72,14 +72,26 @@ def mobilenet_v2(
         >>> from attnzoo.models import mobilenet_v2
         >>> model = mobilenet_v2(attention="ca", select="expanded")
     """
-    model = tv_mobilenetv2.mobilenet_v2(weights=None, num_classes=num_classes,
-                                        **dict(model_kwargs or {}))
+    model = tv_mobilenetv2.mobilenet_v2(
+        weights=None, num_classes=num_classes, **dict(model_kwargs or {})
+    )
     if select == EXPANDED_ONLY:
         select = _expanded(model)
     elif isinstance(select, str):
-        raise ValueError(f"mobilenet_v2: select must be a callable or {EXPANDED_ONLY!r}, "
-                         f"got {select!r}")
-    return finish(model, attention, stages=stages, position=position, every=every, select=select,
-                  stage_kwargs=stage_kwargs, identity_init=identity_init, weights=weights,
-                  attention_kwargs=attention_kwargs, name="mobilenet_v2",
-                  weights_enum=tv_mobilenetv2.MobileNet_V2_Weights)
+        raise ValueError(
+            f"mobilenet_v2: select must be a callable or {EXPANDED_ONLY!r}, got {select!r}"
+        )
+    return finish(
+        model,
+        attention,
+        stages=stages,
+        position=position,
+        every=every,
+        select=select,
+        stage_kwargs=stage_kwargs,
+        identity_init=identity_init,
+        weights=weights,
+        attention_kwargs=attention_kwargs,
+        name="mobilenet_v2",
+        weights_enum=tv_mobilenetv2.MobileNet_V2_Weights,
+    )

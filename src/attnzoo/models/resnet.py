@@ -61,7 +61,11 @@ __all__ = [
 
 #: ECA kernel sizes of the released ECA-Net50 weights (BangguWu/ECANet), per stage: 80 params.
 ECA_NET50_KERNELS: dict[int, dict[str, int]] = {
-    1: {"kernel_size": 3}, 2: {"kernel_size": 5}, 3: {"kernel_size": 5}, 4: {"kernel_size": 7}}
+    1: {"kernel_size": 3},
+    2: {"kernel_size": 5},
+    3: {"kernel_size": 5},
+    4: {"kernel_size": 7},
+}
 
 Attention = str | type[nn.Module] | Callable[..., nn.Module] | None
 #: a state dict, a file, a torchvision weights enum or its name (see ``resolve_weights``)
@@ -90,8 +94,17 @@ def finish(
     ``num_classes`` than the weights' is left at its initialisation, with a warning."""
     state = None if weights is None else resolve_weights(weights, weights_enum, who=name)
     if attention is not None:
-        attach(model, attention, stages=stages, position=position, every=every, select=select,
-               stage_kwargs=stage_kwargs, identity_init=identity_init, **attention_kwargs)
+        attach(
+            model,
+            attention,
+            stages=stages,
+            position=position,
+            every=every,
+            select=select,
+            stage_kwargs=stage_kwargs,
+            identity_init=identity_init,
+            **attention_kwargs,
+        )
     elif attention_kwargs or stage_kwargs or stages is not None or position is not None:
         raise ValueError(f"{name}: attention options given without attention=")
     if state is not None:
@@ -115,10 +128,20 @@ def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[.
         **attention_kwargs: Any,
     ) -> nn.Module:
         model = tv_fn(weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
-        return finish(model, attention, stages=stages, position=position, every=every,
-                      select=select, stage_kwargs=stage_kwargs, identity_init=identity_init,
-                      weights=weights, attention_kwargs=attention_kwargs,
-                      weights_enum=get_model_weights(tv_fn), name=name)
+        return finish(
+            model,
+            attention,
+            stages=stages,
+            position=position,
+            every=every,
+            select=select,
+            stage_kwargs=stage_kwargs,
+            identity_init=identity_init,
+            weights=weights,
+            attention_kwargs=attention_kwargs,
+            weights_enum=get_model_weights(tv_fn),
+            name=name,
+        )
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"""{doc} with optional attention (torchvision ``{tv_fn.__name__}``, no
@@ -179,11 +202,22 @@ def _cifar_builder(tv_fn: Callable[..., nn.Module], name: str) -> Callable[..., 
         model_kwargs: Mapping[str, Any] | None = None,
         **attention_kwargs: Any,
     ) -> nn.Module:
-        model = _cifar_stem(tv_fn(weights=None, num_classes=num_classes,
-                                  **dict(model_kwargs or {})))
-        return finish(model, attention, stages=stages, position=position, every=every,
-                      select=select, stage_kwargs=stage_kwargs, identity_init=identity_init,
-                      weights=weights, attention_kwargs=attention_kwargs, name=name)
+        model = _cifar_stem(
+            tv_fn(weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
+        )
+        return finish(
+            model,
+            attention,
+            stages=stages,
+            position=position,
+            every=every,
+            select=select,
+            stage_kwargs=stage_kwargs,
+            identity_init=identity_init,
+            weights=weights,
+            attention_kwargs=attention_kwargs,
+            name=name,
+        )
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"""CIFAR-style {tv_fn.__name__}: 3x3 stride-1 stem, no max-pool; 100 classes.
@@ -217,9 +251,16 @@ class SKBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None, groups: int = 32, base_width: int = 4,
-                 sk_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 32,
+        base_width: int = 4,
+        sk_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
@@ -249,9 +290,14 @@ def _sk_out(b: nn.Module) -> int:
 
 
 register_block(
-    SKBottleneck, SKBottleneck.forward, default="before_add",
-    channels={"before_add": _sk_out, "after_conv3x3": lambda b: b.conv3.in_channels,
-              "after_block": _sk_out},
+    SKBottleneck,
+    SKBottleneck.forward,
+    default="before_add",
+    channels={
+        "before_add": _sk_out,
+        "after_conv3x3": lambda b: b.conv3.in_channels,
+        "after_block": _sk_out,
+    },
 )
 
 
@@ -279,17 +325,38 @@ def sknet50(
     """
     sk = dict(sk_kwargs or {})
 
-    def block(inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-              groups: int = 32, base_width: int = 4, dilation: int = 1,
-              norm_layer: Any = None) -> nn.Module:
+    def block(
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 32,
+        base_width: int = 4,
+        dilation: int = 1,
+        norm_layer: Any = None,
+    ) -> nn.Module:
         if dilation != 1:
             raise ValueError("sknet50: dilation is not supported")
         return SKBottleneck(inplanes, planes, stride, downsample, groups, base_width, sk)
 
     block.expansion = SKBottleneck.expansion  # type: ignore[attr-defined]
-    model = tv_resnet.ResNet(block, [3, 4, 6, 3], num_classes=num_classes,  # type: ignore[arg-type]
-                             groups=32, width_per_group=4)
-    return finish(model, attention, stages=stages, position=position, every=every, select=select,
-                  stage_kwargs=stage_kwargs, identity_init=identity_init, weights=weights,
-                  attention_kwargs=attention_kwargs, name="sknet50")
-
+    model = tv_resnet.ResNet(
+        block,
+        [3, 4, 6, 3],
+        num_classes=num_classes,  # type: ignore[arg-type]
+        groups=32,
+        width_per_group=4,
+    )
+    return finish(
+        model,
+        attention,
+        stages=stages,
+        position=position,
+        every=every,
+        select=select,
+        stage_kwargs=stage_kwargs,
+        identity_init=identity_init,
+        weights=weights,
+        attention_kwargs=attention_kwargs,
+        name="sknet50",
+    )

@@ -29,13 +29,22 @@ class SmallResNet(nn.Module):
     as torchvision.
     """
 
-    def __init__(self, num_classes: int = 10, *, in_channels: int = 3, stem: int = 16,
-                 widths: Sequence[int] = (32, 64, 128), blocks: Sequence[int] = (1, 1, 1),
-                 strides: Sequence[int] = (2, 2, 2)) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        *,
+        in_channels: int = 3,
+        stem: int = 16,
+        widths: Sequence[int] = (32, 64, 128),
+        blocks: Sequence[int] = (1, 1, 1),
+        strides: Sequence[int] = (2, 2, 2),
+    ) -> None:
         super().__init__()
         if not (len(widths) == len(blocks) == len(strides) >= 1):
-            raise ValueError("SmallResNet: widths, blocks and strides must have the same length "
-                             f">= 1; got {widths}, {blocks}, {strides}")
+            raise ValueError(
+                "SmallResNet: widths, blocks and strides must have the same length "
+                f">= 1; got {widths}, {blocks}, {strides}"
+            )
         self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
@@ -46,8 +55,9 @@ class SmallResNet(nn.Module):
                 stride = s if j == 0 else 1
                 down = None
                 if stride != 1 or inplanes != w:
-                    down = nn.Sequential(nn.Conv2d(inplanes, w, 1, stride, bias=False),
-                                         nn.BatchNorm2d(w))
+                    down = nn.Sequential(
+                        nn.Conv2d(inplanes, w, 1, stride, bias=False), nn.BatchNorm2d(w)
+                    )
                 layers.append(BasicBlock(inplanes, w, stride, down))
                 inplanes = w
             self.add_module(f"layer{i}", nn.Sequential(*layers))
@@ -100,6 +110,16 @@ def cifar_resnet8(
         **attention_kwargs: the attention module's keyword arguments.
     """
     model = SmallResNet(num_classes, **dict(model_kwargs or {}))
-    return finish(model, attention, stages=stages, position=position, every=every, select=select,
-                  stage_kwargs=stage_kwargs, identity_init=identity_init, weights=weights,
-                  attention_kwargs=attention_kwargs, name="cifar_resnet8")
+    return finish(
+        model,
+        attention,
+        stages=stages,
+        position=position,
+        every=every,
+        select=select,
+        stage_kwargs=stage_kwargs,
+        identity_init=identity_init,
+        weights=weights,
+        attention_kwargs=attention_kwargs,
+        name="cifar_resnet8",
+    )

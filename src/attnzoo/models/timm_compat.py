@@ -28,8 +28,13 @@ class _TimmFactory:
         self.attention = attention
         self.kwargs = kwargs
 
-    def __call__(self, channels: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> nn.Module:
+    def __call__(
+        self,
+        channels: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
         module = create(self.attention, channels, **self.kwargs)
         if device is not None or dtype is not None:
             module = module.to(device=device, dtype=dtype)

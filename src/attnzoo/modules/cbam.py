@@ -46,8 +46,9 @@ def _hidden(channels: int, reduction: int, divisor: int | None) -> int:
     return make_divisible(channels / reduction, divisor, round_limit=0.0)
 
 
-def _check_channel_args(name: str, channels: int, reduction: int, mlp_bias: bool,
-                        divisor: int | None) -> None:
+def _check_channel_args(
+    name: str, channels: int, reduction: int, mlp_bias: bool, divisor: int | None
+) -> None:
     check_positive_int(name, "channels", channels)
     check_positive_int(name, "reduction", reduction)
     if not isinstance(mlp_bias, bool):
@@ -56,8 +57,15 @@ def _check_channel_args(name: str, channels: int, reduction: int, mlp_bias: bool
         check_positive_int(name, "divisor", divisor)
 
 
-def _check_spatial_args(name: str, channels: int, kernel_size: int, pool_order: str,
-                        spatial_norm: bool, norm_momentum: float, norm_weight_init: float) -> None:
+def _check_spatial_args(
+    name: str,
+    channels: int,
+    kernel_size: int,
+    pool_order: str,
+    spatial_norm: bool,
+    norm_momentum: float,
+    norm_weight_init: float,
+) -> None:
     check_positive_int(name, "channels", channels)
     check_odd_int(name, "kernel_size", kernel_size)
     check_choice(name, "pool_order", pool_order, _POOL_ORDERS)
@@ -70,40 +78,71 @@ def _check_spatial_args(name: str, channels: int, kernel_size: int, pool_order: 
         raise TypeError(f"{name}: norm_weight_init must be a real number, got {norm_weight_init!r}")
 
 
-def channel_gate_param_count(channels: int, *, reduction: int = 16, mlp_bias: bool = True,
-                             divisor: int | None = None) -> int:
+def channel_gate_param_count(
+    channels: int, *, reduction: int = 16, mlp_bias: bool = True, divisor: int | None = None
+) -> int:
     """``2 C h + h + C`` with MLP bias, ``2 C h`` without (``h`` the MLP width)."""
     _check_channel_args("ChannelGate", channels, reduction, mlp_bias, divisor)
     h = _hidden(channels, reduction, divisor)
     return 2 * channels * h + (h + channels if mlp_bias else 0)
 
 
-def spatial_gate_param_count(channels: int, *, kernel_size: int = 7, pool_order: str = "max-mean",
-                             spatial_norm: bool = True, norm_momentum: float = 0.01,
-                             norm_weight_init: float = 0.0) -> int:
+def spatial_gate_param_count(
+    channels: int,
+    *,
+    kernel_size: int = 7,
+    pool_order: str = "max-mean",
+    spatial_norm: bool = True,
+    norm_momentum: float = 0.01,
+    norm_weight_init: float = 0.0,
+) -> int:
     """``2 k^2`` conv weights, plus 2 (BatchNorm weight and bias) with ``spatial_norm``."""
-    _check_spatial_args("SpatialGate", channels, kernel_size, pool_order, spatial_norm,
-                        norm_momentum, norm_weight_init)
+    _check_spatial_args(
+        "SpatialGate",
+        channels,
+        kernel_size,
+        pool_order,
+        spatial_norm,
+        norm_momentum,
+        norm_weight_init,
+    )
     return 2 * kernel_size**2 + (2 if spatial_norm else 0)
 
 
-def cbam_param_count(channels: int, *, reduction: int = 16, mlp_bias: bool = True,
-                     divisor: int | None = None, kernel_size: int = 7,
-                     pool_order: str = "max-mean", spatial_norm: bool = True,
-                     norm_momentum: float = 0.01, norm_weight_init: float = 0.0,
-                     order: str = "channel-spatial") -> int:
+def cbam_param_count(
+    channels: int,
+    *,
+    reduction: int = 16,
+    mlp_bias: bool = True,
+    divisor: int | None = None,
+    kernel_size: int = 7,
+    pool_order: str = "max-mean",
+    spatial_norm: bool = True,
+    norm_momentum: float = 0.01,
+    norm_weight_init: float = 0.0,
+    order: str = "channel-spatial",
+) -> int:
     """Sum of :func:`channel_gate_param_count` and :func:`spatial_gate_param_count`."""
     check_choice("CBAM", "order", order, _ORDERS)
     return channel_gate_param_count(
         channels, reduction=reduction, mlp_bias=mlp_bias, divisor=divisor
     ) + spatial_gate_param_count(
-        channels, kernel_size=kernel_size, pool_order=pool_order, spatial_norm=spatial_norm,
-        norm_momentum=norm_momentum, norm_weight_init=norm_weight_init,
+        channels,
+        kernel_size=kernel_size,
+        pool_order=pool_order,
+        spatial_norm=spatial_norm,
+        norm_momentum=norm_momentum,
+        norm_weight_init=norm_weight_init,
     )
 
 
-@register("cbam_channel", family="channel", presets={"timm": {"divisor": 1, "mlp_bias": False}},
-          param_count=channel_gate_param_count, **_PAPER)
+@register(
+    "cbam_channel",
+    family="channel",
+    presets={"timm": {"divisor": 1, "mlp_bias": False}},
+    param_count=channel_gate_param_count,
+    **_PAPER,
+)
 class ChannelGate(nn.Module):
     """CBAM's channel attention module (Woo et al., ECCV 2018), usable on its own.
 
@@ -125,8 +164,14 @@ class ChannelGate(nn.Module):
     :meth:`attention_map`.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, mlp_bias: bool = True,
-                 divisor: int | None = None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: int = 16,
+        mlp_bias: bool = True,
+        divisor: int | None = None,
+    ) -> None:
         super().__init__()
         _check_channel_args(type(self).__name__, channels, reduction, mlp_bias, divisor)
         self.channels = channels
@@ -155,10 +200,13 @@ class ChannelGate(nn.Module):
         return f"channels={self.channels}"
 
 
-@register("cbam_spatial", family="spatial",
-          presets={"timm": {"pool_order": "mean-max", "norm_momentum": 0.1,
-                            "norm_weight_init": 1.0}},
-          param_count=spatial_gate_param_count, **_PAPER)
+@register(
+    "cbam_spatial",
+    family="spatial",
+    presets={"timm": {"pool_order": "mean-max", "norm_momentum": 0.1, "norm_weight_init": 1.0}},
+    param_count=spatial_gate_param_count,
+    **_PAPER,
+)
 class SpatialGate(nn.Module):
     """CBAM's spatial attention module (Woo et al., ECCV 2018), usable on its own.
 
@@ -183,12 +231,26 @@ class SpatialGate(nn.Module):
     :meth:`attention_map`.
     """
 
-    def __init__(self, channels: int, *, kernel_size: int = 7, pool_order: str = "max-mean",
-                 spatial_norm: bool = True, norm_momentum: float = 0.01,
-                 norm_weight_init: float = 0.0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int = 7,
+        pool_order: str = "max-mean",
+        spatial_norm: bool = True,
+        norm_momentum: float = 0.01,
+        norm_weight_init: float = 0.0,
+    ) -> None:
         super().__init__()
-        _check_spatial_args(type(self).__name__, channels, kernel_size, pool_order, spatial_norm,
-                            norm_momentum, norm_weight_init)
+        _check_spatial_args(
+            type(self).__name__,
+            channels,
+            kernel_size,
+            pool_order,
+            spatial_norm,
+            norm_momentum,
+            norm_weight_init,
+        )
         self.channels = channels
         self.pool_order = pool_order
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
@@ -221,10 +283,20 @@ class SpatialGate(nn.Module):
     "cbam",
     family="hybrid",
     presets={
-        "timm": {"divisor": 1, "mlp_bias": False, "pool_order": "mean-max",
-                 "norm_momentum": 0.1, "norm_weight_init": 1.0},
-        "yolov4-tiny": {"reduction": 8, "mlp_bias": False, "pool_order": "mean-max",
-                        "spatial_norm": False, "kernel_size": 7},
+        "timm": {
+            "divisor": 1,
+            "mlp_bias": False,
+            "pool_order": "mean-max",
+            "norm_momentum": 0.1,
+            "norm_weight_init": 1.0,
+        },
+        "yolov4-tiny": {
+            "reduction": 8,
+            "mlp_bias": False,
+            "pool_order": "mean-max",
+            "spatial_norm": False,
+            "kernel_size": 7,
+        },
     },
     param_count=cbam_param_count,
     **_PAPER,
@@ -270,21 +342,38 @@ class CBAM(nn.Module):
     (``(B, 1, H, W)``); :meth:`attention_map` returns the spatial map as applied in ``forward``.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, mlp_bias: bool = True,
-                 divisor: int | None = None, kernel_size: int = 7, pool_order: str = "max-mean",
-                 spatial_norm: bool = True, norm_momentum: float = 0.01,
-                 norm_weight_init: float = 0.0, order: str = "channel-spatial") -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: int = 16,
+        mlp_bias: bool = True,
+        divisor: int | None = None,
+        kernel_size: int = 7,
+        pool_order: str = "max-mean",
+        spatial_norm: bool = True,
+        norm_momentum: float = 0.01,
+        norm_weight_init: float = 0.0,
+        order: str = "channel-spatial",
+    ) -> None:
         super().__init__()
         _check_channel_args("CBAM", channels, reduction, mlp_bias, divisor)
-        _check_spatial_args("CBAM", channels, kernel_size, pool_order, spatial_norm,
-                            norm_momentum, norm_weight_init)
+        _check_spatial_args(
+            "CBAM", channels, kernel_size, pool_order, spatial_norm, norm_momentum, norm_weight_init
+        )
         self.order = check_choice("CBAM", "order", order, _ORDERS)
         self.channels = channels
-        self.channel = ChannelGate(channels, reduction=reduction, mlp_bias=mlp_bias,
-                                   divisor=divisor)
-        self.spatial = SpatialGate(channels, kernel_size=kernel_size, pool_order=pool_order,
-                                   spatial_norm=spatial_norm, norm_momentum=norm_momentum,
-                                   norm_weight_init=norm_weight_init)
+        self.channel = ChannelGate(
+            channels, reduction=reduction, mlp_bias=mlp_bias, divisor=divisor
+        )
+        self.spatial = SpatialGate(
+            channels,
+            kernel_size=kernel_size,
+            pool_order=pool_order,
+            spatial_norm=spatial_norm,
+            norm_momentum=norm_momentum,
+            norm_weight_init=norm_weight_init,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``F''`` for the configured ``order``."""

@@ -33,8 +33,9 @@ def _mip(channels: int, reduction: float, min_mip: int, divisor: int | None) -> 
     return max(min_mip, make_divisible(channels / reduction, divisor, round_limit=0.0))
 
 
-def _check_args(channels: int, reduction: float, min_mip: int, divisor: int | None,
-                mip: int | None, act: str) -> int:
+def _check_args(
+    channels: int, reduction: float, min_mip: int, divisor: int | None, mip: int | None, act: str
+) -> int:
     channels = check_positive_int(_NAME, "channels", channels)
     check_choice(_NAME, "act", act, _ACTIVATIONS)
     check_positive_float(_NAME, "reduction", reduction)

@@ -126,8 +126,9 @@ class DANetPositionAttention(nn.Module):
         return rows(slice(None))
 
     @torch.no_grad()
-    def affinity_rows(self, x: torch.Tensor
-                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+    def affinity_rows(
+        self, x: torch.Tensor
+    ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
         """``(rows, key_shape)``: ``rows(queries)`` gives the rows of :meth:`attention_map` for a
         slice of the ``N`` query positions, ``(B, n, N)``; ``key_shape`` is ``(H, W)``."""
         self._check(x)
@@ -209,15 +210,20 @@ class DANetChannelAttention(nn.Module):
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """``A`` of shape ``(B, C, C)``; rows sum to 1."""
         self._check(x)
-        return _channel_attention(x.flatten(2).to(torch.promote_types(x.dtype, torch.float32)),
-                                  self.energy)
+        return _channel_attention(
+            x.flatten(2).to(torch.promote_types(x.dtype, torch.float32)), self.energy
+        )
 
     def extra_repr(self) -> str:
         return f"{self.channels}, energy={self.energy!r}"
 
 
-@register("dual_attention", presets={"sum": {"fusion": "sum"}},
-          param_count=dual_attention_param_count, **_META)
+@register(
+    "dual_attention",
+    presets={"sum": {"fusion": "sum"}},
+    param_count=dual_attention_param_count,
+    **_META,
+)
 class DualAttention(nn.Module):
     """DANet's position and channel attention on the same input, summed (Fu et al., "Dual
     Attention Network for Scene Segmentation", CVPR 2019).

@@ -42,8 +42,9 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1, min_kernel_si
     return max(k, min_kernel_size)
 
 
-def _resolve_kernel(channels: int, kernel_size: int | None, gamma: float, b: float,
-                    min_kernel_size: int) -> int:
+def _resolve_kernel(
+    channels: int, kernel_size: int | None, gamma: float, b: float, min_kernel_size: int
+) -> int:
     check_positive_int(_NAME, "channels", channels)
     check_positive_float(_NAME, "gamma", gamma)
     if isinstance(b, bool) or not isinstance(b, (int, float)):
@@ -54,8 +55,14 @@ def _resolve_kernel(channels: int, kernel_size: int | None, gamma: float, b: flo
     return eca_kernel_size(channels, gamma, b, min_kernel_size)
 
 
-def eca_param_count(channels: int, *, kernel_size: int | None = None, gamma: float = 2,
-                    b: float = 1, min_kernel_size: int = 1) -> int:
+def eca_param_count(
+    channels: int,
+    *,
+    kernel_size: int | None = None,
+    gamma: float = 2,
+    b: float = 1,
+    min_kernel_size: int = 1,
+) -> int:
     """Closed-form parameter count: ``k`` (one bias-free 1-D kernel shared by all channels)."""
     return _resolve_kernel(channels, kernel_size, gamma, b, min_kernel_size)
 
@@ -103,8 +110,15 @@ class EfficientChannelAttention(nn.Module):
     is returned by :meth:`attention_map`. The weight is ``self.conv.weight`` (``(1, 1, k)``).
     """
 
-    def __init__(self, channels: int, *, kernel_size: int | None = None, gamma: float = 2,
-                 b: float = 1, min_kernel_size: int = 1) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int | None = None,
+        gamma: float = 2,
+        b: float = 1,
+        min_kernel_size: int = 1,
+    ) -> None:
         super().__init__()
         k = _resolve_kernel(channels, kernel_size, gamma, b, min_kernel_size)
         self.channels = channels

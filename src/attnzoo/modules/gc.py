@@ -52,8 +52,14 @@ def _planes(channels: int, ratio: float, divisor: int | None) -> int:
     return make_divisible(channels * ratio, divisor, round_limit=0.0)
 
 
-def _check_args(channels: int, ratio: float, pooling: str, fusion: str | Iterable[str],
-                divisor: int | None, eps: float) -> tuple[str, ...]:
+def _check_args(
+    channels: int,
+    ratio: float,
+    pooling: str,
+    fusion: str | Iterable[str],
+    divisor: int | None,
+    eps: float,
+) -> tuple[str, ...]:
     check_positive_int(_NAME, "channels", channels)
     check_positive_float(_NAME, "ratio", ratio)
     check_choice(_NAME, "pooling", pooling, ("att", "avg"))

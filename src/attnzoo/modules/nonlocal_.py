@@ -46,8 +46,9 @@ def _inter(channels: int, inter_channels: int | None) -> int:
     return max(1, channels // 2) if inter_channels is None else inter_channels
 
 
-def _check_args(cls_name: str, channels: int, mode: str, inter_channels: int | None,
-                use_scale: bool) -> int:
+def _check_args(
+    cls_name: str, channels: int, mode: str, inter_channels: int | None, use_scale: bool
+) -> int:
     check_positive_int(cls_name, "channels", channels)
     check_choice(cls_name, "mode", mode, MODES)
     if inter_channels is not None:
@@ -248,8 +249,9 @@ class _NonLocalNd(nn.Module):
             return 1.0
         return float(self.channels if self.mode == "gaussian" else self.inter_channels) ** -0.5
 
-    def _concat_scores(self, theta: torch.Tensor,
-                       phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _concat_scores(
+        self, theta: torch.Tensor, phi: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_i = w_theta . theta_i`` ``(B, N)`` and ``b_j = w_phi . phi_j`` ``(B, M)``.
 
         ``concat_project`` is linear without bias, so ``w^T [theta_i, phi_j] = w^T [theta_i, 0] +
@@ -258,8 +260,9 @@ class _NonLocalNd(nn.Module):
         wrapper around it takes effect).
         """
         n = theta.shape[1]
-        pairs = torch.cat([F.pad(theta, (0, self.inter_channels)),
-                           F.pad(phi, (self.inter_channels, 0))], dim=1)  # (B, N + M, 2I)
+        pairs = torch.cat(
+            [F.pad(theta, (0, self.inter_channels)), F.pad(phi, (self.inter_channels, 0))], dim=1
+        )  # (B, N + M, 2I)
         scores = self.concat_project(pairs.transpose(1, 2).unsqueeze(-1)).flatten(1)
         return scores[:, :n], scores[:, n:]
 
@@ -290,8 +293,9 @@ class _NonLocalNd(nn.Module):
         return rows(slice(None))
 
     @torch.no_grad()
-    def affinity_rows(self, x: torch.Tensor
-                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+    def affinity_rows(
+        self, x: torch.Tensor
+    ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
         """The rows of :meth:`attention_map` on demand, without the ``N x M`` matrix.
 
         Returns ``(rows, key_shape)``: ``rows(queries)`` gives the affinity rows of the query

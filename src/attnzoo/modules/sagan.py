@@ -166,8 +166,9 @@ class SAGANSelfAttention(nn.Module):
         return rows(slice(None))
 
     @torch.no_grad()
-    def affinity_rows(self, x: torch.Tensor
-                      ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
+    def affinity_rows(
+        self, x: torch.Tensor
+    ) -> tuple[Callable[[slice], torch.Tensor], tuple[int, ...]]:
         """``(rows, key_shape)``: ``rows(queries)`` gives the rows of :meth:`attention_map` for a
         slice of the ``N`` query positions, ``(B, n, M)``; ``key_shape`` is the keys' ``(h, w)``
         (pooled in the ``tf`` variant). No ``N x M`` matrix unless asked for all rows."""

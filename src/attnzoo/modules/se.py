@@ -39,8 +39,9 @@ def _check_args(channels: int, reduction: int, bias: bool, divisor: int | None) 
         check_positive_int(_NAME, "divisor", divisor)
 
 
-def se_param_count(channels: int, *, reduction: int = 16, bias: bool = True,
-                   divisor: int | None = None) -> int:
+def se_param_count(
+    channels: int, *, reduction: int = 16, bias: bool = True, divisor: int | None = None
+) -> int:
     """Closed-form parameter count: ``2 C h + h + C`` with bias, ``2 C h`` without.
 
     ``h`` is :func:`se_hidden_channels`; the paper's ``2 C^2 / r + C / r + C`` when ``r | C``.
@@ -93,8 +94,9 @@ class SqueezeExcitation(nn.Module):
     (hook it) and is returned by :meth:`attention_map`.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, bias: bool = True,
-                 divisor: int | None = None) -> None:
+    def __init__(
+        self, channels: int, *, reduction: int = 16, bias: bool = True, divisor: int | None = None
+    ) -> None:
         super().__init__()
         _check_args(channels, reduction, bias, divisor)
         self.channels = channels

@@ -37,9 +37,17 @@ def _branch_geometry(index: int, keep_3x3: bool) -> tuple[int, int, int]:
     return 3 + 2 * index, 1, 1 + index
 
 
-def _check_args(channels: int, out_channels: int | None, stride: int, branches: int, groups: int,
-                reduction: float, min_dim: int, divisor: int | None,
-                split_input: bool) -> tuple[int, int]:
+def _check_args(
+    channels: int,
+    out_channels: int | None,
+    stride: int,
+    branches: int,
+    groups: int,
+    reduction: float,
+    min_dim: int,
+    divisor: int | None,
+    split_input: bool,
+) -> tuple[int, int]:
     channels = check_positive_int(_NAME, "channels", channels)
     out_channels = channels if out_channels is None else out_channels
     out_channels = check_positive_int(_NAME, "out_channels", out_channels)
@@ -82,8 +90,9 @@ def sk_param_count(
     Branch i: ``C_out * C_in/G * k_i^2`` (+ ``C_out`` bias) + ``2 C_out`` (BN); fuse:
     ``C_out d`` (+ d) + ``2d`` (BN); select: ``d M C_out`` (+ ``M C_out``).
     """
-    in_per_branch, c_out = _check_args(channels, out_channels, stride, branches, groups,
-                                       reduction, min_dim, divisor, split_input)
+    in_per_branch, c_out = _check_args(
+        channels, out_channels, stride, branches, groups, reduction, min_dim, divisor, split_input
+    )
     d = _attn_channels(c_out, reduction, min_dim, divisor)
     total = 0
     for i in range(branches):
@@ -107,8 +116,7 @@ def sk_param_count(
         # timm's skresnext50_32x4d blocks (cardinality 32, rd_divisor 32, no input split).
         "timm-skresnext": {"divisor": 32, "min_dim": 32},
         # The widely copied PyTorch SKConv (kernels 3+2i, biases everywhere, plain FC fuse layer).
-        "skconv": {"keep_3x3": False, "conv_bias": True, "fc_bias": True,
-                      "fc_norm_act": False},
+        "skconv": {"keep_3x3": False, "conv_bias": True, "fc_bias": True, "fc_norm_act": False},
     },
     param_count=sk_param_count,
     spatial_dims=2,
@@ -187,8 +195,17 @@ class SelectiveKernel(nn.Module):
         fc_norm_act: bool = True,
     ) -> None:
         super().__init__()
-        in_per_branch, c_out = _check_args(channels, out_channels, stride, branches, groups,
-                                           reduction, min_dim, divisor, split_input)
+        in_per_branch, c_out = _check_args(
+            channels,
+            out_channels,
+            stride,
+            branches,
+            groups,
+            reduction,
+            min_dim,
+            divisor,
+            split_input,
+        )
         self.channels = channels
         self.out_channels = c_out
         self.num_branches = branches
@@ -197,8 +214,16 @@ class SelectiveKernel(nn.Module):
         self.paths = nn.ModuleList()
         for i in range(branches):
             k, dilation, padding = _branch_geometry(i, keep_3x3)
-            conv = nn.Conv2d(in_per_branch, c_out, k, stride=stride, padding=padding,
-                             dilation=dilation, groups=groups, bias=conv_bias)
+            conv = nn.Conv2d(
+                in_per_branch,
+                c_out,
+                k,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=conv_bias,
+            )
             self.paths.append(nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)))
         self.attn_channels = d = _attn_channels(c_out, reduction, min_dim, divisor)
         self.fc_reduce = nn.Conv2d(c_out, d, 1, bias=fc_bias)

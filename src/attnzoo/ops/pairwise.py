@@ -84,8 +84,11 @@ def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _records_float64_grad(*tensors: torch.Tensor) -> bool:
     """Float64 inputs and a graph being recorded: the setting of gradient (and Hessian) checks."""
-    return (torch.is_grad_enabled() and any(t.dtype == torch.float64 for t in tensors)
-            and any(t.requires_grad for t in tensors))
+    return (
+        torch.is_grad_enabled()
+        and any(t.dtype == torch.float64 for t in tensors)
+        and any(t.requires_grad for t in tensors)
+    )
 
 
 def softmax_attention(

@@ -42,9 +42,11 @@ def _check_model(model: Any) -> YoloV4Tiny:
     from attnzoo.detection.yolov4_tiny import YoloV4Tiny
 
     if not isinstance(model, YoloV4Tiny):
-        raise TypeError(f"{_WHERE}: model must be an attnzoo.detection.YoloV4Tiny (the detector "
-                        f"whose outputs it decodes), got {type(model).__name__}; for "
-                        "classifiers use attnzoo.viz.cam")
+        raise TypeError(
+            f"{_WHERE}: model must be an attnzoo.detection.YoloV4Tiny (the detector "
+            f"whose outputs it decodes), got {type(model).__name__}; for "
+            "classifiers use attnzoo.viz.cam"
+        )
     return model
 
 
@@ -60,20 +62,25 @@ def _resolve_layers(model: nn.Module, layers: Any) -> list[nn.Module]:
     if isinstance(layers, nn.Module | str):
         layers = [layers]
     if not isinstance(layers, Sequence) or not layers:
-        raise TypeError(f"{_WHERE}: target_layers must be None, a module, a dotted path or a "
-                        f"non-empty sequence of them; got {type(layers).__name__}")
+        raise TypeError(
+            f"{_WHERE}: target_layers must be None, a module, a dotted path or a "
+            f"non-empty sequence of them; got {type(layers).__name__}"
+        )
     out = []
     for layer in layers:
         if isinstance(layer, str):
             out.append(resolve_submodule(_WHERE, model, layer))
         elif isinstance(layer, nn.Module):
             if not any(m is layer for m in model.modules()):
-                raise ValueError(f"{_WHERE}: a target layer is a module that is not part of the "
-                                 "model")
+                raise ValueError(
+                    f"{_WHERE}: a target layer is a module that is not part of the model"
+                )
             out.append(layer)
         else:
-            raise TypeError(f"{_WHERE}: a target layer must be a module or a dotted path, got "
-                            f"{type(layer).__name__}")
+            raise TypeError(
+                f"{_WHERE}: a target layer must be a module or a dotted path, got "
+                f"{type(layer).__name__}"
+            )
     return out
 
 
@@ -120,32 +127,41 @@ class _Decoded(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         from attnzoo.detection.decode import decode_outputs
 
-        return decode_outputs(self.model(x), (x.shape[-2], x.shape[-1]), anchors=self.anchors,
-                              anchor_masks=self.anchor_masks)
+        return decode_outputs(
+            self.model(x),
+            (x.shape[-2], x.shape[-1]),
+            anchors=self.anchors,
+            anchor_masks=self.anchor_masks,
+        )
 
 
 def _targets(predictions: Any, batch: int, num_classes: int) -> list[Callable[[Tensor], Tensor]]:
     if predictions is None:
         return [_top_candidate_score] * batch
     if not isinstance(predictions, Sequence) or len(predictions) != batch:
-        raise ValueError(f"{_WHERE}: predictions must be a list of {batch} dicts (one per image) "
-                         f"with 'boxes' (M, 4) and 'labels' (M,); got {type(predictions).__name__}"
-                         + (f" of length {len(predictions)}" if isinstance(predictions, Sequence)
-                            else ""))
+        raise ValueError(
+            f"{_WHERE}: predictions must be a list of {batch} dicts (one per image) "
+            f"with 'boxes' (M, 4) and 'labels' (M,); got {type(predictions).__name__}"
+            + (f" of length {len(predictions)}" if isinstance(predictions, Sequence) else "")
+        )
     out: list[Callable[[Tensor], Tensor]] = []
     for i, pred in enumerate(predictions):
         if not isinstance(pred, dict) or "boxes" not in pred or "labels" not in pred:
-            raise ValueError(f"{_WHERE}: predictions[{i}] must be a dict with 'boxes' and "
-                             "'labels'")
+            raise ValueError(f"{_WHERE}: predictions[{i}] must be a dict with 'boxes' and 'labels'")
         boxes = torch.as_tensor(pred["boxes"], dtype=torch.float32)
         labels = torch.as_tensor(pred["labels"])
         if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
-            raise ValueError(f"{_WHERE}: predictions[{i}] needs boxes (M, 4) and labels (M,), "
-                             f"got {tuple(boxes.shape)} and {tuple(labels.shape)}")
-        if labels.is_floating_point() or (labels.numel() and not bool(
-                ((labels >= 0) & (labels < num_classes)).all())):
-            raise ValueError(f"{_WHERE}: predictions[{i}]['labels'] must be integers in [0, "
-                             f"{num_classes}), got {labels.tolist()}")
+            raise ValueError(
+                f"{_WHERE}: predictions[{i}] needs boxes (M, 4) and labels (M,), "
+                f"got {tuple(boxes.shape)} and {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or (
+            labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all())
+        ):
+            raise ValueError(
+                f"{_WHERE}: predictions[{i}]['labels'] must be integers in [0, "
+                f"{num_classes}), got {labels.tolist()}"
+            )
         out.append(DetectionScoreTarget(boxes, labels.long()))
     return out
 
@@ -192,20 +208,26 @@ def detector_cam(
 
     detector = _check_model(model)
     if not isinstance(method, str) or method.lower() not in DETECTOR_CAM_METHODS:
-        raise ValueError(f"{_WHERE}: method must be one of {DETECTOR_CAM_METHODS}, got "
-                         f"{method!r}")
+        raise ValueError(f"{_WHERE}: method must be one of {DETECTOR_CAM_METHODS}, got {method!r}")
     method = method.lower()
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{_WHERE}: images must be a (B, 3, H, W) tensor; got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}")
+        raise ValueError(
+            f"{_WHERE}: images must be a (B, 3, H, W) tensor; got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}"
+        )
     if method == "eigencam" and predictions is not None:
-        raise ValueError(f"{_WHERE}: EigenCAM uses no target, so predictions= has no effect; "
-                         "pass method='gradcam' to explain given detections")
+        raise ValueError(
+            f"{_WHERE}: EigenCAM uses no target, so predictions= has no effect; "
+            "pass method='gradcam' to explain given detections"
+        )
     cam_class = _method_class(method)
     layers = _resolve_layers(model, target_layers)
     targets = _targets(predictions, images.shape[0], detector.num_classes)
-    wrapped = _Decoded(model, ANCHORS if anchors is None else anchors,
-                       ANCHOR_MASKS if anchor_masks is None else anchor_masks)
+    wrapped = _Decoded(
+        model,
+        ANCHORS if anchors is None else anchors,
+        ANCHOR_MASKS if anchor_masks is None else anchor_masks,
+    )
     state = _ModelState(model)
     device = next(iter(model.parameters()), images).device
     x = images.detach().to(device).clone().requires_grad_(True)
@@ -221,6 +243,7 @@ def detector_cam(
         state.restore()
     out = torch.from_numpy(maps).float()
     if out.shape != (images.shape[0], *images.shape[-2:]):
-        raise RuntimeError(f"{_WHERE}: grad-cam returned shape {tuple(out.shape)} for images "
-                           f"{tuple(images.shape)}")
+        raise RuntimeError(
+            f"{_WHERE}: grad-cam returned shape {tuple(out.shape)} for images {tuple(images.shape)}"
+        )
     return out.clamp_(0.0, 1.0)

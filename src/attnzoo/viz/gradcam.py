@@ -38,9 +38,15 @@ CAM_METHODS: dict[str, str] = {
     "scorecam": "ScoreCAM",
     "ablationcam": "AblationCAM",
 }
-_ALIASES = {"gradcamplusplus": "gradcam++", "grad-cam": "gradcam", "grad-cam++": "gradcam++",
-            "score-cam": "scorecam", "eigen-cam": "eigencam", "xgrad-cam": "xgradcam",
-            "ablation-cam": "ablationcam"}
+_ALIASES = {
+    "gradcamplusplus": "gradcam++",
+    "grad-cam": "gradcam",
+    "grad-cam++": "gradcam++",
+    "score-cam": "scorecam",
+    "eigen-cam": "eigencam",
+    "xgrad-cam": "xgradcam",
+    "ablation-cam": "ablationcam",
+}
 
 LayerSpec = str | nn.Module
 
@@ -51,13 +57,16 @@ def _method_class(method: str) -> type:
     key = method.lower()
     key = _ALIASES.get(key, key)
     if key not in CAM_METHODS:
-        raise ValueError(f"attnzoo.viz.cam: unknown method {method!r}; choose one of "
-                         f"{', '.join(CAM_METHODS)} (case-insensitive)")
+        raise ValueError(
+            f"attnzoo.viz.cam: unknown method {method!r}; choose one of "
+            f"{', '.join(CAM_METHODS)} (case-insensitive)"
+        )
     try:
         import pytorch_grad_cam
     except ImportError as err:
-        raise ImportError("attnzoo.viz.cam needs the grad-cam package: "
-                          'pip install "attnzoo[viz]"') from err
+        raise ImportError(
+            'attnzoo.viz.cam needs the grad-cam package: pip install "attnzoo[viz]"'
+        ) from err
     return getattr(pytorch_grad_cam, CAM_METHODS[key])
 
 
@@ -100,7 +109,8 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     raise ValueError(
         f"attnzoo.viz.cam: no default target layer for {type(model).__name__} (known: "
         "SmallResNet/cifar_resnet8, torchvision and timm ResNets, torchvision MobileNetV2); "
-        "pass target_layer= as a module or a dotted path, e.g. target_layer=\"layer3\"")
+        'pass target_layer= as a module or a dotted path, e.g. target_layer="layer3"'
+    )
 
 
 def _resolve_layer(model: nn.Module, layer: LayerSpec | None) -> nn.Module:
@@ -108,13 +118,16 @@ def _resolve_layer(model: nn.Module, layer: LayerSpec | None) -> nn.Module:
         return default_target_layer(model)
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
-            raise ValueError("attnzoo.viz.cam: target_layer is a module that is not part of "
-                             "the model")
+            raise ValueError(
+                "attnzoo.viz.cam: target_layer is a module that is not part of the model"
+            )
         return layer
     if isinstance(layer, str):
         return resolve_submodule("attnzoo.viz.cam", model, layer)
-    raise TypeError("attnzoo.viz.cam: target_layer must be None, an nn.Module or a dotted path "
-                    f"string; got {type(layer).__name__}")
+    raise TypeError(
+        "attnzoo.viz.cam: target_layer must be None, an nn.Module or a dotted path "
+        f"string; got {type(layer).__name__}"
+    )
 
 
 def _targets(targets: Any, batch: int) -> list[Callable[[Tensor], Tensor]] | None:
@@ -125,18 +138,23 @@ def _targets(targets: Any, batch: int) -> list[Callable[[Tensor], Tensor]] | Non
 
     if isinstance(targets, Tensor):
         if targets.dim() > 1 or targets.is_floating_point() or targets.is_complex():
-            raise ValueError("attnzoo.viz.cam: targets must be an integer tensor of shape (B,) "
-                             f"or (); got dtype {targets.dtype}, shape {tuple(targets.shape)}")
+            raise ValueError(
+                "attnzoo.viz.cam: targets must be an integer tensor of shape (B,) "
+                f"or (); got dtype {targets.dtype}, shape {tuple(targets.shape)}"
+            )
         targets = targets.tolist()
     if isinstance(targets, int) and not isinstance(targets, bool):
         targets = [targets] * batch
     if not isinstance(targets, Sequence) or isinstance(targets, str):
-        raise TypeError("attnzoo.viz.cam: targets must be None, a class index, a sequence of "
-                        f"class indices or grad-cam target callables; got {type(targets).__name__}")
+        raise TypeError(
+            "attnzoo.viz.cam: targets must be None, a class index, a sequence of "
+            f"class indices or grad-cam target callables; got {type(targets).__name__}"
+        )
     targets = list(targets)
     if len(targets) != batch:
-        raise ValueError(f"attnzoo.viz.cam: targets has {len(targets)} entries for a batch of "
-                         f"{batch} images")
+        raise ValueError(
+            f"attnzoo.viz.cam: targets has {len(targets)} entries for a batch of {batch} images"
+        )
     out = []
     for t in targets:
         if isinstance(t, bool):
@@ -148,8 +166,10 @@ def _targets(targets: Any, batch: int) -> list[Callable[[Tensor], Tensor]] | Non
         elif callable(t):
             out.append(t)
         else:
-            raise TypeError(f"attnzoo.viz.cam: a target must be a class index or a callable, "
-                            f"got {type(t).__name__}")
+            raise TypeError(
+                f"attnzoo.viz.cam: a target must be a class index or a callable, "
+                f"got {type(t).__name__}"
+            )
     return out
 
 
@@ -209,8 +229,10 @@ def cam(
     """
     cam_class = _method_class(method)
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError("attnzoo.viz.cam: images must be a (B, C, H, W) tensor; got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}")
+        raise ValueError(
+            "attnzoo.viz.cam: images must be a (B, C, H, W) tensor; got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}"
+        )
     layers = [_resolve_layer(model, target_layer)]
     grad_targets = _targets(targets, images.shape[0])
     state = _ModelState(model)
@@ -229,6 +251,8 @@ def cam(
         state.restore()
     out = torch.from_numpy(maps).float()
     if out.shape != (images.shape[0], *images.shape[-2:]):  # a grad-cam contract we rely on
-        raise RuntimeError(f"attnzoo.viz.cam: grad-cam returned shape {tuple(out.shape)} for "
-                           f"images {tuple(images.shape)}")
+        raise RuntimeError(
+            f"attnzoo.viz.cam: grad-cam returned shape {tuple(out.shape)} for "
+            f"images {tuple(images.shape)}"
+        )
     return out.clamp_(0.0, 1.0)

@@ -37,19 +37,23 @@ def _check_maps(fn: str, maps: Any) -> Tensor:
 def _check_boxes(fn: str, boxes: Any, batch: int | None, h: int, w: int) -> Tensor:
     boxes = torch.as_tensor(boxes)
     if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
-        raise ValueError(f"{fn}: boxes must hold integers (x0, y0, x1, y1); got dtype "
-                         f"{boxes.dtype}")
+        raise ValueError(
+            f"{fn}: boxes must hold integers (x0, y0, x1, y1); got dtype {boxes.dtype}"
+        )
     if boxes.dim() != 2 or boxes.shape[1] != 4 or (batch is not None and boxes.shape[0] != batch):
         want = f"({batch}, 4)" if batch is not None else "(B, 4)"
-        raise ValueError(f"{fn}: boxes must have shape {want} (x0, y0, x1, y1); got "
-                         f"{tuple(boxes.shape)}")
+        raise ValueError(
+            f"{fn}: boxes must have shape {want} (x0, y0, x1, y1); got {tuple(boxes.shape)}"
+        )
     boxes = boxes.to(torch.int64)
     x0, y0, x1, y1 = boxes.unbind(1)
     bad = (x0 < 0) | (y0 < 0) | (x1 > w) | (y1 > h) | (x1 <= x0) | (y1 <= y0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{fn}: boxes[{i}] = {boxes[i].tolist()} must satisfy "
-                         f"0 <= x0 < x1 <= W={w} and 0 <= y0 < y1 <= H={h} (exclusive ends)")
+        raise ValueError(
+            f"{fn}: boxes[{i}] = {boxes[i].tolist()} must satisfy "
+            f"0 <= x0 < x1 <= W={w} and 0 <= y0 < y1 <= H={h} (exclusive ends)"
+        )
     return boxes.cpu()
 
 
@@ -121,8 +125,11 @@ def energy_in_box(cams: Tensor, boxes: Any) -> Tensor:
     b, h, w = cams.shape
     boxes = _check_boxes(fn, boxes, b, h, w)
     if bool((cams < 0).any()):
-        raise ValueError(f"{fn}: cams must be non-negative (apply the ReLU / min-max scaling "
-                         "first); got a minimum of " f"{float(cams.min()):.4g}")
+        raise ValueError(
+            f"{fn}: cams must be non-negative (apply the ReLU / min-max scaling "
+            "first); got a minimum of "
+            f"{float(cams.min()):.4g}"
+        )
     acc = torch.float64 if cams.dtype == torch.float64 else torch.float32
     cams = cams.to(acc)
     inside = _inside(boxes, h, w)

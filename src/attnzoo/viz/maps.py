@@ -147,20 +147,24 @@ def upsample_map(maps: Tensor, size: int | Sequence[int]) -> Tensor:
     extent. Integer maps are converted to float32; floating maps keep their dtype.
     """
     if not isinstance(maps, Tensor) or maps.dim() != 3:
-        raise ValueError("attnzoo.viz.upsample_map: maps must be a (B, h, w) tensor; got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps)}")
+        raise ValueError(
+            "attnzoo.viz.upsample_map: maps must be a (B, h, w) tensor; got "
+            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps)}"
+        )
     if isinstance(size, int):
         size = (size, size)
     size = tuple(size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                                 for s in size):
+    if len(size) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
+    ):
         raise ValueError(f"attnzoo.viz.upsample_map: size must be (H, W) positive ints; got {size}")
     if not maps.is_floating_point():
         maps = maps.float()
     if tuple(maps.shape[-2:]) == size:
         return maps
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear",
-                         align_corners=False).squeeze(1)
+    return F.interpolate(
+        maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False
+    ).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,34 +172,46 @@ def upsample_map(maps: Tensor, size: int | Sequence[int]) -> Tensor:
 def _check_query(query: Any) -> None:
     if isinstance(query, str):
         if query != "mean":
-            raise ValueError(f"attnzoo.viz.attention_maps: query must be 'mean', a point of ints "
-                             f"(y, x) or of floats (fy, fx) in [0, 1]; got {query!r}")
+            raise ValueError(
+                f"attnzoo.viz.attention_maps: query must be 'mean', a point of ints "
+                f"(y, x) or of floats (fy, fx) in [0, 1]; got {query!r}"
+            )
         return
     if not isinstance(query, Sequence) or len(query) == 0:
-        raise TypeError("attnzoo.viz.attention_maps: query must be 'mean' or a tuple such as "
-                        f"(y, x); got {query!r}")
+        raise TypeError(
+            "attnzoo.viz.attention_maps: query must be 'mean' or a tuple such as "
+            f"(y, x); got {query!r}"
+        )
     ints = all(isinstance(q, int) and not isinstance(q, bool) for q in query)
     floats = all(isinstance(q, float) for q in query)
     if not (ints or floats):
-        raise TypeError("attnzoo.viz.attention_maps: query coordinates must be all ints (grid "
-                        f"indices) or all floats (fractions in [0, 1]); got {query!r}")
+        raise TypeError(
+            "attnzoo.viz.attention_maps: query coordinates must be all ints (grid "
+            f"indices) or all floats (fractions in [0, 1]); got {query!r}"
+        )
     if floats and not all(0.0 <= q <= 1.0 for q in query):
-        raise ValueError("attnzoo.viz.attention_maps: fractional query coordinates must lie in "
-                         f"[0, 1]; got {query!r}")
+        raise ValueError(
+            "attnzoo.viz.attention_maps: fractional query coordinates must lie in "
+            f"[0, 1]; got {query!r}"
+        )
 
 
 def _resolve_query(query: Query, grid: Sequence[int], where: str) -> str | tuple[int, ...]:
     if isinstance(query, str):
         return query
     if len(query) != len(grid):
-        raise ValueError(f"attnzoo.viz.attention_maps: query {tuple(query)} has {len(query)} "
-                         f"coordinates but the module {where!r} has a {len(grid)}-D input grid "
-                         f"{tuple(grid)}")
+        raise ValueError(
+            f"attnzoo.viz.attention_maps: query {tuple(query)} has {len(query)} "
+            f"coordinates but the module {where!r} has a {len(grid)}-D input grid "
+            f"{tuple(grid)}"
+        )
     if isinstance(query[0], float):
         return tuple(min(int(f * s), s - 1) for f, s in zip(query, grid))
     if not all(0 <= q < s for q, s in zip(query, grid)):
-        raise ValueError(f"attnzoo.viz.attention_maps: query {tuple(query)} is outside the input "
-                         f"grid {tuple(grid)} of module {where!r}")
+        raise ValueError(
+            f"attnzoo.viz.attention_maps: query {tuple(query)} is outside the input "
+            f"grid {tuple(grid)} of module {where!r}"
+        )
     return tuple(query)
 
 
@@ -211,8 +227,9 @@ def _flat_index(point: tuple[int, ...], grid: Sequence[int]) -> int:
 RowsFn = Callable[[slice], Tensor]  # query rows -> (B, n, M) affinity rows
 
 
-def _reduce_rows(rows: RowsFn, n: int, m: int, batch: int, point: str | tuple[int, ...],
-                 grid: Sequence[int]) -> Tensor:
+def _reduce_rows(
+    rows: RowsFn, n: int, m: int, batch: int, point: str | tuple[int, ...], grid: Sequence[int]
+) -> Tensor:
     """One row per image ``(B, M)``: the query point's row, or the mean over all ``n`` rows."""
     if isinstance(point, tuple):
         i = _flat_index(point, grid)
@@ -327,8 +344,7 @@ _EXTRACTORS: dict[str, Callable[[nn.Module, Tensor, Any], dict[str, Tensor]]] = 
     "dual_attention": _dual,
 }
 #: the modules whose maps depend on ``query``
-PIXEL_PAIR = frozenset({"pam", "sagan", "nonlocal1d", "nonlocal2d", "nonlocal3d",
-                        "dual_attention"})
+PIXEL_PAIR = frozenset({"pam", "sagan", "nonlocal1d", "nonlocal2d", "nonlocal3d", "dual_attention"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +387,9 @@ def _to_cpu(maps: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in maps.items()}
 
 
-def attention_maps(model: nn.Module, images: Any, *, query: Query = "mean"
-                   ) -> dict[str, AttentionRecord]:
+def attention_maps(
+    model: nn.Module, images: Any, *, query: Query = "mean"
+) -> dict[str, AttentionRecord]:
     """Run ``model(images)`` once and return what every attention module in it computed.
 
     Args:
@@ -398,8 +415,9 @@ def attention_maps(model: nn.Module, images: Any, *, query: Query = "mean"
         torch.Size([2, 16, 16])
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attnzoo.viz.attention_maps: model must be an nn.Module, got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"attnzoo.viz.attention_maps: model must be an nn.Module, got {type(model).__name__}"
+        )
     _check_query(query)
     records: dict[str, AttentionRecord] = {}
     handles = []
@@ -421,8 +439,16 @@ def attention_maps(model: nn.Module, images: Any, *, query: Query = "mean"
             with torch.no_grad():
                 maps = extract(module, x, point)
             records[key] = AttentionRecord(
-                path=key, module_path=path, name=name, cls=type(module), maps=_to_cpu(maps),
-                input_shape=tuple(x.shape), wrapped=wrapped, query=point, calls=1)
+                path=key,
+                module_path=path,
+                name=name,
+                cls=type(module),
+                maps=_to_cpu(maps),
+                input_shape=tuple(x.shape),
+                wrapped=wrapped,
+                query=point,
+                calls=1,
+            )
 
         return hook
 

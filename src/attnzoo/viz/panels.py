@@ -32,10 +32,18 @@ from attnzoo.viz.maps import Query, attention_maps, upsample_map
 __all__ = ["panel_columns_for", "save_panel"]
 
 _TOL = 1e-3  # values this far outside [0, 1] (rounding of denormalisation) are clamped
-_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM",
-           "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "eigencam": "Eigen-CAM",
-           "eigengradcam": "EigenGrad-CAM", "gradcamelementwise": "Grad-CAM (element-wise)",
-           "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM"}
+_TITLES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "eigencam": "Eigen-CAM",
+    "eigengradcam": "EigenGrad-CAM",
+    "gradcamelementwise": "Grad-CAM (element-wise)",
+    "scorecam": "Score-CAM",
+    "ablationcam": "Ablation-CAM",
+}
 
 
 def _unit_range(fn: str, name: str, t: Tensor) -> Tensor:
@@ -43,8 +51,10 @@ def _unit_range(fn: str, name: str, t: Tensor) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{fn}: {name} must be finite")
     if t.numel() and (float(t.min()) < -_TOL or float(t.max()) > 1 + _TOL):
-        raise ValueError(f"{fn}: {name} must lie in [0, 1]; got values in "
-                         f"[{float(t.min()):.4g}, {float(t.max()):.4g}] (normalise it first)")
+        raise ValueError(
+            f"{fn}: {name} must lie in [0, 1]; got values in "
+            f"[{float(t.min()):.4g}, {float(t.max()):.4g}] (normalise it first)"
+        )
     return t.clamp(0.0, 1.0)
 
 
@@ -116,8 +126,10 @@ def save_panel(
     under: dict[str, list[str]] = {}
     for header, texts in (cell_labels or {}).items():
         if str(header) not in maps or isinstance(texts, str) or len(texts) != b:
-            raise ValueError(f"{fn}: cell_labels[{header!r}] must name a column "
-                             f"({', '.join(map(repr, maps))}) and hold {b} strings")
+            raise ValueError(
+                f"{fn}: cell_labels[{header!r}] must name a column "
+                f"({', '.join(map(repr, maps))}) and hold {b} strings"
+            )
         under[str(header)] = [str(t) for t in texts]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"{fn}: alpha must be in [0, 1]; got {alpha!r}")
@@ -131,8 +143,9 @@ def save_panel(
 
     ncols = 1 + len(maps)
     grid = (ncols, b) if images_as_columns else (b, ncols)
-    fig = Figure(figsize=(cell_inches * grid[1], cell_inches * grid[0] + 0.6), dpi=dpi,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(cell_inches * grid[1], cell_inches * grid[0] + 0.6), dpi=dpi, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(*grid, squeeze=False)
     headers = ["image", *maps]
@@ -141,15 +154,34 @@ def save_panel(
         picture = images[r, 0] if grey else images[r].permute(1, 2, 0)
         for c in range(ncols):
             ax = axes[c][r] if images_as_columns else axes[r][c]
-            ax.imshow(picture.numpy(), cmap="gray" if grey else None, vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                picture.numpy(),
+                cmap="gray" if grey else None,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             if c > 0:
-                ax.imshow(maps[headers[c]][r].numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1,
-                          interpolation="nearest")
+                ax.imshow(
+                    maps[headers[c]][r].numpy(),
+                    cmap=cmap,
+                    alpha=alpha,
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                )
             if box_list is not None:
                 x0, y0, x1, y1 = box_list[r]
-                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                                       edgecolor=box_color, linewidth=1.5))
+                ax.add_patch(
+                    Rectangle(
+                        (x0 - 0.5, y0 - 0.5),
+                        x1 - x0,
+                        y1 - y0,
+                        fill=False,
+                        edgecolor=box_color,
+                        linewidth=1.5,
+                    )
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -214,18 +246,21 @@ def panel_columns_for(
         image (sigmoid gates often span a narrow range such as 0.45-0.55, and pixel-pair rows sum
         to 1, so raw values would show nothing) and upsampled with :func:`upsample_map`.
     """
-    if max_maps is not None and (isinstance(max_maps, bool) or not isinstance(max_maps, int)
-                                 or max_maps < 0):
-        raise ValueError(f"attnzoo.viz.panel_columns_for: max_maps must be None or an int >= 0; "
-                         f"got {max_maps!r}")
+    if max_maps is not None and (
+        isinstance(max_maps, bool) or not isinstance(max_maps, int) or max_maps < 0
+    ):
+        raise ValueError(
+            f"attnzoo.viz.panel_columns_for: max_maps must be None or an int >= 0; got {max_maps!r}"
+        )
     h, w = images.shape[-2:]
     columns: dict[str, Tensor] = {}
     if cam:
         from attnzoo.viz.gradcam import cam as compute_cam
 
         title = _TITLES.get(method.lower(), method) if isinstance(method, str) else str(method)
-        columns[title] = compute_cam(model, images, method=method, target_layer=target_layer,
-                                     targets=targets)
+        columns[title] = compute_cam(
+            model, images, method=method, target_layer=target_layer, targets=targets
+        )
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -233,8 +268,11 @@ def panel_columns_for(
     finally:
         for m, training in modes:
             m.training = training
-    spatial = [(key or rec.name, rec.maps["spatial"]) for key, rec in records.items()
-               if "spatial" in rec.maps and rec.maps["spatial"].dim() == 3]
+    spatial = [
+        (key or rec.name, rec.maps["spatial"])
+        for key, rec in records.items()
+        if "spatial" in rec.maps and rec.maps["spatial"].dim() == 3
+    ]
     if max_maps is not None:
         spatial = spatial[-max_maps:] if max_maps else []
     for key, m in spatial:

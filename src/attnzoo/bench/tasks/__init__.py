@@ -29,13 +29,16 @@ def get_task(name: str) -> Task:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise  # a dependency of the plug-in is missing: say which
-        raise ValueError(f"bench: --task {name} is not available in this version of attnzoo "
-                         f"({module_name} is missing); available: "
-                         f"{', '.join(t for t in TASKS if _exists(t))}") from None
+        raise ValueError(
+            f"bench: --task {name} is not available in this version of attnzoo "
+            f"({module_name} is missing); available: "
+            f"{', '.join(t for t in TASKS if _exists(t))}"
+        ) from None
     task = getattr(module, "TASK", None)
     if task is None:
-        raise ValueError(f"bench: --task {name} is not available yet ({module_name} defines no "
-                         "TASK)")
+        raise ValueError(
+            f"bench: --task {name} is not available yet ({module_name} defines no TASK)"
+        )
     return task
 
 

@@ -46,8 +46,9 @@ if TYPE_CHECKING:  # type hints only: the engine imports the tasks, never the re
 __all__ = ["Task", "TaskData", "TaskReport", "call_builder"]
 
 
-def call_builder(builder: Callable[..., nn.Module], spec: AttentionSpec,
-                 **kwargs: Any) -> nn.Module:
+def call_builder(
+    builder: Callable[..., nn.Module], spec: AttentionSpec, **kwargs: Any
+) -> nn.Module:
     """``builder(attention=..., **kwargs, **spec.kwargs)``; ``none`` is ``attention=None``."""
     if spec.name == BASELINE:
         return builder(attention=None, **kwargs)
@@ -149,8 +150,9 @@ class Task(ABC):
         """Check that the optimiser schedule works for this many steps (``ValueError``)."""
 
     # ---- data and models ----------------------------------------------------------------------
-    def resolve_model(self, model: str | Callable[..., nn.Module]
-                      ) -> tuple[str, Callable[..., nn.Module]]:
+    def resolve_model(
+        self, model: str | Callable[..., nn.Module]
+    ) -> tuple[str, Callable[..., nn.Module]]:
         """``(label, builder)`` for ``--model``: by default a name of
         :data:`attnzoo.models.BUILDERS` (with ``:key=value`` arguments) or a callable."""
         from attnzoo.models import resolve_builder
@@ -162,8 +164,9 @@ class Task(ABC):
         """Load ``config.data`` (built-in or a user folder/format) into a :class:`TaskData`."""
 
     @abstractmethod
-    def build_model(self, builder: Any, spec: AttentionSpec, data: TaskData,
-                    config: BenchConfig) -> nn.Module:
+    def build_model(
+        self, builder: Any, spec: AttentionSpec, data: TaskData, config: BenchConfig
+    ) -> nn.Module:
         """Build the network for ``spec`` (``builder`` from ``--model``) and run a probe forward
         on a couple of test samples; raise ``ValueError`` saying what is wrong (the engine
         prefixes the model and attention). Called after ``seed_everything(seed)`` for training,
@@ -173,8 +176,9 @@ class Task(ABC):
     def input_shape(self, data: TaskData, config: BenchConfig) -> tuple[int, ...]:
         """One sample's input shape for profiling, e.g. ``(3, 32, 32)``."""
 
-    def model_for_run(self, builder: Callable[..., nn.Module], spec: AttentionSpec,
-                      meta: Mapping[str, Any]) -> nn.Module:
+    def model_for_run(
+        self, builder: Callable[..., nn.Module], spec: AttentionSpec, meta: Mapping[str, Any]
+    ) -> nn.Module:
         """The untrained network of a finished run, from its ``config.json`` (``meta``: the run
         settings and :meth:`run_meta`), for loading its checkpoint
         (:func:`attnzoo.bench.checkpoints.load_run_model`)."""
@@ -199,8 +203,9 @@ class Task(ABC):
         resume). Evaluation must cover the whole test set once over all DDP ranks."""
 
     @abstractmethod
-    def make_loaders(self, data: TaskData, config: BenchConfig, *, seed: int
-                     ) -> tuple[DataLoader, DataLoader]:
+    def make_loaders(
+        self, data: TaskData, config: BenchConfig, *, seed: int
+    ) -> tuple[DataLoader, DataLoader]:
         """Train loader (order a pure function of ``(seed, epoch)``, sharded over DDP ranks:
         :class:`~attnzoo.bench.data.SeededSampler`) and evaluation loader."""
 
@@ -212,21 +217,27 @@ class Task(ABC):
         return {k: last[k] for k in keys if k in last}
 
     # ---- after training -----------------------------------------------------------------------
-    def localise(self, plan: Sequence[RunPlan], data: TaskData, config: BenchConfig
-                 ) -> dict[tuple[str, int], dict[str, Any]]:
+    def localise(
+        self, plan: Sequence[RunPlan], data: TaskData, config: BenchConfig
+    ) -> dict[tuple[str, int], dict[str, Any]]:
         """Optional per-run scores computed from the trained runs (classification: pointing
         game and energy in box), ``{(label, seed): {...}}``; merged into the run rows."""
         return {}
 
-    def summarize_extra(self, labels: Sequence[str], seeds: Sequence[int],
-                        per_run: Mapping[tuple[str, int], dict[str, Any]],
-                        baseline: str | None, data: TaskData) -> list[dict[str, Any]]:
+    def summarize_extra(
+        self,
+        labels: Sequence[str],
+        seeds: Sequence[int],
+        per_run: Mapping[tuple[str, int], dict[str, Any]],
+        baseline: str | None,
+        data: TaskData,
+    ) -> list[dict[str, Any]]:
         """Summary fields of :meth:`localise`'s scores, one dict per attention label (with its
         ``attention``); paired differences as ``{key}_diff``, ``{key}_diff_low/high``."""
         return []
 
-    def report(self, result: BenchResult, data: TaskData, config: BenchConfig,
-               plan: Sequence[RunPlan]) -> TaskReport:
+    def report(
+        self, result: BenchResult, data: TaskData, config: BenchConfig, plan: Sequence[RunPlan]
+    ) -> TaskReport:
         """The task's part of the report (see :class:`TaskReport`)."""
         return TaskReport()
-

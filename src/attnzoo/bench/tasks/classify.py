@@ -36,8 +36,12 @@ __all__ = ["TASK", "ClassifyTask", "evaluate", "make_loaders"]
 
 
 def _train_config(config: Any) -> TrainConfig:
-    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=float(config.lr),
-                       weight_decay=float(config.weight_decay))
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=float(config.lr),
+        weight_decay=float(config.weight_decay),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +85,7 @@ def _module_class() -> type:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             logits = self.model(x)
-            loss = nn.functional.cross_entropy(logits, y,
-                                               label_smoothing=self.cfg.label_smoothing)
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             self.train_loss.update(loss.detach(), weight=y.shape[0])
             self.train_acc.update(logits.detach(), y)
             return loss
@@ -107,9 +110,11 @@ def _module_class() -> type:
 
         def on_validation_epoch_end(self) -> None:
             # compute() sums the states over all DDP ranks (torchmetrics' dist sync)
-            vals = {"test_loss": float(self.val_loss.compute()),
-                    "test_acc": float(self.val_acc.compute()),
-                    "test_n": int(self.val_count.compute())}
+            vals = {
+                "test_loss": float(self.val_loss.compute()),
+                "test_acc": float(self.val_acc.compute()),
+                "test_n": int(self.val_count.compute()),
+            }
             self.run_extras["confusion"] = self.val_confusion.compute().long().tolist()
             for m in (self.val_loss, self.val_acc, self.val_count, self.val_confusion):
                 m.reset()
@@ -117,11 +122,13 @@ def _module_class() -> type:
             self.log("test_acc", vals["test_acc"], prog_bar=True, rank_zero_only=True)
 
         def on_train_epoch_end(self) -> None:
-            row = {"epoch": int(self.current_epoch) + 1,
-                   "train_loss": float(self.train_loss.compute()),
-                   "train_acc": float(self.train_acc.compute()),
-                   "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
-                   "seconds": time.perf_counter() - self._epoch_start}
+            row = {
+                "epoch": int(self.current_epoch) + 1,
+                "train_loss": float(self.train_loss.compute()),
+                "train_acc": float(self.train_acc.compute()),
+                "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - self._epoch_start,
+            }
             self.train_loss.reset()
             self.train_acc.reset()
             row.update(self._pending_val)
@@ -144,21 +151,36 @@ def __getattr__(name: str) -> Any:  # ``from attnzoo.bench.tasks.classify import
     raise AttributeError(name)
 
 
-def make_loaders(train: TensorImageSet, test: TensorImageSet, cfg: TrainConfig, *, seed: int,
-                 rank: int | None = None, world_size: int | None = None,
-                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    train: TensorImageSet,
+    test: TensorImageSet,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+) -> tuple[DataLoader, DataLoader]:
     """Train loader (seeded order, sharded) and test loader (every image once over the ranks).
 
     ``rank``/``world_size`` default to ``torch.distributed``'s, read when the loaders are iterated
     (Lightning starts the process group inside ``fit``).
     """
     train_loader = DataLoader(
-        train, batch_size=cfg.batch_size, drop_last=False, num_workers=num_workers,
-        sampler=SeededSampler(len(train), seed=seed, shuffle=True, rank=rank,
-                              world_size=world_size))
+        train,
+        batch_size=cfg.batch_size,
+        drop_last=False,
+        num_workers=num_workers,
+        sampler=SeededSampler(
+            len(train), seed=seed, shuffle=True, rank=rank, world_size=world_size
+        ),
+    )
     test_loader = DataLoader(
-        test, batch_size=cfg.eval_batch_size, num_workers=num_workers,
-        sampler=SeededSampler(len(test), shuffle=False, rank=rank, world_size=world_size))
+        test,
+        batch_size=cfg.eval_batch_size,
+        num_workers=num_workers,
+        sampler=SeededSampler(len(test), shuffle=False, rank=rank, world_size=world_size),
+    )
     return train_loader, test_loader
 
 
@@ -169,7 +191,7 @@ def evaluate(model: nn.Module, data: TensorImageSet, batch_size: int = 500) -> t
     model.eval()
     correct = 0
     for i in range(0, len(data), batch_size):
-        x, y = data.images[i:i + batch_size], data.labels[i:i + batch_size]
+        x, y = data.images[i : i + batch_size], data.labels[i : i + batch_size]
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was)
     return correct, len(data)
@@ -177,36 +199,51 @@ def evaluate(model: nn.Module, data: TensorImageSet, batch_size: int = 500) -> t
 
 # ---------------------------------------------------------------------------------------------
 # report parts
-def _chance_notes(result: Any, data: BenchData, per_seed: Mapping[str, list[float]]
-                  ) -> tuple[float, list[Block], dict[str, str]]:
+def _chance_notes(
+    result: Any, data: BenchData, per_seed: Mapping[str, list[float]]
+) -> tuple[float, list[Block], dict[str, str]]:
     """The chance level, its text (and the "near chance" warning), the flagged attentions."""
     ch = rep.chance_level(data.test.labels, data.num_classes)
     chance = ch["chance"]
-    text = (f"**Chance level: {100 * chance:.1f} %** (1 of {data.num_classes} classes at random"
-            f": {100 * ch['uniform']:.1f} %")
+    text = (
+        f"**Chance level: {100 * chance:.1f} %** (1 of {data.num_classes} classes at random"
+        f": {100 * ch['uniform']:.1f} %"
+    )
     if ch["majority"] > ch["uniform"] + 1e-9:
         name = data.classes[ch["majority_class"]]
-        text += (f"; always answering the most frequent test class, `{name}`: "
-                 f"{100 * ch['majority']:.1f} %")
+        text += (
+            f"; always answering the most frequent test class, `{name}`: "
+            f"{100 * ch['majority']:.1f} %"
+        )
     blocks: list[Block] = [Text(text + ").")]
     ci = {lab: rep.mean_ci(v) for lab, v in per_seed.items()}
-    flagged = [s["attention"] for s in result.summary
-               if rep.near_chance(*ci[s["attention"]][:2], chance)]
+    flagged = [
+        s["attention"] for s in result.summary if rep.near_chance(*ci[s["attention"]][:2], chance)
+    ]
     if flagged:
         shown = ", ".join(f"`{lab}` ({100 * ci[lab][0]:.1f} %)" for lab in flagged)
-        blocks.append(Text(
-            f"**Near chance**: {shown} — within {100 * rep.NEAR_CHANCE_POINTS:.0f} points of the "
-            "chance level, or the 95 % CI reaches it. These networks learned little, so their "
-            "differences say nothing about the modules: train longer (`--epochs`), on more "
-            "images, or check the data.", note=True))
+        blocks.append(
+            Text(
+                f"**Near chance**: {shown} — within {100 * rep.NEAR_CHANCE_POINTS:.0f} points of "
+                "the "
+                "chance level, or the 95 % CI reaches it. These networks learned little, so their "
+                "differences say nothing about the modules: train longer (`--epochs`), on more "
+                "images, or check the data.",
+                note=True,
+            )
+        )
     return chance, blocks, {lab: "near chance" for lab in flagged}
 
 
 def _per_class_sections(result: Any, data: BenchData) -> list[Section]:
     conf = rep.pooled_confusions(result.runs, data.num_classes)
     if not conf:
-        return [Section("Per-class accuracy", [Text(
-            "Not available: these runs were recorded without their confusion matrices.")])]
+        return [
+            Section(
+                "Per-class accuracy",
+                [Text("Not available: these runs were recorded without their confusion matrices.")],
+            )
+        ]
     baseline = result.baseline
     acc = {lab: m.double().diagonal() / m.double().sum(1).clamp_min(1) for lab, m in conf.items()}
     test_counts = data.class_counts["test"]
@@ -219,44 +256,80 @@ def _per_class_sections(result: Any, data: BenchData) -> list[Section]:
                 cell += f" ({100 * float(acc[lab][k] - acc[baseline][k]):+.1f})"
             cells.append(cell)
         rows.append([name, test_counts[name], *cells])
-    table = Table(["class", "test images", *conf], rows,
-                  "Top-1 per class (%), pooled over seeds"
-                  + (f"; in parentheses the difference to `{baseline}` (points)."
-                     if baseline in acc else "."))
+    table = Table(
+        ["class", "test images", *conf],
+        rows,
+        "Top-1 per class (%), pooled over seeds"
+        + (
+            f"; in parentheses the difference to `{baseline}` (points)." if baseline in acc else "."
+        ),
+    )
     many = data.num_classes > 20
-    return [Section("Per-class accuracy", [
-        Figure("confusion.png", rep.plot_confusion(conf, data.classes),
-               "Confusion matrices on the test set, summed over the seeds (row: true class, "
-               "column: predicted class; each row in % of the class's test images). Title: the "
-               "attention and its pooled top-1."), *([] if many else [table])]),
-        *([Section("Per-class accuracy: table", [table], collapsed=True)] if many else [])]
+    return [
+        Section(
+            "Per-class accuracy",
+            [
+                Figure(
+                    "confusion.png",
+                    rep.plot_confusion(conf, data.classes),
+                    "Confusion matrices on the test set, summed over the seeds (row: true class, "
+                    "column: predicted class; each row in % of the class's test images). Title: "
+                    "the "
+                    "attention and its pooled top-1.",
+                ),
+                *([] if many else [table]),
+            ],
+        ),
+        *([Section("Per-class accuracy: table", [table], collapsed=True)] if many else []),
+    ]
 
 
 def _data_section(data: BenchData) -> Section:
     blocks: list[Block] = [Text(data.description + ".")]
     if data.name == "digits":
-        blocks.append(Text(
-            "Each image is a 32×32 canvas holding one handwritten digit (8×8 from scikit-learn's "
-            "`load_digits`, upscaled to 16×16) at a random position, among fragments cut from "
-            "other digits of the same split. The class is the digit; the red box (shown here, "
-            "never given to the network) is the digit's bounding box. Train and test use "
-            "disjoint source digits. Generator: `attnzoo.bench.data.make_cluttered_digits`."))
+        blocks.append(
+            Text(
+                "Each image is a 32×32 canvas holding one handwritten digit (8×8 from "
+                "scikit-learn's "
+                "`load_digits`, upscaled to 16×16) at a random position, among fragments cut from "
+                "other digits of the same split. The class is the digit; the red box (shown here, "
+                "never given to the network) is the digit's bounding box. Train and test use "
+                "disjoint source digits. Generator: `attnzoo.bench.data.make_cluttered_digits`."
+            )
+        )
     counts = data.class_counts
     if data.num_classes <= 20:
-        blocks.append(Table(["class", "train images", "test images"],
-                            [[c, counts["train"][c], counts["test"][c]] for c in data.classes],
-                            "Images per class used:"))
+        blocks.append(
+            Table(
+                ["class", "train images", "test images"],
+                [[c, counts["train"][c], counts["test"][c]] for c in data.classes],
+                "Images per class used:",
+            )
+        )
     else:
         lo = {s: min(counts[s].values()) for s in counts}
         hi = {s: max(counts[s].values()) for s in counts}
-        blocks.append(Text(f"Images per class used: {lo['train']}–{hi['train']} train, "
-                           f"{lo['test']}–{hi['test']} test."))
+        blocks.append(
+            Text(
+                f"Images per class used: {lo['train']}–{hi['train']} train, "
+                f"{lo['test']}–{hi['test']} test."
+            )
+        )
     idx = rep.sample_per_class(data.test.labels, 16)
     boxes = None if data.test.boxes is None else data.test.boxes[idx]
-    blocks.append(Figure("samples.png", rep.plot_samples(
-        data.denormalise(data.test.images[idx]), data.test.labels[idx].tolist(), data.classes,
-        boxes), "Test images drawn from every class in turn, with their labels"
-        + (" (red box: the digit)." if boxes is not None else ".")))
+    blocks.append(
+        Figure(
+            "samples.png",
+            rep.plot_samples(
+                data.denormalise(data.test.images[idx]),
+                data.test.labels[idx].tolist(),
+                data.classes,
+                boxes,
+            ),
+            "Test images drawn from every class in turn, with their labels"
+            + (" (red box: the digit)." if boxes is not None else "."),
+        )
+    )
     return Section("Data", blocks)
 
 
@@ -265,7 +338,8 @@ HOW_TO_READ = (
     "the most frequent test class. A top-1 within "
     f"{100 * rep.NEAR_CHANCE_POINTS:.0f} points of it (or whose 95 % CI reaches it) is flagged "
     "**near chance**: such a network has learned little, and its differences say nothing "
-    "about the modules.")
+    "about the modules."
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +350,16 @@ class ClassifyTask(Task):
     metric = "test_acc"
     metric_label = "top-1 %"
     secondary = ("train_acc",)
-    defaults = {"attention": DEFAULT_ATTENTIONS, "model": DEFAULT_MODEL, "data": "digits",
-                "epochs": 8, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4,
-                "image_size": 32}
+    defaults = {
+        "attention": DEFAULT_ATTENTIONS,
+        "model": DEFAULT_MODEL,
+        "data": "digits",
+        "epochs": 8,
+        "batch_size": 64,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "image_size": 32,
+    }
     columns = (("pointing game %", "pointing_game"), ("energy in box %", "energy_in_box"))
     csv_columns = ("test_n", "train_acc")
 
@@ -289,12 +370,18 @@ class ClassifyTask(Task):
 
             loc.check_localisation_available()
             if str(config.cam_method).lower() not in CAM_METHODS:
-                raise ValueError(f"bench: unknown --cam-method {config.cam_method!r}; choose "
-                                 f"from {', '.join(CAM_METHODS)}")
-            if isinstance(config.panel_images, bool) or not isinstance(
-                    config.panel_images, int) or config.panel_images < 0:
-                raise ValueError(f"bench: --panel-images must be an integer >= 0; got "
-                                 f"{config.panel_images!r}")
+                raise ValueError(
+                    f"bench: unknown --cam-method {config.cam_method!r}; choose "
+                    f"from {', '.join(CAM_METHODS)}"
+                )
+            if (
+                isinstance(config.panel_images, bool)
+                or not isinstance(config.panel_images, int)
+                or config.panel_images < 0
+            ):
+                raise ValueError(
+                    f"bench: --panel-images must be an integer >= 0; got {config.panel_images!r}"
+                )
 
     def check_data(self, config: Any) -> None:
         check_data_spec(config.data)
@@ -304,18 +391,21 @@ class ClassifyTask(Task):
 
     # ---- data and models
     def load_data(self, config: Any) -> BenchData:
-        return load_data(config.data, image_size=config.image_size, seed=config.data_seed,
-                         n_train=config.n_train, n_test=config.n_test)
+        return load_data(
+            config.data,
+            image_size=config.image_size,
+            seed=config.data_seed,
+            n_train=config.n_train,
+            n_test=config.n_test,
+        )
 
-    def build_model(self, builder: Any, spec: AttentionSpec, data: Any,
-                    config: Any) -> nn.Module:
+    def build_model(self, builder: Any, spec: AttentionSpec, data: Any, config: Any) -> nn.Module:
         model = call_builder(builder, spec, num_classes=data.num_classes)
         probe = data.test.images[:2]
         with torch.no_grad():
             y = model.eval()(probe)
         if tuple(y.shape) != (probe.shape[0], data.num_classes):
-            raise ValueError(f"it returns shape {tuple(y.shape)}, expected "
-                             f"(B, {data.num_classes})")
+            raise ValueError(f"it returns shape {tuple(y.shape)}, expected (B, {data.num_classes})")
         return model.train()
 
     def input_shape(self, data: Any, config: Any) -> tuple[int, ...]:
@@ -325,28 +415,37 @@ class ClassifyTask(Task):
         return {"momentum": _train_config(config).momentum}
 
     def run_meta(self, data: Any) -> dict[str, Any]:
-        return {"num_classes": data.num_classes, "classes": list(data.classes),
-                "mean": list(data.mean), "std": list(data.std)}
+        return {
+            "num_classes": data.num_classes,
+            "classes": list(data.classes),
+            "mean": list(data.mean),
+            "std": list(data.std),
+        }
 
     # ---- training
     def make_module(self, model: nn.Module, data: Any, config: Any) -> Any:
         return _module_class()(model, data.num_classes, _train_config(config))
 
-    def make_loaders(self, data: Any, config: Any, *, seed: int
-                     ) -> tuple[DataLoader, DataLoader]:
-        return make_loaders(data.train, data.test, _train_config(config), seed=seed,
-                            num_workers=config.num_workers)
+    def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[DataLoader, DataLoader]:
+        return make_loaders(
+            data.train, data.test, _train_config(config), seed=seed, num_workers=config.num_workers
+        )
 
     def final_row(self, history: Sequence[dict[str, Any]], module: Any) -> dict[str, Any]:
         last = history[-1]
-        return {"test_acc": last["test_acc"], "test_n": last["test_n"],
-                "test_loss": last["test_loss"], "train_acc": last["train_acc"],
-                "train_loss": last["train_loss"],
-                "confusion": module.run_extras.get("confusion")}
+        return {
+            "test_acc": last["test_acc"],
+            "test_n": last["test_n"],
+            "test_loss": last["test_loss"],
+            "train_acc": last["train_acc"],
+            "train_loss": last["train_loss"],
+            "confusion": module.run_extras.get("confusion"),
+        }
 
     # ---- after training
-    def localise(self, plan: Sequence[Any], data: Any, config: Any
-                 ) -> dict[tuple[str, int], dict[str, Any]]:
+    def localise(
+        self, plan: Sequence[Any], data: Any, config: Any
+    ) -> dict[tuple[str, int], dict[str, Any]]:
         if not config.localise or data.test.boxes is None:
             return {}
         scores = {}
@@ -354,20 +453,30 @@ class ClassifyTask(Task):
             if config.progress:
                 import sys
 
-                print(f"[attnzoo bench] localisation ({config.cam_method}) {run.spec.label} "
-                      f"seed {run.seed}", file=sys.stderr, flush=True)
+                print(
+                    f"[attnzoo bench] localisation ({config.cam_method}) {run.spec.label} "
+                    f"seed {run.seed}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             s = loc.localise_run(run.run_dir, data, method=config.cam_method)
             scores[(run.spec.label, run.seed)] = {
-                "pointing_game": s["pointing_game"], "energy_in_box": s["energy_in_box"],
-                "cam_method": s["method"]}
+                "pointing_game": s["pointing_game"],
+                "energy_in_box": s["energy_in_box"],
+                "cam_method": s["method"],
+            }
         return scores
 
-    def summarize_extra(self, labels: Sequence[str], seeds: Sequence[int],
-                        per_run: Mapping[tuple[str, int], dict[str, Any]],
-                        baseline: str | None, data: Any) -> list[dict[str, Any]]:
+    def summarize_extra(
+        self,
+        labels: Sequence[str],
+        seeds: Sequence[int],
+        per_run: Mapping[tuple[str, int], dict[str, Any]],
+        baseline: str | None,
+        data: Any,
+    ) -> list[dict[str, Any]]:
         chance = loc.chance_of_boxes(data.test.boxes, *data.input_shape[-2:])
-        runs = {k: {**v, "method": v["cam_method"], "chance": chance}
-                for k, v in per_run.items()}
+        runs = {k: {**v, "method": v["cam_method"], "chance": chance} for k, v in per_run.items()}
         return loc.summarize_localisation(labels, seeds, runs, baseline=baseline)
 
     def report(self, result: Any, data: Any, config: Any, plan: Sequence[Any]) -> TaskReport:
@@ -378,21 +487,34 @@ class ClassifyTask(Task):
         c = result.config
         seeds = sorted({r["seed"] for r in result.runs})
         epochs = rep.count(c["epochs"], "epoch")
-        setup = (f"{c['model']} on {data.description}. {epochs}, batch "
-                 f"{c['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule peaking at lr "
-                 f"{c['lr']}, weight decay {c['weight_decay']}; seeds "
-                 f"{', '.join(map(str, seeds))}.")
+        setup = (
+            f"{c['model']} on {data.description}. {epochs}, batch "
+            f"{c['batch_size']}, SGD (Nesterov 0.9) with a one-cycle schedule peaking at lr "
+            f"{c['lr']}, weight decay {c['weight_decay']}; seeds "
+            f"{', '.join(map(str, seeds))}."
+        )
         looks: list[Section] = []
         if config.localise and config.panel_images and plan:
-            looks = loc.report_sections(result, data, plan, [run.seed for run in plan],
-                                        config.cam_method, config.panel_images)
+            looks = loc.report_sections(
+                result,
+                data,
+                plan,
+                [run.seed for run in plan],
+                config.cam_method,
+                config.panel_images,
+            )
         return TaskReport(
-            setup=setup, notes=notes, flagged=flagged, reference=chance,
-            reference_label="the chance level", forest_note="; orange: near chance",
+            setup=setup,
+            notes=notes,
+            flagged=flagged,
+            reference=chance,
+            reference_label="the chance level",
+            forest_note="; orange: near chance",
             diffs=[("pointing", "the pointing game"), ("energy", "the energy in the box")],
             run_columns=[("test images", "test_n"), ("train top-1 %", "train_acc")],
             how_to_read=HOW_TO_READ,
-            sections=[*_per_class_sections(result, data), *looks, _data_section(data)])
+            sections=[*_per_class_sections(result, data), *looks, _data_section(data)],
+        )
 
 
 TASK = ClassifyTask()

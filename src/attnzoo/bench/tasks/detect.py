@@ -109,8 +109,15 @@ class WarmCosine:
     third of ``total`` so that the cosine always has a span: defined for every ``total >= 1``.
     """
 
-    def __init__(self, total: int, *, warmup: int = 0, flat: int = 0, min_ratio: float = 0.01,
-                 warmup_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        warmup: int = 0,
+        flat: int = 0,
+        min_ratio: float = 0.01,
+        warmup_ratio: float = 0.1,
+    ) -> None:
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"{PROG}: the LR schedule needs total steps >= 1; got {total!r}")
         self.total = total
@@ -120,14 +127,24 @@ class WarmCosine:
         self.warmup_ratio = float(warmup_ratio)
 
     @classmethod
-    def for_epochs(cls, epochs: int, steps_per_epoch: int, *, min_ratio: float = 0.01,
-                   warmup_ratio: float = 0.1) -> WarmCosine:
+    def for_epochs(
+        cls,
+        epochs: int,
+        steps_per_epoch: int,
+        *,
+        min_ratio: float = 0.01,
+        warmup_ratio: float = 0.1,
+    ) -> WarmCosine:
         """The reference's warm-up and flat lengths for ``epochs`` epochs."""
         warm = min(max(0.05 * epochs, 1.0), 3.0)
         flat = min(max(0.05 * epochs, 1.0), 15.0)
-        return cls(epochs * steps_per_epoch, warmup=round(warm * steps_per_epoch),
-                   flat=round(flat * steps_per_epoch), min_ratio=min_ratio,
-                   warmup_ratio=warmup_ratio)
+        return cls(
+            epochs * steps_per_epoch,
+            warmup=round(warm * steps_per_epoch),
+            flat=round(flat * steps_per_epoch),
+            min_ratio=min_ratio,
+            warmup_ratio=warmup_ratio,
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -144,19 +161,30 @@ def _decays(name: str, p: torch.Tensor) -> bool:
     return p.ndim > 1 and not name.endswith(".bias")
 
 
-def build_detect_optimizer(model: nn.Module, cfg: DetectConfig, steps_per_epoch: int
-                           ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+def build_detect_optimizer(
+    model: nn.Module, cfg: DetectConfig, steps_per_epoch: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (momentum 0.937, Nesterov, weight decay on conv/linear weights) and the
     :class:`WarmCosine` schedule of ``cfg.epochs`` epochs of ``steps_per_epoch`` steps."""
     decay, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if _decays(name, p) else rest).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": rest, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    shape = WarmCosine.for_epochs(cfg.epochs, max(1, steps_per_epoch),
-                                  min_ratio=cfg.min_lr_ratio, warmup_ratio=cfg.warmup_lr_ratio)
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    shape = WarmCosine.for_epochs(
+        cfg.epochs,
+        max(1, steps_per_epoch),
+        min_ratio=cfg.min_lr_ratio,
+        warmup_ratio=cfg.warmup_lr_ratio,
+    )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, shape)
 
 
@@ -226,53 +254,75 @@ class DetectionSplits:
         def objects(ds: Any) -> int:
             return int(sum(len(b) for b in ds.data.boxes))
 
-        return {"n_train": len(self.train), "n_test": len(self.test),
-                "num_classes": self.num_classes, "objects_train": objects(self.train),
-                "objects_test": objects(self.test), "split": self.note}
+        return {
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "num_classes": self.num_classes,
+            "objects_train": objects(self.train),
+            "objects_test": objects(self.test),
+            "split": self.note,
+        }
 
 
 def parse_detect_data(spec: str) -> tuple[str, list[str]]:
     """``"scenes"`` -> ``("scenes", [])``; ``"voc:/root:test"`` -> ``("voc", ["/root", "test"])``;
     ``"coco:/a.json:/images"`` -> ``("coco", ["/a.json", "/images"])``. Paths are checked."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{PROG}: --data must be scenes, voc:/root[:split] or "
-                         f"coco:/annotations.json:/images; got {spec!r}")
+        raise ValueError(
+            f"{PROG}: --data must be scenes, voc:/root[:split] or "
+            f"coco:/annotations.json:/images; got {spec!r}"
+        )
     kind, _, rest = spec.strip().partition(":")
     kind = kind.lower()
     parts = rest.split(":") if rest else []
     if kind == "scenes":
         if parts not in ([], ["digit"]):
-            raise ValueError(f"{PROG}: --data scenes takes no path (built-in data): scenes (10 "
-                             f"digit classes) or scenes:digit (one class); got {spec!r}")
+            raise ValueError(
+                f"{PROG}: --data scenes takes no path (built-in data): scenes (10 "
+                f"digit classes) or scenes:digit (one class); got {spec!r}"
+            )
         return kind, parts
     if kind == "voc":
         if not 1 <= len(parts) <= 2 or not all(parts):
-            raise ValueError(f"{PROG}: --data voc needs a folder: voc:/root or voc:/root:split; "
-                             f"got {spec!r}")
+            raise ValueError(
+                f"{PROG}: --data voc needs a folder: voc:/root or voc:/root:split; got {spec!r}"
+            )
         root = Path(parts[0]).expanduser()
         if not (root / "Annotations").is_dir() or not (root / "JPEGImages").is_dir():
-            raise ValueError(f"{PROG}: --data {spec!r}: {root} is not a VOC-layout folder "
-                             "(expected Annotations/ and JPEGImages/ in it)")
+            raise ValueError(
+                f"{PROG}: --data {spec!r}: {root} is not a VOC-layout folder "
+                "(expected Annotations/ and JPEGImages/ in it)"
+            )
         return kind, [str(root), *parts[1:]]
     if kind == "coco":
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{PROG}: --data coco needs an annotation file and an image folder: "
-                             f"coco:/annotations.json:/images; got {spec!r}")
+            raise ValueError(
+                f"{PROG}: --data coco needs an annotation file and an image folder: "
+                f"coco:/annotations.json:/images; got {spec!r}"
+            )
         ann, images = Path(parts[0]).expanduser(), Path(parts[1]).expanduser()
         if not ann.is_file():
             raise ValueError(f"{PROG}: --data {spec!r}: annotation file {ann} does not exist")
         if not images.is_dir():
             raise ValueError(f"{PROG}: --data {spec!r}: image folder {images} does not exist")
         return kind, [str(ann), str(images)]
-    raise ValueError(f"{PROG}: unknown --data {spec!r}; give scenes (built in), voc:/root[:split] "
-                     "or coco:/annotations.json:/images")
+    raise ValueError(
+        f"{PROG}: unknown --data {spec!r}; give scenes (built in), voc:/root[:split] "
+        "or coco:/annotations.json:/images"
+    )
 
 
 def _check_size(image_size: Any) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or (
-            image_size % 32):
-        raise ValueError(f"{PROG}: --image-size must be a multiple of 32 (>= 32) for YOLOv4-tiny; "
-                         f"got {image_size!r}")
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or image_size < 32
+        or (image_size % 32)
+    ):
+        raise ValueError(
+            f"{PROG}: --image-size must be a multiple of 32 (>= 32) for YOLOv4-tiny; "
+            f"got {image_size!r}"
+        )
     return image_size
 
 
@@ -306,9 +356,11 @@ def _voc_splits(root: Path, spec: str) -> tuple[str, str]:
     train = next((s for s in ("trainval", "train") if (lists / f"{s}.txt").is_file()), None)
     test = next((s for s in ("test", "val") if (lists / f"{s}.txt").is_file()), None)
     if train is None or test is None:
-        raise ValueError(f"{PROG}: --data {spec!r}: {lists} needs a train list (trainval.txt or "
-                         "train.txt) and a test list (test.txt or val.txt); or name one split "
-                         "(voc:/root:split) to hold out part of it")
+        raise ValueError(
+            f"{PROG}: --data {spec!r}: {lists} needs a train list (trainval.txt or "
+            "train.txt) and a test list (test.txt or val.txt); or name one split "
+            "(voc:/root:split) to hold out part of it"
+        )
     return train, test
 
 
@@ -319,9 +371,14 @@ SCENES: dict[str, Any] = {"objects": (1, 4), "clutter": (4, 8)}
 TEST_FRACTION = 0.3
 
 
-def load_detection_data(spec: str = "scenes", *, image_size: int = DEFAULT_IMAGE_SIZE,
-                        n_train: int | None = None, n_test: int | None = None,
-                        seed: int = 0) -> DetectionSplits:
+def load_detection_data(
+    spec: str = "scenes",
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+) -> DetectionSplits:
     """Train/test sets for ``--data``.
 
     * ``scenes``: :func:`attnzoo.datasets.make_digit_scenes` on ``image_size`` canvases
@@ -347,10 +404,12 @@ def load_detection_data(spec: str = "scenes", *, image_size: int = DEFAULT_IMAGE
         lo, hi = SCENES["objects"]
         c_lo, c_hi = SCENES["clutter"]
         kinds = "one class, `digit`" if args else "10 classes"
-        what = (f"built-in digit scenes (`attnzoo.datasets.make_digit_scenes`): {nt} train / "
-                f"{ne} test canvases of {image_size}×{image_size} px, {lo}–{hi} digits each "
-                f"({kinds}) among {c_lo}–{c_hi} digit fragments, disjoint train/test source "
-                "digits")
+        what = (
+            f"built-in digit scenes (`attnzoo.datasets.make_digit_scenes`): {nt} train / "
+            f"{ne} test canvases of {image_size}×{image_size} px, {lo}–{hi} digits each "
+            f"({kinds}) among {c_lo}–{c_hi} digit fragments, disjoint train/test source "
+            "digits"
+        )
     elif kind == "voc":
         root = Path(args[0])
         if len(args) == 2:
@@ -370,15 +429,26 @@ def load_detection_data(spec: str = "scenes", *, image_size: int = DEFAULT_IMAGE
         what = f"COCO file {args[0]} ({note}): {len(train)} train / {len(test)} test images"
     if kind != "scenes":
         what += f", resized to {image_size}×{image_size}, {train.num_classes} classes"
-    return DetectionSplits(name=spec, description=what, classes=list(train.classes),
-                           train=ds.DetectionDataset(train, image_size),
-                           test=ds.DetectionDataset(test, image_size), image_size=image_size,
-                           note=note)
+    return DetectionSplits(
+        name=spec,
+        description=what,
+        classes=list(train.classes),
+        train=ds.DetectionDataset(train, image_size),
+        test=ds.DetectionDataset(test, image_size),
+        image_size=image_size,
+        note=note,
+    )
 
 
-def detect_loaders(splits: DetectionSplits, cfg: DetectConfig, *, seed: int,
-                   num_workers: int = 0, rank: int | None = None,
-                   world_size: int | None = None) -> tuple[Any, Any]:
+def detect_loaders(
+    splits: DetectionSplits,
+    cfg: DetectConfig,
+    *,
+    seed: int,
+    num_workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> tuple[Any, Any]:
     """Train loader (order a pure function of ``(seed, epoch)``, sharded over DDP ranks) and the
     test loader (every image once over the ranks)."""
     from torch.utils.data import DataLoader
@@ -386,14 +456,22 @@ def detect_loaders(splits: DetectionSplits, cfg: DetectConfig, *, seed: int,
     from attnzoo.bench.data import SeededSampler
     from attnzoo.datasets import collate_detection
 
-    train = DataLoader(splits.train, batch_size=cfg.batch_size, num_workers=num_workers,
-                       collate_fn=collate_detection,
-                       sampler=SeededSampler(len(splits.train), seed=seed, shuffle=True,
-                                             rank=rank, world_size=world_size))
-    test = DataLoader(splits.test, batch_size=cfg.eval_batch_size, num_workers=num_workers,
-                      collate_fn=collate_detection,
-                      sampler=SeededSampler(len(splits.test), shuffle=False, rank=rank,
-                                            world_size=world_size))
+    train = DataLoader(
+        splits.train,
+        batch_size=cfg.batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        sampler=SeededSampler(
+            len(splits.train), seed=seed, shuffle=True, rank=rank, world_size=world_size
+        ),
+    )
+    test = DataLoader(
+        splits.test,
+        batch_size=cfg.eval_batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        sampler=SeededSampler(len(splits.test), shuffle=False, rank=rank, world_size=world_size),
+    )
     return train, test
 
 
@@ -456,8 +534,12 @@ def _module_class() -> type:
             n = images.shape[0]
             for k in PARTS:
                 self.train_parts[k].update(out[k].detach(), weight=n)
-            self.log_dict({f"train_{k}": out[k].detach() for k in PARTS}, on_step=True,
-                          on_epoch=False, batch_size=n)
+            self.log_dict(
+                {f"train_{k}": out[k].detach() for k in PARTS},
+                on_step=True,
+                on_epoch=False,
+                batch_size=n,
+            )
             return out["loss"]
 
         def _evaluating(self) -> bool:
@@ -478,17 +560,25 @@ def _module_class() -> type:
             n = images.shape[0]
             self.val_loss.update(self.criterion(outputs, targets)["loss"], weight=n)
             self.val_count.update(torch.tensor(float(n), device=images.device))
-            preds = postprocess(outputs, tuple(images.shape[-2:]),
-                                conf_threshold=self.cfg.conf_threshold, nms_iou=self.cfg.nms_iou)
+            preds = postprocess(
+                outputs,
+                tuple(images.shape[-2:]),
+                conf_threshold=self.cfg.conf_threshold,
+                nms_iou=self.cfg.nms_iou,
+            )
             self.metric.update(preds, targets)
 
         def on_validation_epoch_end(self) -> None:
             if not self._evaluating():
                 return
             res = self.metric.compute()  # torchmetrics gathers the states of all DDP ranks
-            vals = {"test_loss": float(self.val_loss.compute()),
-                    "map50": float(res["map50"]), "map": float(res["map"]),
-                    "map75": float(res["map75"]), "test_n": int(self.val_count.compute())}
+            vals = {
+                "test_loss": float(self.val_loss.compute()),
+                "map50": float(res["map50"]),
+                "map": float(res["map"]),
+                "map75": float(res["map75"]),
+                "test_n": int(self.val_count.compute()),
+            }
             self.run_extras["per_class_ap50"] = [float(v) for v in res["per_class_ap50"]]
             for m in (self.metric, self.val_loss, self.val_count):
                 m.reset()
@@ -508,8 +598,9 @@ def _module_class() -> type:
 
         def configure_optimizers(self) -> Any:
             total = max(int(self.trainer.estimated_stepping_batches), 1)
-            opt, sched = build_detect_optimizer(self.model, self.cfg,
-                                                max(1, total // self.cfg.epochs))
+            opt, sched = build_detect_optimizer(
+                self.model, self.cfg, max(1, total // self.cfg.epochs)
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     _CACHE["module"] = DetectModule
@@ -546,12 +637,23 @@ def _per_class_section(result: Any, data: DetectionSplits) -> Any:
         if r.get("per_class_ap50") is not None:
             per_class.setdefault(r["attention"], []).append(r["per_class_ap50"])
     if not per_class:
-        return Section("Per-class AP50", [Text("Not available: no run recorded its per-class "
-                                               "AP.")])
+        return Section("Per-class AP50", [Text("Not available: no run recorded its per-class AP.")])
     headers, rows = per_class_table(per_class, data.classes)
-    return Section("Per-class AP50", [Table(headers, rows, (
-        "VOC all-point AP@0.5 per class (%), mean over the seeds, after the last epoch. A class "
-        "without test objects has no AP (nan)."))], collapsed=data.num_classes > 20)
+    return Section(
+        "Per-class AP50",
+        [
+            Table(
+                headers,
+                rows,
+                (
+                    "VOC all-point AP@0.5 per class (%), mean over the seeds, after the last "
+                    "epoch. A class "
+                    "without test objects has no AP (nan)."
+                ),
+            )
+        ],
+        collapsed=data.num_classes > 20,
+    )
 
 
 def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> list[Any]:
@@ -569,32 +671,71 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
     preds = {}
     with torch.no_grad():
         for label, model in models.items():
-            preds[label] = postprocess(model(images), tuple(images.shape[-2:]),
-                                       conf_threshold=PANEL_CONFIDENCE, nms_iou=PANEL_NMS)
-    sections = [Section("Detections", [Figure("detections.png", plot_box_panel(
-        images, targets, preds, data.classes, score_threshold=PANEL_CONFIDENCE), (
-        f"The first {n} test images; one row per attention (seed {seed}). Green dashed: the "
-        f"true boxes; red: the detections with score >= {PANEL_CONFIDENCE} after NMS at IoU "
-        f"{PANEL_NMS}, with class and score."))])]
+            preds[label] = postprocess(
+                model(images),
+                tuple(images.shape[-2:]),
+                conf_threshold=PANEL_CONFIDENCE,
+                nms_iou=PANEL_NMS,
+            )
+    sections = [
+        Section(
+            "Detections",
+            [
+                Figure(
+                    "detections.png",
+                    plot_box_panel(
+                        images, targets, preds, data.classes, score_threshold=PANEL_CONFIDENCE
+                    ),
+                    (
+                        f"The first {n} test images; one row per attention (seed {seed}). Green "
+                        "dashed: the "
+                        f"true boxes; red: the detections with score >= {PANEL_CONFIDENCE} after "
+                        "NMS at IoU "
+                        f"{PANEL_NMS}, with class and score."
+                    ),
+                )
+            ],
+        )
+    ]
     if not config.localise:
         return sections
     try:
         from attnzoo.viz import detector_cam
     except ImportError:
-        sections.append(Section("Class activation maps", [Text(
-            "Not available: this installation has no `attnzoo.viz.detector_cam`.")]))
+        sections.append(
+            Section(
+                "Class activation maps",
+                [Text("Not available: this installation has no `attnzoo.viz.detector_cam`.")],
+            )
+        )
         return sections
     try:
-        cams = {label: detector_cam(model, images, method="eigencam")
-                for label, model in models.items()}
+        cams = {
+            label: detector_cam(model, images, method="eigencam") for label, model in models.items()
+        }
     except (ImportError, ModuleNotFoundError) as err:
-        sections.append(Section("Class activation maps", [Text(
-            f"Not available: {err} (`pip install \"attnzoo[viz]\"`).")]))
+        sections.append(
+            Section(
+                "Class activation maps",
+                [Text(f'Not available: {err} (`pip install "attnzoo[viz]"`).')],
+            )
+        )
         return sections
-    sections.append(Section("Class activation maps", [Figure("detection_cams.png", plot_cam_panel(
-        images, cams), f"EigenCAM of each attention's detector (seed {seed}) on the same images: "
-        "the first principal component of the activations of the last neck layers, gradient-"
-        "free; where the network's features respond, not a per-box explanation.")]))
+    sections.append(
+        Section(
+            "Class activation maps",
+            [
+                Figure(
+                    "detection_cams.png",
+                    plot_cam_panel(images, cams),
+                    f"EigenCAM of each attention's detector (seed {seed}) on the same images: "
+                    "the first principal component of the activations of the last neck layers, "
+                    "gradient-"
+                    "free; where the network's features respond, not a per-box explanation.",
+                )
+            ],
+        )
+    )
     return sections
 
 
@@ -609,15 +750,20 @@ HOW_TO_READ = (
     "test images after the last epoch, from detections at confidence >= 0.001 after NMS at "
     "IoU 0.5.\n"
     "- A detector that has not converged (mAP50 near 0) says nothing about the modules: train "
-    "longer (`--epochs`) or on more images (`--n-train`).")
+    "longer (`--epochs`) or on more images (`--n-train`)."
+)
 
 
 # ---------------------------------------------------------------------------------------------
 def detect_config(config: Any) -> DetectConfig:
     """The :class:`DetectConfig` of a validated ``BenchConfig``."""
-    return DetectConfig(epochs=config.epochs, batch_size=config.batch_size, lr=float(config.lr),
-                        weight_decay=float(config.weight_decay),
-                        eval_every=int(config.options.get("eval_every", 1)))
+    return DetectConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=float(config.lr),
+        weight_decay=float(config.weight_decay),
+        eval_every=int(config.options.get("eval_every", 1)),
+    )
 
 
 class DetectTask(Task):
@@ -627,9 +773,16 @@ class DetectTask(Task):
     metric = "map50"
     metric_label = "mAP50 %"
     secondary = ("map", "map75")
-    defaults = {"attention": DEFAULT_DETECT_ATTENTIONS, "model": "yolov4_tiny",
-                "data": DEFAULT_DATA, "epochs": DEFAULT_EPOCHS, "batch_size": DEFAULT_BATCH,
-                "lr": DEFAULT_LR, "weight_decay": 5e-4, "image_size": DEFAULT_IMAGE_SIZE}
+    defaults = {
+        "attention": DEFAULT_DETECT_ATTENTIONS,
+        "model": "yolov4_tiny",
+        "data": DEFAULT_DATA,
+        "epochs": DEFAULT_EPOCHS,
+        "batch_size": DEFAULT_BATCH,
+        "lr": DEFAULT_LR,
+        "weight_decay": 5e-4,
+        "image_size": DEFAULT_IMAGE_SIZE,
+    }
     options = {"eval_every": 1}
     columns = (("COCO AP %", "map"), ("AP75 %", "map75"))
     csv_columns = ("map", "map75", "test_n")
@@ -639,25 +792,36 @@ class DetectTask(Task):
         _check_size(config.image_size)
         k = config.options.get("eval_every")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{PROG}: option eval_every must be an integer >= 1 (evaluate every "
-                             f"k epochs and after the last); got {k!r}")
-        if isinstance(config.panel_images, bool) or not isinstance(
-                config.panel_images, int) or config.panel_images < 0:
-            raise ValueError(f"{PROG}: --panel-images must be an integer >= 0; got "
-                             f"{config.panel_images!r}")
+            raise ValueError(
+                f"{PROG}: option eval_every must be an integer >= 1 (evaluate every "
+                f"k epochs and after the last); got {k!r}"
+            )
+        if (
+            isinstance(config.panel_images, bool)
+            or not isinstance(config.panel_images, int)
+            or config.panel_images < 0
+        ):
+            raise ValueError(
+                f"{PROG}: --panel-images must be an integer >= 0; got {config.panel_images!r}"
+            )
 
     def check_data(self, config: Any) -> None:
         parse_detect_data(config.data)
 
     def check_schedule(self, config: Any, steps_per_epoch: int) -> None:
         cfg = detect_config(config)
-        shape = WarmCosine.for_epochs(cfg.epochs, max(1, steps_per_epoch),
-                                      min_ratio=cfg.min_lr_ratio,
-                                      warmup_ratio=cfg.warmup_lr_ratio)
+        shape = WarmCosine.for_epochs(
+            cfg.epochs,
+            max(1, steps_per_epoch),
+            min_ratio=cfg.min_lr_ratio,
+            warmup_ratio=cfg.warmup_lr_ratio,
+        )
         bad = [i for i in range(shape.total) if not 0 <= shape(i) <= 1 or math.isnan(shape(i))]
         if bad:
-            raise ValueError(f"{PROG}: the LR schedule is not defined at step {bad[0]} of "
-                             f"{shape.total}; change --epochs or --batch-size")
+            raise ValueError(
+                f"{PROG}: the LR schedule is not defined at step {bad[0]} of "
+                f"{shape.total}; change --epochs or --batch-size"
+            )
 
     # ---- data and models
     def resolve_model(self, model: Any) -> tuple[str, Any]:
@@ -665,14 +829,19 @@ class DetectTask(Task):
             return getattr(model, "__name__", "custom"), model
         name = model.strip().lower() if isinstance(model, str) else model
         if name not in DETECT_MODELS:
-            raise ValueError(f"{PROG}: unknown --model {model!r}; detection models: "
-                             f"{', '.join(DETECT_MODELS)}")
+            raise ValueError(
+                f"{PROG}: unknown --model {model!r}; detection models: {', '.join(DETECT_MODELS)}"
+            )
         return name, yolov4_tiny
 
     def load_data(self, config: Any) -> DetectionSplits:
-        return load_detection_data(config.data, image_size=config.image_size,
-                                   n_train=config.n_train, n_test=config.n_test,
-                                   seed=config.data_seed)
+        return load_detection_data(
+            config.data,
+            image_size=config.image_size,
+            n_train=config.n_train,
+            n_test=config.n_test,
+            seed=config.data_seed,
+        )
 
     def build_model(self, builder: Any, spec: Any, data: Any, config: Any) -> nn.Module:
         model = call_builder(builder, spec, num_classes=data.num_classes)
@@ -683,9 +852,11 @@ class DetectTask(Task):
         size = data.image_size
         shapes = [tuple(o.shape) for o in out] if isinstance(out, (tuple, list)) else None
         if shapes != [(1, want, size // 32, size // 32), (1, want, size // 16, size // 16)]:
-            raise ValueError(f"it returns {shapes or type(out).__name__}, expected two head maps "
-                             f"(1, {want}, {size // 32}, {size // 32}) and "
-                             f"(1, {want}, {size // 16}, {size // 16})")
+            raise ValueError(
+                f"it returns {shapes or type(out).__name__}, expected two head maps "
+                f"(1, {want}, {size // 32}, {size // 32}) and "
+                f"(1, {want}, {size // 16}, {size // 16})"
+            )
         return model.train()
 
     def input_shape(self, data: Any, config: Any) -> tuple[int, ...]:
@@ -693,22 +864,36 @@ class DetectTask(Task):
 
     def run_settings(self, config: Any) -> dict[str, Any]:
         cfg = detect_config(config)
-        return {"momentum": cfg.momentum, "schedule": "warm-up + cosine (YOLOX warm cos)",
-                "eval_every": cfg.eval_every, "conf_threshold": cfg.conf_threshold,
-                "nms_iou": cfg.nms_iou}
+        return {
+            "momentum": cfg.momentum,
+            "schedule": "warm-up + cosine (YOLOX warm cos)",
+            "eval_every": cfg.eval_every,
+            "conf_threshold": cfg.conf_threshold,
+            "nms_iou": cfg.nms_iou,
+        }
 
     # ---- training
     def make_module(self, model: nn.Module, data: Any, config: Any) -> Any:
         return build_detect_module(model, data.num_classes, detect_config(config))
 
     def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[Any, Any]:
-        return detect_loaders(data, detect_config(config), seed=seed,
-                              num_workers=config.num_workers)
+        return detect_loaders(
+            data, detect_config(config), seed=seed, num_workers=config.num_workers
+        )
 
     def final_row(self, history: Sequence[dict[str, Any]], module: Any) -> dict[str, Any]:
         last = history[-1]
-        row = {k: last[k] for k in ("map50", "map", "map75", "test_loss", "test_n",
-                                    *(f"train_{p}" for p in PARTS))}
+        row = {
+            k: last[k]
+            for k in (
+                "map50",
+                "map",
+                "map75",
+                "test_loss",
+                "test_n",
+                *(f"train_{p}" for p in PARTS),
+            )
+        }
         row["per_class_ap50"] = module.run_extras.get("per_class_ap50")
         return row
 
@@ -716,15 +901,21 @@ class DetectTask(Task):
     def report(self, result: Any, data: Any, config: Any, plan: Sequence[Any]) -> TaskReport:
         c = result.config
         seeds = sorted({r["seed"] for r in result.runs})
-        setup = (f"{c['model']} on {data.description}. {c['epochs']} epochs, batch "
-                 f"{c['batch_size']}, SGD (Nesterov, momentum 0.937) with a warm-up + cosine "
-                 f"schedule peaking at lr {c['lr']}, weight decay {c['weight_decay']} on conv "
-                 f"weights; mAP after the last epoch; seeds {', '.join(map(str, seeds))}.")
+        setup = (
+            f"{c['model']} on {data.description}. {c['epochs']} epochs, batch "
+            f"{c['batch_size']}, SGD (Nesterov, momentum 0.937) with a warm-up + cosine "
+            f"schedule peaking at lr {c['lr']}, weight decay {c['weight_decay']} on conv "
+            f"weights; mAP after the last epoch; seeds {', '.join(map(str, seeds))}."
+        )
         return TaskReport(
-            setup=setup, run_columns=[("COCO AP %", "map"), ("AP75 %", "map75")],
+            setup=setup,
+            run_columns=[("COCO AP %", "map"), ("AP75 %", "map75")],
             how_to_read=HOW_TO_READ,
-            sections=[*([_per_class_section(result, data)] if data.num_classes > 1 else []),
-                      *_panel_sections(data, config, plan)])
+            sections=[
+                *([_per_class_section(result, data)] if data.num_classes > 1 else []),
+                *_panel_sections(data, config, plan),
+            ],
+        )
 
 
 TASK = DetectTask()

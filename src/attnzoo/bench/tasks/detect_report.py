@@ -36,8 +36,9 @@ def _png(fig: Any) -> bytes:
 
 
 def _show(ax: Any, image: Tensor) -> None:
-    ax.imshow(image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy(),
-              interpolation="nearest")
+    ax.imshow(
+        image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest"
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -46,18 +47,32 @@ def _rect(ax: Any, box: Sequence[float], color: str, dashed: bool) -> None:
     from matplotlib.patches import Rectangle
 
     x0, y0, x1, y1 = (float(v) for v in box)
-    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2,
-                           edgecolor=color, linestyle="--" if dashed else "-"))
+    ax.add_patch(
+        Rectangle(
+            (x0 - 0.5, y0 - 0.5),
+            x1 - x0,
+            y1 - y0,
+            fill=False,
+            lw=1.2,
+            edgecolor=color,
+            linestyle="--" if dashed else "-",
+        )
+    )
 
 
 def _name(classes: Sequence[str], i: int) -> str:
     return classes[i] if 0 <= i < len(classes) else str(i)
 
 
-def plot_box_panel(images: Tensor, targets: Sequence[Mapping[str, Tensor]],
-                   predictions: Mapping[str, Sequence[Mapping[str, Tensor]]],
-                   classes: Sequence[str], *, score_threshold: float = 0.3,
-                   title: str = "") -> bytes:
+def plot_box_panel(
+    images: Tensor,
+    targets: Sequence[Mapping[str, Tensor]],
+    predictions: Mapping[str, Sequence[Mapping[str, Tensor]]],
+    classes: Sequence[str],
+    *,
+    score_threshold: float = 0.3,
+    title: str = "",
+) -> bytes:
     """One row per attention (``predictions``: label -> one prediction dict per image), one
     column per image; true boxes green dashed, predictions with ``score >= score_threshold`` red
     with ``class score``. ``images``: ``(B, 3, H, W)`` in ``[0, 1]``."""
@@ -71,12 +86,19 @@ def plot_box_panel(images: Tensor, targets: Sequence[Mapping[str, Tensor]],
                 _rect(ax, box.tolist(), "#31a354", dashed=True)
             pred = predictions[label][c]
             keep = pred["scores"] >= score_threshold
-            for box, score, cls in zip(pred["boxes"][keep], pred["scores"][keep],
-                                       pred["labels"][keep]):
+            for box, score, cls in zip(
+                pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep]
+            ):
                 _rect(ax, box.tolist(), "#e41a1c", dashed=False)
-                ax.text(float(box[0]), float(box[1]) - 1, f"{_name(classes, int(cls))} "
-                        f"{float(score):.2f}", color="white", fontsize=6, va="bottom",
-                        bbox={"facecolor": "#e41a1c", "alpha": 0.8, "pad": 0.5, "lw": 0})
+                ax.text(
+                    float(box[0]),
+                    float(box[1]) - 1,
+                    f"{_name(classes, int(cls))} {float(score):.2f}",
+                    color="white",
+                    fontsize=6,
+                    va="bottom",
+                    bbox={"facecolor": "#e41a1c", "alpha": 0.8, "pad": 0.5, "lw": 0},
+                )
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
     if title:
@@ -93,13 +115,20 @@ def plot_cam_panel(images: Tensor, cams: Mapping[str, Tensor], *, title: str = "
     for r, label in enumerate(labels):
         maps = cams[label].detach().cpu().float()
         if maps.shape[-2:] != (h, w):
-            maps = torch.nn.functional.interpolate(maps[:, None], size=(h, w), mode="bilinear",
-                                                   align_corners=False)[:, 0]
+            maps = torch.nn.functional.interpolate(
+                maps[:, None], size=(h, w), mode="bilinear", align_corners=False
+            )[:, 0]
         for c in range(images.shape[0]):
             ax = axes[r][c]
             _show(ax, images[c])
-            ax.imshow(maps[c].clamp(0, 1).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                maps[c].clamp(0, 1).numpy(),
+                cmap="jet",
+                alpha=0.5,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
     if title:
@@ -107,8 +136,9 @@ def plot_cam_panel(images: Tensor, cams: Mapping[str, Tensor], *, title: str = "
     return _png(fig)
 
 
-def per_class_table(per_class: Mapping[str, Sequence[Sequence[float]]], classes: Sequence[str]
-                    ) -> tuple[list[str], list[list[str]]]:
+def per_class_table(
+    per_class: Mapping[str, Sequence[Sequence[float]]], classes: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
     """``(headers, rows)``: one row per class, one column per attention, AP50 % as the mean over
     the seeds (``per_class``: label -> one list of per-class AP50 fractions per seed)."""
     labels = list(per_class)
