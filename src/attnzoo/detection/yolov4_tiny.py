@@ -197,6 +197,14 @@ class YoloV4Tiny(nn.Module):
             A deviation from the reference (off by default); modules that already are the
             identity at initialisation are left unwrapped. Their keys then read
             ``feat1_att.attn.*`` and ``feat1_att.alpha``.
+        init: ``"backbone"`` (default): the reference backbone's initialisation of the
+            detector's own layers, convs N(0, sqrt(2 / (k*k*C_out))), BatchNorm weight 1 and bias
+            0, the attention modules keeping theirs; ``"scratch"``: the reference's ``weights_init``
+            for training from scratch (bubbliiiing/yolov4-tiny-pytorch ``train.py``, applied when
+            no pretrained weights are loaded), over the whole network attention included: every
+            conv weight N(0, 0.02), every BatchNorm weight N(1, 0.02) and bias 0. ``"scratch"``
+            starts the heads near ``tw = th = 0`` (boxes the size of their anchor) and objectness
+            near 0.5, which box regression from scratch needs.
         **attention_kwargs: keywords for the attention modules.
 
     Input ``(B, 3, H, W)`` with ``H`` and ``W`` multiples of 32. Output: a tuple
@@ -217,6 +225,7 @@ class YoloV4Tiny(nn.Module):
         phi: int | None = None,
         num_anchors: int = 3,
         attention_init: str = "default",
+        init: str = "backbone",
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -228,6 +237,8 @@ class YoloV4Tiny(nn.Module):
                 f"YoloV4Tiny: attention_init must be one of {ATTENTION_INITS}, got "
                 f"{attention_init!r}"
             )
+        if init not in ("backbone", "scratch"):
+            raise ValueError(f"YoloV4Tiny: init must be 'backbone' or 'scratch', got {init!r}")
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         out = num_anchors * (5 + num_classes)
@@ -243,6 +254,8 @@ class YoloV4Tiny(nn.Module):
         # attention modules keep their own initialisation (e.g. zero-initialised branches)
         for attr, channels in ATTENTION_SLOTS.items():
             setattr(self, attr, _make_attention(factory, channels, attention_init))
+        if init == "scratch":
+            self._scratch_init()
 
     def _init_weights(self) -> None:
         # as the reference backbone: N(0, sqrt(2 / (k*k*C_out))) convs, BN weight 1 / bias 0
@@ -252,6 +265,16 @@ class YoloV4Tiny(nn.Module):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _scratch_init(self) -> None:
+        # the reference's weights_init: every module whose class name contains "Conv"
+        for m in self.modules():
+            name = type(m).__name__
+            if "Conv" in name and isinstance(getattr(m, "weight", None), nn.Parameter):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif "BatchNorm2d" in name:
+                nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -227,6 +227,11 @@ def cam(
         ImportError: ``grad-cam`` is not installed (``pip install "attnzoo[viz]"``).
         ValueError: unknown method, no default target layer for this model, bad targets.
     """
+    if _qualname(model) == ("attnzoo.detection.yolov4_tiny", "YoloV4Tiny"):
+        raise TypeError(
+            "attnzoo.viz.cam explains classifiers; for a YoloV4Tiny detector use "
+            "attnzoo.viz.detector_cam(model, images, method=..., predictions=...)"
+        )
     cam_class = _method_class(method)
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(

@@ -18,7 +18,7 @@ The plug-in gives the bench engine what is particular to detection:
   minutes on 2 CPU cores and the baseline lands mid-range, mAP50 about 0.4, where modules can
   differ): 64 x 64 px, 800 train / 200 test scenes, 5 epochs, batch 16, peak lr 0.05.
 * **networks** start from the reference's initialisation for training from scratch
-  (:func:`scratch_init`).
+  (``YoloV4Tiny(init="scratch")``).
 * **training** (:class:`DetectModule`, a LightningModule): the YOLOv4-tiny loss
   (:class:`attnzoo.detection.loss.YoloV4TinyLoss`; its parts are logged), SGD as the reference
   trains (momentum 0.937 Nesterov, weight decay 5e-4 on conv/linear weights only) with the
@@ -60,7 +60,6 @@ __all__ = [
     "detect_loaders",
     "load_detection_data",
     "parse_detect_data",
-    "scratch_init",
     "yolov4_tiny",
 ]
 
@@ -190,26 +189,9 @@ def build_detect_optimizer(
 
 # ---------------------------------------------------------------------------------------------
 # models
-def scratch_init(model: nn.Module) -> nn.Module:
-    """The reference's initialisation for training from scratch (``weights_init`` in
-    bubbliiiing/yolov4-tiny-pytorch's ``train.py``, applied when no pretrained weights are
-    loaded): the weight of every module whose class name contains ``Conv`` ~ N(0, 0.02), every
-    ``BatchNorm2d`` weight ~ N(1, 0.02) and bias 0; other parameters keep their initialisation.
-    It starts the heads near ``tw = th = 0`` (boxes the size of their anchor) and objectness near
-    0.5, which the box regression needs to train quickly. Returns ``model``."""
-    for m in model.modules():
-        name = type(m).__name__
-        if "Conv" in name and isinstance(getattr(m, "weight", None), nn.Parameter):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        elif "BatchNorm2d" in name:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-    return model
-
-
 def yolov4_tiny(attention: str | None = None, num_classes: int = 20, **kwargs: Any) -> nn.Module:
     """The detect task's builder: :class:`~attnzoo.detection.YoloV4Tiny` with ``attention``,
-    initialised for training from scratch as the reference does (:func:`scratch_init`).
+    initialised for training from scratch as the reference does (``init="scratch"``).
 
     ``se``/``cbam``/``eca``/``ca`` are the reference's ``phi`` variants (``YoloV4Tiny(phi=k)``;
     keywords override the preset's values); any other registry name is inserted in the same three
@@ -218,13 +200,14 @@ def yolov4_tiny(attention: str | None = None, num_classes: int = 20, **kwargs: A
     from attnzoo.detection import PHI_ATTENTION, YoloV4Tiny
 
     phi = {c[0]: k for k, c in PHI_ATTENTION.items() if c is not None}.get(attention)
+    kwargs.setdefault("init", "scratch")
     if attention is None:
         model = YoloV4Tiny(num_classes, **kwargs)
     elif phi is not None:
         model = YoloV4Tiny(num_classes, phi=phi, **kwargs)
     else:
         model = YoloV4Tiny(num_classes, attention=attention, **kwargs)
-    return scratch_init(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
