@@ -458,6 +458,7 @@ def detach(model: nn.Module) -> nn.Module:
     for _, host in _inserted_parent_paths(model):
         for child in host.__dict__.pop(_RECORD):
             del host._modules[child]
+        host.__dict__.pop(_FOLDED, None)
         if "_attnzoo_base" in type(host).__dict__:
             host.__class__ = type(host)._attnzoo_base
     return model
