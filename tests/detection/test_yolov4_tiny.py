@@ -180,8 +180,13 @@ def test_scratch_init_is_the_references_weights_init() -> None:
         YoloV4Tiny(3, init="xavier")
 
 
-def test_cam_points_detectors_to_detector_cam() -> None:
-    from attnzoo.viz import cam
+def test_cam_accepts_a_detector() -> None:
+    from attnzoo.viz import cam, detector_cam
 
-    with pytest.raises(TypeError, match="detector_cam"):
-        cam(YoloV4Tiny(3).eval(), torch.rand(1, 3, 64, 64))
+    torch.manual_seed(0)
+    model, images = YoloV4Tiny(3).eval(), torch.rand(2, 3, 64, 64)
+    maps = cam(model, images, method="eigencam")
+    assert maps.shape == (2, 64, 64)
+    torch.testing.assert_close(maps, detector_cam(model, images, method="eigencam"))
+    with pytest.raises(ValueError, match="detector_cam"):
+        cam(model, images, targets=1)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.ops.validation import resolve_submodule
-from attnzoo.viz.gradcam import _method_class, _ModelState
+from attnzoo.viz.cam_methods import ModelState, method_class
 
 if TYPE_CHECKING:
     from attnzoo.detection.yolov4_tiny import YoloV4Tiny
@@ -220,7 +220,7 @@ def detector_cam(
             f"{_WHERE}: EigenCAM uses no target, so predictions= has no effect; "
             "pass method='gradcam' to explain given detections"
         )
-    cam_class = _method_class(method)
+    cam_class = method_class(method)
     layers = _resolve_layers(model, target_layers)
     targets = _targets(predictions, images.shape[0], detector.num_classes)
     wrapped = _Decoded(
@@ -228,7 +228,7 @@ def detector_cam(
         ANCHORS if anchors is None else anchors,
         ANCHOR_MASKS if anchor_masks is None else anchor_masks,
     )
-    state = _ModelState(model)
+    state = ModelState(model)
     device = next(iter(model.parameters()), images).device
     x = images.detach().to(device).clone().requires_grad_(True)
     try:

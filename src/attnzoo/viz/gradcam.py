@@ -21,53 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.ops.validation import resolve_submodule
+from attnzoo.viz.cam_methods import CAM_METHODS, ModelState, method_class
+from attnzoo.viz.detection_cam import detector_cam
 
 __all__ = ["CAM_METHODS", "cam", "default_target_layer"]
 
-#: method name (lower case) -> ``pytorch_grad_cam`` class name. FullGrad is left out: it ignores
-#: the target layer and uses every biased layer instead.
-CAM_METHODS: dict[str, str] = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
-    "eigengradcam": "EigenGradCAM",
-    "gradcamelementwise": "GradCAMElementWise",
-    "scorecam": "ScoreCAM",
-    "ablationcam": "AblationCAM",
-}
-_ALIASES = {
-    "gradcamplusplus": "gradcam++",
-    "grad-cam": "gradcam",
-    "grad-cam++": "gradcam++",
-    "score-cam": "scorecam",
-    "eigen-cam": "eigencam",
-    "xgrad-cam": "xgradcam",
-    "ablation-cam": "ablationcam",
-}
-
 LayerSpec = str | nn.Module
-
-
-def _method_class(method: str) -> type:
-    if not isinstance(method, str):
-        raise TypeError(f"attnzoo.viz.cam: method must be a string, got {type(method).__name__}")
-    key = method.lower()
-    key = _ALIASES.get(key, key)
-    if key not in CAM_METHODS:
-        raise ValueError(
-            f"attnzoo.viz.cam: unknown method {method!r}; choose one of "
-            f"{', '.join(CAM_METHODS)} (case-insensitive)"
-        )
-    try:
-        import pytorch_grad_cam
-    except ImportError as err:
-        raise ImportError(
-            'attnzoo.viz.cam needs the grad-cam package: pip install "attnzoo[viz]"'
-        ) from err
-    return getattr(pytorch_grad_cam, CAM_METHODS[key])
 
 
 def _qualname(model: nn.Module) -> tuple[str, str]:
@@ -173,21 +132,6 @@ def _targets(targets: Any, batch: int) -> list[Callable[[Tensor], Tensor]] | Non
     return out
 
 
-class _ModelState:
-    """Training flags of every submodule, ``requires_grad`` and ``.grad`` of every parameter."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-
-    def restore(self) -> None:
-        for m, training in self.modes:
-            m.training = training
-        for p, requires_grad, grad in self.params:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
-
-
 def cam(
     model: nn.Module,
     images: Tensor,
@@ -228,11 +172,13 @@ def cam(
         ValueError: unknown method, no default target layer for this model, bad targets.
     """
     if _qualname(model) == ("attnzoo.detection.yolov4_tiny", "YoloV4Tiny"):
-        raise TypeError(
-            "attnzoo.viz.cam explains classifiers; for a YoloV4Tiny detector use "
-            "attnzoo.viz.detector_cam(model, images, method=..., predictions=...)"
-        )
-    cam_class = _method_class(method)
+        if targets is not None or target_layer is not None:
+            raise ValueError(
+                "attnzoo.viz.cam: for a YoloV4Tiny give no targets/target_layer here; call "
+                "attnzoo.viz.detector_cam(model, images, predictions=..., target_layers=...)"
+            )
+        return detector_cam(model, images, method=method)
+    cam_class = method_class(method)
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(
             "attnzoo.viz.cam: images must be a (B, C, H, W) tensor; got "
@@ -240,7 +186,7 @@ def cam(
         )
     layers = [_resolve_layer(model, target_layer)]
     grad_targets = _targets(targets, images.shape[0])
-    state = _ModelState(model)
+    state = ModelState(model)
     device = next(iter(model.parameters()), images).device
     x = images.detach().to(device).clone().requires_grad_(True)
     try:
