@@ -101,6 +101,7 @@ def test_optimizer_is_the_reference_sgd() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # models
+@torch.no_grad()
 def test_scratch_init_is_the_references() -> None:
     model = yolov4_tiny("cbam", num_classes=3)
     head = model.head_p4[1]
