@@ -365,6 +365,7 @@ def validate(config: BenchConfig) -> Bench:
     c.num_nodes = _check_int("--num-nodes", c.num_nodes)
     c.image_size = _check_int("--image-size", c.image_size, 8)
     _check_int("--num-workers", c.num_workers, 0)
+    _check_int("--panel-images", c.panel_images, 0)
     _check_int("--data-seed", c.data_seed, 0)
     check_devices(c.accelerator, c.devices)
     for name, v in (("n_train", c.n_train), ("n_test", c.n_test)):

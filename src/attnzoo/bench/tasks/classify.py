@@ -374,14 +374,6 @@ class ClassifyTask(Task):
                     f"bench: unknown --cam-method {config.cam_method!r}; choose "
                     f"from {', '.join(CAM_METHODS)}"
                 )
-            if (
-                isinstance(config.panel_images, bool)
-                or not isinstance(config.panel_images, int)
-                or config.panel_images < 0
-            ):
-                raise ValueError(
-                    f"bench: --panel-images must be an integer >= 0; got {config.panel_images!r}"
-                )
 
     def check_data(self, config: Any) -> None:
         check_data_spec(config.data)

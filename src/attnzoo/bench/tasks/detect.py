@@ -779,14 +779,6 @@ class DetectTask(Task):
                 f"{PROG}: option eval_every must be an integer >= 1 (evaluate every "
                 f"k epochs and after the last); got {k!r}"
             )
-        if (
-            isinstance(config.panel_images, bool)
-            or not isinstance(config.panel_images, int)
-            or config.panel_images < 0
-        ):
-            raise ValueError(
-                f"{PROG}: --panel-images must be an integer >= 0; got {config.panel_images!r}"
-            )
 
     def check_data(self, config: Any) -> None:
         parse_detect_data(config.data)
