@@ -1,15 +1,94 @@
-"""Attention modules, one file per paper. Importing this package registers all of them."""
+"""Attention modules, one file per paper. Importing this package registers all of them.
+
+Each paper's file is imported explicitly below; a new module adds one import line here.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from attnzoo.modules.cbam import (
+    CBAM,
+    ChannelGate,
+    SpatialGate,
+    cbam_param_count,
+    channel_gate_param_count,
+    spatial_gate_param_count,
+)
+from attnzoo.modules.coord import (
+    CoordinateAttention,
+    ca_param_count,
+)
+from attnzoo.modules.danet import (
+    DANetChannelAttention,
+    DANetPositionAttention,
+    DualAttention,
+    cam_param_count,
+    dual_attention_param_count,
+    pam_param_count,
+)
+from attnzoo.modules.eca import (
+    EfficientChannelAttention,
+    eca_kernel_size,
+    eca_param_count,
+)
+from attnzoo.modules.ema import (
+    EfficientMultiScaleAttention,
+    ema_param_count,
+)
+from attnzoo.modules.gc import (
+    GlobalContext,
+    gc_param_count,
+)
+from attnzoo.modules.nonlocal_ import (
+    NonLocal1d,
+    NonLocal2d,
+    NonLocal3d,
+    nonlocal_param_count,
+)
+from attnzoo.modules.sagan import (
+    SAGANSelfAttention,
+    sagan_param_count,
+)
+from attnzoo.modules.se import (
+    SqueezeExcitation,
+    se_hidden_channels,
+    se_param_count,
+)
+from attnzoo.modules.sk import (
+    SelectiveKernel,
+    sk_param_count,
+)
 
-__all__: list[str] = []
-
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        _mod = importlib.import_module(f"{__name__}.{_info.name}")
-        for _name in getattr(_mod, "__all__", ()):
-            globals()[_name] = getattr(_mod, _name)
-            __all__.append(_name)
+__all__ = [
+    "CBAM",
+    "ChannelGate",
+    "SpatialGate",
+    "cbam_param_count",
+    "channel_gate_param_count",
+    "spatial_gate_param_count",
+    "CoordinateAttention",
+    "ca_param_count",
+    "DANetPositionAttention",
+    "DANetChannelAttention",
+    "DualAttention",
+    "pam_param_count",
+    "cam_param_count",
+    "dual_attention_param_count",
+    "EfficientChannelAttention",
+    "eca_kernel_size",
+    "eca_param_count",
+    "EfficientMultiScaleAttention",
+    "ema_param_count",
+    "GlobalContext",
+    "gc_param_count",
+    "NonLocal1d",
+    "NonLocal2d",
+    "NonLocal3d",
+    "nonlocal_param_count",
+    "SAGANSelfAttention",
+    "sagan_param_count",
+    "SqueezeExcitation",
+    "se_param_count",
+    "se_hidden_channels",
+    "SelectiveKernel",
+    "sk_param_count",
+]
