@@ -7,7 +7,7 @@ process, five variants of the same maths:
 
 - ``plain``: ours, eager (``preset="timm"`` where timm has the module, so the maths match);
 - ``plain+compile``: the same module under ``torch.compile`` (inductor, default options);
-- ``fast``: the same module after ``attnzoo.fast.accelerate`` with the switch on (CBAM and ECA
+- ``fast``: the same module after ``attnzoo.fast.accelerate`` with the switch on (CBAM, ECA and GC
   have a fast path; for the others the switch changes nothing and the column says "= plain");
   for the pairs ``bn+se`` and ``bn+eca`` (``nn.Sequential(BatchNorm2d, gate)``, the last
   BatchNorm of a residual block and its gate) ``attnzoo.fast.BatchNormGate2d`` of the pair;

@@ -9,9 +9,9 @@ ResNet-50 with the same attention through its own hook
 fusion here). Variants of each network:
 
 - ``ours/X``: plain eager (the default); ``ours/X+fast``: built and run with the
-  :mod:`attnzoo.fast` switch on (CBAM runs its op; for SE and ECA each block's last BatchNorm
-  and the gate run as one folded op, ``attnzoo.fast.BatchNormGate2d``; for GC the switch changes
-  nothing, so it is not timed twice);
+  :mod:`attnzoo.fast` switch on (CBAM runs its op, GC its attention-pooling op; for SE and ECA
+  each block's last BatchNorm and the gate run as one folded op,
+  ``attnzoo.fast.BatchNormGate2d``);
 - ``ours/X+compile`` and ``timm/X+compile``: the whole network under ``torch.compile`` (with
   ``--compile``; compiling ResNet-50 takes minutes on two cores);
 - ``timm/X``: timm eager.
@@ -74,7 +74,7 @@ def _cpu_name() -> str:
 
 
 #: attentions with a fast path (attnzoo.fast); for the others the switch changes nothing
-FAST = ("se", "cbam", "eca")
+FAST = ("se", "cbam", "eca", "gc")
 
 
 def build_variants(
@@ -245,7 +245,7 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
         "- +fast: built and run with `attnzoo.fast` switched on (CBAM: its op; SE, ECA: each "
         "block's last BatchNorm and the gate folded into one op, "
-        "`attnzoo.fast.BatchNormGate2d`; GC has no fast path: its +fast equals plain); "
+        "`attnzoo.fast.BatchNormGate2d`; GC: its attention-pooling op); "
         "+compile: `torch.compile` of the whole network, against the compiled plain "
         "ResNet-50 of the same library",
         "- variants interleaved round by round, each timed right after its baseline; added = "

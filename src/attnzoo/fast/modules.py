@@ -1,11 +1,11 @@
 """Accelerated subclasses of the plain modules: same parameters, buffers and ``state_dict``.
 
-:class:`FastCBAM` and :class:`FastECA` run one custom op (:mod:`attnzoo.fast.ops`) when the
-switch is on and the input qualifies (:func:`qualifies`), else the plain module's ``forward``.
-The op computes the whole module, so it runs only while every submodule is the exact layer the
-op stands for and carries no hooks: a hooked, replaced or wrapped submodule (``fc1``, ``act``,
-``conv``, ``gate``, ...) sends the call to the plain ``forward``, where the hook fires and the
-replacement is used.
+:class:`FastCBAM`, :class:`FastECA` and :class:`FastGC` run one custom op (:mod:`attnzoo.fast.ops`)
+when the switch is on and the input qualifies (:func:`qualifies`), else the plain module's
+``forward``. The op computes the whole module (GC: its attention pooling), so it runs only while
+every submodule is the exact layer the op stands for and carries no hooks: a hooked, replaced or
+wrapped submodule (``fc1``, ``act``, ``conv``, ``gate``, ...) sends the call to the plain
+``forward``, where the hook fires and the replacement is used.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from attnzoo.fast import ops
 from attnzoo.fast.switch import is_enabled
 from attnzoo.modules.cbam import CBAM, ChannelGate, SpatialGate
 from attnzoo.modules.eca import EfficientChannelAttention
+from attnzoo.modules.gc import GlobalContext
 from attnzoo.modules.se import SqueezeExcitation
 from attnzoo.ops.validation import check_input
 
-__all__ = ["BatchNormGate2d", "FastCBAM", "FastECA", "foldable", "qualifies"]
+__all__ = ["BatchNormGate2d", "FastCBAM", "FastECA", "FastGC", "foldable", "qualifies"]
 
 
 def qualifies(x: object) -> bool:
@@ -133,6 +134,38 @@ class FastECA(EfficientChannelAttention):
             return super().forward(x)
         check_input("EfficientChannelAttention", x, self.channels)
         return ops.eca(x, self.conv.weight)[0]
+
+
+_GC_POOL_LAYERS = {"conv_mask": nn.Conv2d, "context_softmax": nn.Softmax}
+
+
+class FastGC(GlobalContext):
+    """:class:`~attnzoo.modules.gc.GlobalContext` whose attention pooling (:meth:`context`) is
+    the custom op ``attnzoo::gc_context`` when :func:`qualifies`; the transforms and the fusion
+    run as plain modules. Average pooling, and a hooked or replaced ``conv_mask`` /
+    ``context_softmax``, take the plain :meth:`context`."""
+
+    def _pool_untouched(self) -> bool:
+        for name, cls in _GC_POOL_LAYERS.items():
+            sub = getattr(self, name, None)
+            if type(sub) is not cls or sub._forward_hooks or sub._forward_pre_hooks:
+                return False
+        conv, softmax = self.conv_mask, self.context_softmax
+        return (
+            softmax.dim in (-1, 2)
+            and conv.kernel_size == (1, 1)
+            and conv.bias is not None
+            and conv.stride == (1, 1)
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+        )
+
+    def context(self, x: Tensor) -> Tensor:
+        if self.pooling != "att" or not qualifies(x) or not self._pool_untouched():
+            return super().context(x)
+        conv = self.conv_mask
+        return ops.gc_context(x, conv.weight.view(-1), conv.bias)[0]
 
 
 _SE_LAYERS = {"fc1": nn.Linear, "act": nn.ReLU, "fc2": nn.Linear, "gate": nn.Sigmoid}
@@ -260,4 +293,5 @@ def _update_running(bn: nn.BatchNorm2d, mean: Tensor, unbiased_var: Tensor) -> N
 FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     CBAM: FastCBAM,
     EfficientChannelAttention: FastECA,
+    GlobalContext: FastGC,
 }

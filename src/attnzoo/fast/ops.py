@@ -1,4 +1,5 @@
-"""The fast paths as ``torch.library`` custom ops: ``attnzoo::cbam`` and ``attnzoo::eca``.
+"""The fast paths as ``torch.library`` custom ops: ``attnzoo::cbam``, ``attnzoo::eca``,
+``attnzoo::gc_context`` and ``attnzoo::bn_gate``.
 
 Each module is one op forward and one op backward, so ``torch.compile``, ``torch.export``,
 ``torch.fx`` and ``FlopCounterMode`` see a single node (with a FLOP formula) instead of the loops
@@ -22,6 +23,9 @@ CBAM (channel gate ``s``, then spatial gate ``a``; ``v = x * s`` is never writte
 ECA: ``y = x * s``, ``s = sigmoid(conv1d(mean_hw(x)))``; backward ``grad_s = sum_hw g x`` (one
 pass, no product written) and ``grad_x = g s + gz / HW`` (one pass).
 
+GC (attention pooling only; the transform and the fusion stay plain modules): the context's
+backward writes ``grad_x`` as one rank-2 batched matmul (section comment below).
+
 Ties of the max pools split the gradient evenly, exactly as ``amax``'s backward.
 
 Double backward: the registered backward is twice differentiable. When a graph of the backward
@@ -38,7 +42,16 @@ from torch.utils.flop_counter import register_flop_formula
 
 from attnzoo.fast import kernels
 
-__all__ = ["bn_gate", "bn_gate_plain", "cbam", "cbam_plain", "eca", "eca_plain"]
+__all__ = [
+    "bn_gate",
+    "bn_gate_plain",
+    "cbam",
+    "cbam_plain",
+    "eca",
+    "eca_plain",
+    "gc_context",
+    "gc_context_plain",
+]
 
 _aten = torch.ops.aten
 
@@ -540,6 +553,78 @@ eca.register_autograd(_eca_backward, setup_context=_eca_setup)
 
 
 # ---------------------------------------------------------------------------------------------
+# GC's attention pooling
+#
+# context c = sum_p softmax_p(l) x_p with logits l_p = wk . x_p + bk, per sample (B, C, P = H W).
+# Forward: l and c are two matrix-vector products over x. Backward, for dc = dL/dc:
+#   dp = dc . x_p (one product over x), dl = p * (dp - sum_p p dp) (on (B, P)),
+#   dwk = sum_{b,p} dl x_p (one product over x), dbk = sum dl,
+#   dx = dc p^T + wk dl^T: a rank-2 update written in ONE batched matmul, where autograd's plain
+#   graph writes two full-size products and adds them (each of the pooling's and the 1x1
+#   convolution's backward materialises one).
+def gc_context_plain(x: Tensor, wk: Tensor, bk: Tensor) -> Tensor:
+    """``sum_p softmax_p(wk . x_p + bk) x_p`` ``(B, C, 1, 1)`` with torch ops (``wk`` ``(C,)``,
+    ``bk`` ``(1,)``)."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    p = torch.softmax(torch.matmul(wk.view(1, 1, c), flat) + bk, dim=-1)
+    return torch.bmm(flat, p.transpose(1, 2)).view(b, c, 1, 1)
+
+
+@torch.library.custom_op("attnzoo::gc_context", mutates_args=())
+def gc_context(x: Tensor, wk: Tensor, bk: Tensor) -> tuple[Tensor, Tensor]:
+    """GC's attention pooling (section comment above): the context ``(B, C, 1, 1)`` and the
+    softmax weights ``(B, 1, H W)``."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    p = torch.softmax(torch.matmul(wk.view(1, 1, c), flat) + bk, dim=-1)
+    return torch.bmm(flat, p.transpose(1, 2)).view(b, c, 1, 1), p
+
+
+@gc_context.register_fake
+def _(x, wk, bk):
+    b, c, h, w = x.shape
+    return x.new_empty(b, c, 1, 1), x.new_empty(b, 1, h * w)
+
+
+@torch.library.custom_op("attnzoo::gc_context_backward", mutates_args=())
+def gc_context_backward(
+    g: Tensor, x: Tensor, wk: Tensor, p: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gc_context`'s context w.r.t. ``x``, ``wk`` and ``bk``."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    dc = g.reshape(b, c, 1)
+    dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, P)
+    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
+    d_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(c)
+    left = torch.cat([dc, wk.view(1, c, 1).expand(b, c, 1)], dim=2)  # (B, C, 2)
+    grad_x = torch.bmm(left, torch.cat([p, dl], dim=1)).view(b, c, h, w)
+    return grad_x, d_wk, dl.sum().view(1)
+
+
+@gc_context_backward.register_fake
+def _(g, x, wk, p):
+    return torch.empty_like(x), torch.empty_like(wk), wk.new_empty(1)
+
+
+def _gc_context_setup(ctx, inputs, output) -> None:
+    x, wk, bk = inputs
+    ctx.save_for_backward(x, wk, bk, output[1])
+
+
+def _gc_context_backward(ctx, g: Tensor, *unused: Tensor):
+    x, wk, bk, p = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+        return tuple(_plain_grads(gc_context_plain, [x, wk, bk], g, create_graph=True))
+    grads = gc_context_backward(g, x, wk, p)
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
+
+
+gc_context.register_autograd(_gc_context_backward, setup_context=_gc_context_setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # FLOP formulas (the matmuls and convolutions inside, counted as FlopCounterMode counts them)
 @register_flop_formula(torch.ops.attnzoo.cbam)
 def _cbam_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
@@ -558,6 +643,18 @@ def _cbam_backward_flops(g_shape, x_shape, w1_shape, *args, out_shape=None, **kw
 @register_flop_formula(torch.ops.attnzoo.eca)
 def _eca_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+
+
+@register_flop_formula(torch.ops.attnzoo.gc_context)
+def _gc_context_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    b, c, h, w = x_shape
+    return 2 * 2 * b * c * h * w  # logits and pooling: two matrix-vector products
+
+
+@register_flop_formula(torch.ops.attnzoo.gc_context_backward)
+def _gc_context_backward_flops(g_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+    b, c, h, w = x_shape
+    return 2 * 4 * b * c * h * w  # dp, dwk, and the rank-2 update
 
 
 @register_flop_formula(torch.ops.attnzoo.eca_backward)
