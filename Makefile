@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: test venv clean bench-modules demo demo-detect lint docs docs-serve
+.PHONY: test venv clean bench-modules demo demo-detect demo-segment demo-cascade lint docs docs-serve
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,19 @@ demo: venv
 DEMO_DETECT_OUT ?= bench-demo-detect
 demo-detect: venv
 	$(PY) -m attnzoo.cli bench --task detect --out $(DEMO_DETECT_OUT)
+
+# The default segment bench: danet_small with the heads none (FCN), pam, cam, dual_attention
+# x 3 seeds on the built-in digit scenes' masks; resumes if interrupted.
+DEMO_SEGMENT_OUT ?= bench-demo-segment
+demo-segment: venv
+	$(PY) -m attnzoo.cli bench --task segment --out $(DEMO_SEGMENT_OUT)
+
+# Cascade vs Faster R-CNN (small, CPU-sized) x none, se x 2 seeds on the built-in digit scenes:
+# every (model, attention) arm compared to faster_rcnn_small/none; resumes if interrupted.
+DEMO_CASCADE_OUT ?= bench-demo-cascade
+demo-cascade: venv
+	$(PY) -m attnzoo.cli bench --task detect --model faster_rcnn_small,cascade_rcnn_small \
+		--attention none,se --seeds 2 --out $(DEMO_CASCADE_OUT)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache site

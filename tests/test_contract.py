@@ -187,6 +187,31 @@ def test_onnx_dynamic_shapes_match_onnxruntime(name: str, tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# attention maps for visualisation
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_maps_method(name: str) -> None:
+    from attnzoo.viz import attention_maps
+
+    module = make(name).eval()
+    x = example_input(name, 3, SPATIAL_SIZES[_dims(name)][1])
+    point = (0.5,) * _dims(name)
+    with torch.no_grad():
+        maps = module.attention_maps(x)
+        at_point = module.attention_maps(x, query=point)
+    assert isinstance(maps, dict) and maps, f"{name}: attention_maps must return a non-empty dict"
+    assert set(at_point) == set(maps)
+    for key, value in maps.items():
+        assert isinstance(key, str) and isinstance(value, torch.Tensor), (name, key)
+        assert value.shape[0] == 3 and torch.isfinite(value).all(), (name, key)
+        if not getattr(module, "attention_query", False):  # `query` is accepted and ignored
+            torch.testing.assert_close(at_point[key], value, rtol=0, atol=0)
+    records = attention_maps(module, x, query=point)
+    assert list(records) == [""] and records[""].name == name
+    assert set(records[""].maps) == set(maps)
+    assert (records[""].query is None) != bool(getattr(module, "attention_query", False))
+
+
+# --------------------------------------------------------------------------------------------
 # state, initialisation, parameters
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip(name: str) -> None:

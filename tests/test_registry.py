@@ -105,3 +105,16 @@ def test_modules_take_factory_device_and_dtype_keywords() -> None:
         assert "dtype" not in meta.defaults and "device" not in meta.defaults
     made = attnzoo.create("se", 64, dtype=torch.float64)
     assert made.fc1.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["se", "nonlocal2d"])
+def test_count_params_without_formula_builds_on_meta(name: str) -> None:
+    import dataclasses
+
+    import torch
+
+    meta = dataclasses.replace(attnzoo.info(name), param_count=None)
+    built = meta.cls(96, reduction=4) if name == "se" else meta.cls(96, inter_channels=20)
+    kwargs = {"reduction": 4} if name == "se" else {"inter_channels": 20}
+    assert meta.count_params(96, **kwargs) == sum(p.numel() for p in built.parameters())
+    assert torch.empty(1).device.type == "cpu"  # the meta device context did not leak

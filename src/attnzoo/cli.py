@@ -140,6 +140,21 @@ def _seeds(text: str) -> list[int]:
     return list(range(n))
 
 
+def _task_option(text: str) -> tuple[str, object]:
+    """``key=value`` -> ``(key, value)``; the value a Python literal (``2``, ``0.5``) or a
+    string (``adamw``, ``0.5,0.25`` stays a string)."""
+    import ast
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()
+    return key.strip(), parsed if isinstance(parsed, (int, float, bool)) else value.strip()
+
+
 def _devices(text: str) -> int | str | list[int]:
     if text.isdigit():
         return int(text)
@@ -285,7 +300,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--panel-images",
         type=int,
         default=6,
-        help="classify: test images shown in the report's panels (default: %(default)s)",
+        help="test images shown in the report's panels (default: %(default)s)",
+    )
+    p.add_argument(
+        "--option",
+        type=_task_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task option, repeatable (detect: eval_every=2; segment: query=0.5,0.25, "
+        "optimizer=adamw); see the task's documentation",
     )
 
 
@@ -342,6 +366,8 @@ def _bench_command(args: argparse.Namespace) -> str:
     ]
     if args.num_workers:
         parts += ["--num-workers", str(args.num_workers)]
+    for key, value in args.option:
+        parts += ["--option", f"{key}={value}"]
     return shlex.join(parts)
 
 
@@ -380,6 +406,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         panel_images=args.panel_images,
         baseline=args.baseline,
         command=_bench_command(args),
+        options=dict(args.option),
     )
     if not result.summary:  # a DDP worker (rank > 0): rank 0 reports
         return 0

@@ -91,12 +91,17 @@ class ModuleInfo:
     def count_params(self, channels: int, **kwargs: Any) -> int:
         """Closed-form parameter count for ``create(name, channels, **kwargs)``.
 
-        Falls back to building the module when no formula is registered.
+        Falls back to building the module on the ``meta`` device (no memory, no initialisation
+        cost) when no formula is registered.
         """
         kwargs = self.resolve_kwargs(kwargs)
         if self.param_count is not None:
             return int(self.param_count(channels, **kwargs))
-        return sum(p.numel() for p in self.cls(channels, **kwargs).parameters())
+        import torch  # the registry itself does not import torch
+
+        with torch.device("meta"):
+            module = self.cls(channels, **kwargs)
+        return sum(p.numel() for p in module.parameters())
 
     def resolve_kwargs(
         self, kwargs: Mapping[str, Any], preset: str | None = None

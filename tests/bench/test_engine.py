@@ -295,3 +295,74 @@ def test_another_task_runs_through_the_same_stages(
         )
     # the builder table is the models' one
     assert engine.validate(BenchConfig(task="toy", out=tmp_path)).builder is cifar_resnet8
+
+
+# ---------------------------------------------------------------------------------------------
+# several models: every (model, attention) arm
+_NARROW = "cifar_resnet8:model_kwargs={'widths': (16, 32, 64)}"
+
+
+def test_split_models_keeps_commas_inside_arguments() -> None:
+    assert engine.split_models(f"{_NARROW}, cifar_resnet8") == [_NARROW, "cifar_resnet8"]
+    assert engine.split_models("a:name='x,y',b") == ["a:name='x,y'", "b"]
+    assert engine.split_models(cifar_resnet8) == [cifar_resnet8]
+    with pytest.raises(ValueError, match="empty entry"):
+        engine.split_models("cifar_resnet8,")
+
+
+def test_several_models_make_model_attention_arms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "get_task", lambda name: ToyTask())
+    bench = validate(BenchConfig("none,se", task="toy", model=f"{_NARROW},cifar_resnet8", out=tmp_path))
+    narrow = list(bench.builders)[0]
+    assert bench.model_name == f"{narrow},cifar_resnet8"
+    labels = [s.label for s in bench.specs]
+    assert labels == [f"{narrow}/none", f"{narrow}/se", "cifar_resnet8/none", "cifar_resnet8/se"]
+    assert bench.baseline == f"{narrow}/none"  # the first model's baseline attention
+    assert bench.specs[3].dirname == "cifar_resnet8/se" and bench.specs[3].name == "se"
+    for given, want in (("se", f"{narrow}/se"), ("cifar_resnet8/none", "cifar_resnet8/none")):
+        b = validate(
+            BenchConfig("none,se", task="toy", model=f"{_NARROW},cifar_resnet8", out=tmp_path,
+                        baseline=given)
+        )
+        assert b.baseline == want
+    with pytest.raises(ValueError, match="names no model"):
+        validate(BenchConfig("none", task="toy", model="cifar_resnet8,mobilenet_v2",
+                             baseline="resnet18/none", out=tmp_path))
+    with pytest.raises(ValueError, match="lists a model twice"):
+        validate(BenchConfig("none", task="toy", model="cifar_resnet8,cifar_resnet8", out=tmp_path))
+    with pytest.raises(ValueError, match="unknown --model 'nosuch'"):
+        validate(BenchConfig("none", task="toy", model="cifar_resnet8,nosuch", out=tmp_path))
+    # the built networks differ by model: the narrow trunk has fewer parameters
+    engine.build(bench)
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in bench.models.items()}
+    assert params[f"{narrow}/none"] < params["cifar_resnet8/none"]
+
+
+def test_several_models_run_resume_and_compare_to_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _one_thread: None
+) -> None:
+    monkeypatch.setattr(engine, "get_task", lambda name: ToyTask())
+    kw = dict(task="toy", seeds=[0, 1], out=tmp_path, progress=False, profile=False)
+    result = run("none", model=f"{_NARROW},cifar_resnet8", report=True, **kw)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    narrow = payload["runs"][0]["model"]
+    assert payload["attentions"] == [f"{narrow}/none", "cifar_resnet8/none"]
+    hits = {(r["model"], r["seed"]): r["hit_rate"] for r in payload["runs"]}
+    wide = next(s for s in payload["summary"] if s["attention"] == "cifar_resnet8/none")
+    assert wide["diff_vs_baseline"] == pytest.approx(
+        sum(hits[("cifar_resnet8", s)] - hits[(narrow, s)] for s in (0, 1)) / 2
+    )
+    cfg = json.loads((tmp_path / "runs" / "cifar_resnet8" / "none" / "seed1" / "config.json")
+                     .read_text())
+    assert (cfg["model"], cfg["attention"], cfg["arm"]) == ("cifar_resnet8", "none",
+                                                           "cifar_resnet8/none")
+    from attnzoo.bench.checkpoints import read_run_config
+
+    assert read_run_config(tmp_path / "runs" / "cifar_resnet8" / "none" / "seed1") == cfg
+    assert "| cifar_resnet8/none |" in result.report_md.read_text()
+    # runs are fingerprinted per model: listed in another order, every run is reused
+    again = run("none", model=f"cifar_resnet8,{_NARROW}", **kw, report=False)
+    assert len(again.skipped) == 4 and again.baseline == "cifar_resnet8/none"
+    assert [s["attention"] for s in again.summary] == ["cifar_resnet8/none", f"{narrow}/none"]

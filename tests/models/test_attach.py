@@ -118,13 +118,23 @@ def test_keys_kept_weights_untouched_and_detach_restores(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize(
-    "position", ["before_add", "after_conv3x3", "after_dwconv", "after_block", "after_stage"]
+    "position",
+    [
+        "before_add",
+        "after_conv3x3",
+        "after_conv3x3_pre_bn",
+        "after_dwconv",
+        "after_block",
+        "after_stage",
+    ],
 )
 def test_identity_attention_keeps_the_function(name: str, position: str) -> None:
     """With nn.Identity inserted, the slot forward equals the block's own forward exactly."""
     model = _build(name)
     is_mbv2 = "mobilenet" in name
-    if (position == "after_conv3x3" and is_mbv2) or (position == "after_dwconv" and not is_mbv2):
+    if (position.startswith("after_conv3x3") and is_mbv2) or (
+        position == "after_dwconv" and not is_mbv2
+    ):
         with pytest.raises(ValueError, match="not available"):
             attach(model, lambda c: nn.Identity(), position=position)
         assert attached(model) == []
@@ -146,7 +156,7 @@ def test_identity_attention_keeps_the_function(name: str, position: str) -> None
 def _tv_bottleneck_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> torch.Tensor:
     f = lambda key, t: a[key](t) if key in a else t  # noqa: E731
     out = torch.relu(b.bn1(b.conv1(x)))
-    out = f("after_conv3x3", torch.relu(b.bn2(b.conv2(out))))
+    out = f("after_conv3x3", torch.relu(b.bn2(f("after_conv3x3_pre_bn", b.conv2(out)))))
     out = f("before_add", b.bn3(b.conv3(out)))
     idt = x if b.downsample is None else b.downsample(x)
     return f("after_block", torch.relu(out + idt))
@@ -155,7 +165,7 @@ def _tv_bottleneck_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -
 def _tv_basic_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> torch.Tensor:
     f = lambda key, t: a[key](t) if key in a else t  # noqa: E731
     out = f("after_conv3x3", torch.relu(b.bn1(b.conv1(x))))
-    out = f("before_add", b.bn2(b.conv2(out)))
+    out = f("before_add", b.bn2(f("after_conv3x3_pre_bn", b.conv2(out))))
     idt = x if b.downsample is None else b.downsample(x)
     return f("after_block", torch.relu(out + idt))
 
@@ -164,7 +174,7 @@ def _timm_bottleneck_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module])
     """timm 1.0 Bottleneck in eval mode (drop_block/drop_path inactive)."""
     f = lambda key, t: a[key](t) if key in a else t  # noqa: E731
     h = b.act1(b.bn1(b.conv1(x)))
-    h = f("after_conv3x3", b.aa(b.act2(b.bn2(b.conv2(h)))))
+    h = f("after_conv3x3", b.aa(b.act2(b.bn2(f("after_conv3x3_pre_bn", b.conv2(h))))))
     h = b.bn3(b.conv3(h))
     h = f("before_add", b.se(h) if b.se is not None else h)
     sc = x if b.downsample is None else b.downsample(x)
@@ -184,6 +194,9 @@ def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> 
     return f("after_block", h)
 
 
+RESNET_POSITIONS = ["before_add", "after_conv3x3", "after_conv3x3_pre_bn", "after_block"]
+
+
 @pytest.mark.parametrize(
     ("name", "path", "ref", "positions"),
     [
@@ -191,16 +204,16 @@ def _tv_inverted_ref(b: nn.Module, x: torch.Tensor, a: dict[str, nn.Module]) -> 
             "tv_bottleneck",
             "layer2.0",
             _tv_bottleneck_ref,
-            ["before_add", "after_conv3x3", "after_block"],
+            ["before_add", "after_conv3x3", "after_conv3x3_pre_bn", "after_block"],
         ),
         (
             "timm_bottleneck_d",
             "layer2.0",
             _timm_bottleneck_ref,
-            ["before_add", "after_conv3x3", "after_block"],
+            ["before_add", "after_conv3x3", "after_conv3x3_pre_bn", "after_block"],
         ),
-        ("tv_basic", "layer1.1", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
-        ("tv_resnet18", "layer3.0", _tv_basic_ref, ["before_add", "after_conv3x3", "after_block"]),
+        ("tv_basic", "layer1.1", _tv_basic_ref, RESNET_POSITIONS),
+        ("tv_resnet18", "layer3.0", _tv_basic_ref, RESNET_POSITIONS),
         (
             "tv_mobilenet_v2",
             "features.4",
@@ -581,3 +594,55 @@ def test_attached_model_exports_to_onnx(tmp_path) -> None:
             ref = model(xi).numpy()
         out = session.run(None, {session.get_inputs()[0].name: xi.numpy()})[0]
         assert abs(out - ref).max() < 1e-4
+
+
+def test_simam_official_placement_before_bn2() -> None:
+    """SimAM's official ResNets apply it to conv2's output, before bn2 (BasicBlock and
+    Bottleneck): one module per block, on conv2's width."""
+    for name, widths in [
+        ("tv_resnet18", [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2),
+        ("tv_resnet50", [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3),
+    ]:
+        model = _build(name)
+        attach(model, "simam", position="after_conv3x3_pre_bn")
+        rows = attached(model)
+        assert [r.channels for r in rows] == widths
+        assert rows[0].path == "layer1.0.attention_pre_bn" and rows[0].params == 0
+        block = model.layer2[0]
+        x = torch.randn(2, block.conv1.in_channels, 9, 7)
+        seen = []
+        block.bn2.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            block(x)
+            z = block.conv2(block.relu(block.bn1(block.conv1(x))))
+        torch.testing.assert_close(seen[0], block.attention_pre_bn(z))
+
+
+def test_bam_between_stages_on_non_square_maps() -> None:
+    """BAM's placement (after layer1, 2, 3) through after_stage; the maps are non-square."""
+    model = _build("tv_basic")
+    attach(model, "bam", position="after_stage", stages=(1, 2, 3))
+    rows = attached(model)
+    assert [(r.path, r.channels) for r in rows] == [
+        ("layer1.1.attention_out", 64),
+        ("layer2.0.attention_out", 128),
+        ("layer3.0.attention_out", 256),
+    ]
+    x = torch.randn(2, 3, 48, 80)
+    seen = []
+    model.layer2.register_forward_hook(lambda m, args, out: seen.append(out))
+    model.train()
+    assert model(x).shape == (2, 1000)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        stage2 = model.layer2[0]
+        plain = stage2.attention_out(
+            torch.relu(stage2.bn2(stage2.conv2(torch.relu(stage2.bn1(stage2.conv1(
+                model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+            ))))) + stage2.downsample(
+                model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+            ))
+        )
+    assert seen[-1].shape == (2, 128, 6, 10) and torch.isfinite(y).all()
+    torch.testing.assert_close(seen[-1], plain)

@@ -162,6 +162,22 @@ def test_mobilenet_v2_ema() -> None:
     assert millions(expected) == 3.55
 
 
+@pytest.mark.parametrize(
+    ("attention", "block", "total"),
+    [("se", se_block, 3_888_208), ("cbam", cbam_block, 3_889_808)],
+)
+def test_mobilenet_v2_se_cbam_reduction_24(attention, block, total) -> None:
+    """The Coordinate Attention paper's MobileNetV2 + SE / + CBAM baselines (3.89 M): the gates
+    at CA's position (expanded blocks, after the depthwise conv) with reduction 24, not 16."""
+    expected = MOBILENET_V2 + sum(block(c, 24) for c in MBV2_HIDDEN[1:])
+    assert expected == total
+    model = mobilenet_v2(attention=attention, select="expanded", reduction=24)
+    assert n_params(model) == expected
+    assert millions(expected) == 3.89
+    default_r = n_params(mobilenet_v2(attention=attention, select="expanded"))
+    assert millions(default_r) == 4.08  # with the modules' default r = 16
+
+
 def test_cifar_resnet50_100_classes() -> None:
     # 3x3 stem (3*9*64 instead of 3*49*64) and a 100-way classifier
     expected = RESNET50 - 3 * 49 * 64 + 3 * 9 * 64 - (2048 * 1000 + 1000) + (2048 * 100 + 100)

@@ -234,7 +234,7 @@ class SeededSampler(Sampler[int]):
 
 # ---------------------------------------------------------------------------------------------
 # stratified subsets
-def stratified_counts(class_sizes: Sequence[int], n: int) -> list[int]:
+def stratified_counts(class_sizes: Sequence[int] | np.ndarray, n: int) -> list[int]:
     """Images per class in a stratified subset of ``n`` of them: each class's share
     ``n * size / total`` rounded down, the remaining images going to the largest remainders
     (ties to the lower class index). ``n >= total`` takes everything."""
@@ -460,7 +460,7 @@ def _digits_to_set(split: ClutteredDigits) -> TensorImageSet:
 
 
 def load_digits_data(
-    *, n_train: int = 3000, n_test: int = 1000, seed: int = 0, **kwargs: object
+    *, n_train: int = 3000, n_test: int = 1000, seed: int = 0, **kwargs: Any
 ) -> BenchData:
     """The built-in cluttered digits as a :class:`BenchData` (3 identical channels)."""
     train, test = make_cluttered_digits(n_train=n_train, n_test=n_test, seed=seed, **kwargs)
@@ -770,9 +770,9 @@ def load_data(
         return load_digits_data(seed=seed, **kw)
     if kind == "folder":
         return load_image_folder(
-            path,
+            path,  # type: ignore[arg-type]  # a folder spec always has a path
             image_size=image_size,
-            seed=seed,  # type: ignore[arg-type]
+            seed=seed,
             n_train=n_train,
             n_test=n_test,
         )

@@ -4,9 +4,9 @@
 
 1. :func:`validate` — every option of :class:`BenchConfig` (task defaults filled in), nothing
    loaded yet;
-2. :func:`build` — the data, the optimiser schedule check, one probed network per attention;
+2. :func:`build` — the data, the optimiser schedule check, one probed network per arm;
 3. :func:`plan` — run folders, the settings' fingerprint, the resume check;
-4. :func:`train` — each (attention, seed) run through Lightning (:mod:`attnzoo.bench.train`),
+4. :func:`train` — each (arm, seed) run through Lightning (:mod:`attnzoo.bench.train`),
    finished runs reused;
 5. :func:`localise` — the task's optional per-run scores (classification: Grad-CAM localisation);
 6. :func:`profile` — params, FLOPs, latency at the task's input shape;
@@ -15,6 +15,12 @@
 
 What differs between tasks (data, networks, the LightningModule, metrics, report sections) comes
 from the task plug-in (:class:`attnzoo.bench.tasks.base.Task`).
+
+An *arm* is one network compared: an attention on the model. ``--model`` may list several models
+(``faster_rcnn_small,cascade_rcnn_small``); the arms are then every (model, attention) pair,
+labelled ``model/attention`` (:class:`ArmSpec`), run in ``runs/<model>/<attention>/seed<k>/``, and
+the baseline is the first model with the baseline attention, so that the differences compare
+models as well as attentions. With one model the arms are the attentions, labelled by them.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from attnzoo.bench.train import steps_per_epoch, train_one
 from attnzoo.specs import BASELINE, AttentionSpec, parse_attentions, validate_attentions
 
 __all__ = [
+    "ArmSpec",
     "Bench",
     "BenchConfig",
     "BenchResult",
@@ -57,6 +64,7 @@ __all__ = [
     "profile",
     "report",
     "resolve_baseline",
+    "split_models",
     "statistics",
     "train",
     "validate",
@@ -75,7 +83,8 @@ class BenchConfig:
 
     attention: str | Sequence[str] | None = None
     task: str = "classify"
-    model: str | Callable[..., nn.Module] | None = None
+    #: one model, or several (a comma list or a sequence): every model x every attention
+    model: str | Callable[..., nn.Module] | Sequence[str | Callable[..., nn.Module]] | None = None
     data: str | None = None
     epochs: int | None = None
     seeds: Iterable[int] | int = (0, 1, 2)
@@ -112,8 +121,33 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class ArmSpec(AttentionSpec):
+    """An attention on one of several models: labelled ``model/attention``, run folder
+    ``<model>/<attention>``. ``name`` and ``kwargs`` are the attention's, as in
+    :class:`~attnzoo.specs.AttentionSpec`, so builders receive it unchanged."""
+
+    model: str = ""
+
+    @property
+    def attention(self) -> AttentionSpec:
+        return AttentionSpec(self.name, self.kwargs)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.attention.label}"
+
+    @property
+    def dirname(self) -> str:
+        return f"{AttentionSpec(self.model).dirname}/{self.attention.dirname}"
+
+
+def _arm_model(spec: AttentionSpec) -> str | None:
+    return spec.model if isinstance(spec, ArmSpec) else None
+
+
+@dataclass(frozen=True)
 class RunPlan:
-    """One (attention, seed) run and its folder."""
+    """One (arm, seed) run and its folder."""
 
     spec: AttentionSpec
     seed: int
@@ -131,6 +165,8 @@ class Bench:
     model_name: str
     builder: Callable[..., nn.Module]
     out: Path
+    #: model label -> builder (several models: one arm per model and attention)
+    builders: dict[str, Callable[..., nn.Module]] = field(default_factory=dict)
     data: Any = None
     models: dict[str, nn.Module] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +179,15 @@ class Bench:
 
     def model_for(self, spec: AttentionSpec) -> nn.Module:
         """A freshly built network for ``spec`` (the task's builder and probe)."""
-        return self.task.build_model(self.builder, spec, self.data, self.config)
+        model = _arm_model(spec)
+        builder = self.builder if model is None else self.builders[model]
+        return self.task.build_model(builder, spec, self.data, self.config)
+
+    def arm_config(self, spec: AttentionSpec) -> dict[str, Any]:
+        """The fingerprinted settings of ``spec``'s runs: :attr:`run_config` with the arm's own
+        model (so adding a model to the list keeps the other models' runs resumable)."""
+        model = _arm_model(spec)
+        return self.run_config if model is None else {**self.run_config, "model": model}
 
 
 @dataclass
@@ -316,10 +360,11 @@ def _check_rate(name: str, value: Any, *, zero_ok: bool) -> float:
 
 
 def _with_defaults(config: BenchConfig, task: Task) -> BenchConfig:
+    defaults = task.defaults_for(config.model)
     filled = {
-        f.name: task.defaults[f.name]
+        f.name: defaults[f.name]
         for f in dataclasses.fields(config)
-        if getattr(config, f.name) is None and f.name in task.defaults
+        if getattr(config, f.name) is None and f.name in defaults
     }
     unknown = sorted(set(config.options) - set(task.options))
     if unknown:
@@ -353,6 +398,65 @@ def resolve_baseline(specs: Sequence[AttentionSpec], baseline: str | None) -> st
     return label
 
 
+def split_models(model: Any) -> list[Any]:
+    """``"a,b:k=(1, 2)"`` -> ``["a", "b:k=(1, 2)"]``: commas inside brackets or quotes belong to a
+    model's arguments; a sequence is returned as a list, anything else as ``[model]``."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ValueError("bench: --model is empty")
+        return list(model)
+    if not isinstance(model, str):
+        return [model]
+    parts, depth, quote, cur = [], 0, "", ""
+    for ch in model:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    parts.append(cur.strip())
+    if len(parts) > 1 and not all(parts):
+        raise ValueError(f"bench: --model {model!r} has an empty entry")
+    return parts
+
+
+def _arms(
+    specs: list[AttentionSpec], baseline: str | None, models: list[str], given: str | None
+) -> tuple[list[AttentionSpec], str | None]:
+    """Every (model, attention) arm and the baseline arm's label (several models only)."""
+    arms: list[AttentionSpec] = [
+        ArmSpec(s.name, s.kwargs, model=m) for m in models for s in specs
+    ]
+    labels = [a.label for a in arms]
+    if given is not None and given.strip() in labels:
+        return arms, given.strip()
+    if baseline is None:
+        return arms, None
+    return arms, f"{models[0]}/{baseline}"
+
+
+def _resolve_baseline_arm(
+    specs: list[AttentionSpec], given: str | None, models: list[str]
+) -> str | None:
+    """The attention part of ``--baseline`` (``model/attention`` or an attention)."""
+    if given is not None and isinstance(given, str) and "/" in given:
+        model, _, att = given.strip().partition("/")
+        if model not in models:
+            raise ValueError(
+                f"bench: --baseline {given!r} names no model of --model ({', '.join(models)})"
+            )
+        return resolve_baseline(specs, att)
+    return resolve_baseline(specs, given)
+
+
 def validate(config: BenchConfig) -> Bench:
     """Check every option (``ValueError`` naming it) without loading anything heavy; the
     returned :class:`Bench` holds the config with the task's defaults filled in."""
@@ -376,9 +480,16 @@ def validate(config: BenchConfig) -> Bench:
     c.weight_decay = _check_rate("--weight-decay", c.weight_decay, zero_ok=True)
     specs = parse_attentions(c.attention)  # type: ignore[arg-type]
     validate_attentions(specs)
-    baseline = resolve_baseline(specs, c.baseline)
     task.check_config(c)
-    model_name, builder = task.resolve_model(c.model)  # type: ignore[arg-type]
+    resolved = [task.resolve_model(m) for m in split_models(c.model)]
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bench: --model lists a model twice: {', '.join(names)}")
+    if len(resolved) == 1:
+        baseline = resolve_baseline(specs, c.baseline)
+    else:
+        att = _resolve_baseline_arm(specs, c.baseline, names)
+        specs, baseline = _arms(specs, att, names, c.baseline)
     task.check_data(c)
     out = Path(c.out)
     _check_out_dir(out)
@@ -387,9 +498,10 @@ def validate(config: BenchConfig) -> Bench:
         task=task,
         specs=specs,
         baseline=baseline,
-        model_name=model_name,
-        builder=builder,
+        model_name=",".join(names),
+        builder=resolved[0][1],
         out=out,
+        builders=dict(resolved),
     )
 
 
@@ -406,7 +518,7 @@ def _world_size(devices: Any, num_nodes: int) -> int:
 
 def build(bench: Bench) -> None:
     """Load the data, check the optimiser schedule, and build and probe one network per
-    attention (kept for profiling)."""
+    arm (kept for profiling)."""
     c = bench.config
     bench.data = bench.task.load_data(c)
     steps = steps_per_epoch(
@@ -420,9 +532,9 @@ def build(bench: Bench) -> None:
         try:
             bench.models[spec.label] = bench.model_for(spec)
         except (ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(
-                f"bench: cannot build {bench.model_name} with {spec.label}: {err}"
-            ) from None
+            model = _arm_model(spec) or bench.model_name
+            att = spec.attention.label if isinstance(spec, ArmSpec) else spec.label
+            raise ValueError(f"bench: cannot build {model} with {att}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,8 +560,9 @@ def _check_run_dir(run_dir: Path, fingerprint: str, run_config: dict) -> None:
 
 
 def plan(bench: Bench) -> list[RunPlan]:
-    """The settings that change the numbers (fingerprinted) and one :class:`RunPlan` per
-    (attention, seed); a folder holding a run with other settings is an error."""
+    """The settings that change the numbers (fingerprinted; per model when there are several)
+    and one :class:`RunPlan` per (arm, seed); a folder holding a run with other settings is an
+    error."""
     c = bench.config
     bench.run_config = {
         "task": bench.task.name,
@@ -472,9 +585,10 @@ def plan(bench: Bench) -> list[RunPlan]:
     bench.fingerprint = _fingerprint(bench.run_config)
     bench.runs = []
     for spec in bench.specs:
+        arm = bench.arm_config(spec)
         for seed in bench.seeds:
             run_dir = bench.out / "runs" / spec.dirname / f"seed{seed}"
-            _check_run_dir(run_dir, bench.fingerprint, bench.run_config)
+            _check_run_dir(run_dir, _fingerprint(arm), arm)
             bench.runs.append(RunPlan(spec, seed, run_dir))
     return bench.runs
 
@@ -491,12 +605,17 @@ def train_run(bench: Bench, run: RunPlan) -> tuple[dict[str, Any], bool]:
     is rank 0 (the one that writes)."""
     c, task = bench.config, bench.task
     assert c.epochs is not None  # validated
+    arm = bench.arm_config(run.spec)
+    fingerprint = _fingerprint(arm)
+    model = _arm_model(run.spec)
+    attention = run.spec.attention if isinstance(run.spec, ArmSpec) else run.spec
     rep.write_json(
         run.run_dir / "config.json",
         {
-            "fingerprint": bench.fingerprint,
-            **bench.run_config,
-            "attention": run.spec.label,
+            "fingerprint": fingerprint,
+            **arm,
+            "attention": attention.label,
+            **({"arm": run.spec.label} if model else {}),
             "seed": run.seed,
             **task.run_meta(bench.data),
         },
@@ -524,6 +643,7 @@ def train_run(bench: Bench, run: RunPlan) -> tuple[dict[str, Any], bool]:
     metrics = task.final_row(outcome.history, outcome.module)
     row = {
         "attention": run.spec.label,
+        **({"model": model, "attention_name": attention.label} if model else {}),
         "name": run.spec.name,
         "kwargs": dict(run.spec.kwargs),
         "seed": run.seed,
@@ -533,7 +653,7 @@ def train_run(bench: Bench, run: RunPlan) -> tuple[dict[str, Any], bool]:
         "history": outcome.history,
         "train_seconds": outcome.train_seconds,
         "resumed_from_epoch": outcome.resumed_from_epoch,
-        "fingerprint": bench.fingerprint,
+        "fingerprint": fingerprint,
     }
     return row, outcome.is_global_zero
 

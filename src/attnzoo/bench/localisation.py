@@ -189,7 +189,9 @@ def summarize_localisation(
 ) -> list[dict[str, Any]]:
     """Per attention: mean ± std over seeds of both scores, the chance level, and the paired
     differences of both scores to ``baseline`` (95 % CI over the shared seeds)."""
-    base = {s: per_run[(baseline, s)] for s in seeds if (baseline, s) in per_run}
+    base = {}
+    if baseline is not None:
+        base = {s: per_run[(baseline, s)] for s in seeds if (baseline, s) in per_run}
     rows = []
     for label in labels:
         got = {s: per_run[(label, s)] for s in seeds if (label, s) in per_run}
@@ -478,13 +480,15 @@ def report_sections(
                             if without
                             else ""
                         )
-                    )
-                ]
-                + [
-                    Figure(
-                        p.name, p.read_bytes(), f"{p.stem[len('maps_') :]}: spatial attention maps."
-                    )
-                    for p in maps
+                    ),
+                    *[
+                        Figure(
+                            p.name,
+                            p.read_bytes(),
+                            f"{p.stem[len('maps_') :]}: spatial attention maps.",
+                        )
+                        for p in maps
+                    ],
                 ],
                 collapsed=True,
             )

@@ -446,10 +446,11 @@ def format_rows(rows: Sequence[ProfileRow], fmt: str = "table") -> str:
         table = [list(_HEADERS), *cells]
         widths = [max(len(r[i]) for r in table) for i in range(len(_HEADERS))]
         out = []
-        for i, r in enumerate(table):
+        for i, line in enumerate(table):
             out.append(
                 "  ".join(
-                    c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))
+                    c.ljust(w) if j < 2 else c.rjust(w)
+                    for j, (c, w) in enumerate(zip(line, widths))
                 ).rstrip()
             )
             if i == 0:

@@ -521,11 +521,11 @@ def sample_per_class(labels: Any, n: int, *, seed: int = 0) -> list[int]:
         torch.nonzero(labels == c).flatten()
         for c in classes[torch.randperm(len(classes), generator=gen)]
     ]
-    pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
+    orders = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
     n = min(n, len(labels))
     picked: list[int] = []
-    for k in range(max((len(p) for p in pools), default=0)):
-        picked += [p[k] for p in pools if k < len(p)][: n - len(picked)]
+    for k in range(max((len(p) for p in orders), default=0)):
+        picked += [p[k] for p in orders if k < len(p)][: n - len(picked)]
         if len(picked) >= n:
             break
     return sorted(picked, key=lambda i: (int(labels[i]), i))
@@ -774,7 +774,7 @@ def build_sections(
     ]
     name = _name(label)
     kw = {"metric": metric, "label": label}
-    figs = [
+    figs: list[Block] = [
         Figure(
             "accuracy.png",
             plot_accuracy(summary, per_seed, **kw),

@@ -88,7 +88,8 @@ def build_optimizer(
     """
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"bench: the LR schedule needs total_steps >= 1; got {total_steps!r}")
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if _is_decay_param(name, p) else no_decay).append(p)
     opt = torch.optim.SGD(

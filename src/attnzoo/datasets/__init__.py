@@ -12,6 +12,13 @@ Everything is numpy (plus Pillow and scikit-learn, imported inside the functions
 from attnzoo.datasets.coco import read_coco, write_coco
 from attnzoo.datasets.data import REASONS, DetectionData, ImageFiles, Skipped
 from attnzoo.datasets.dataset import DetectionDataset, collate_detection
+from attnzoo.datasets.masks import (
+    MaskFiles,
+    SegmentationData,
+    SegmentationDataset,
+    read_mask_folder,
+    scenes_segmentation,
+)
 from attnzoo.datasets.scenes import INK, make_digit_scenes
 from attnzoo.datasets.voc import read_voc, write_voc
 
@@ -21,11 +28,16 @@ __all__ = [
     "DetectionData",
     "DetectionDataset",
     "ImageFiles",
+    "MaskFiles",
+    "SegmentationData",
+    "SegmentationDataset",
     "Skipped",
     "collate_detection",
     "make_digit_scenes",
     "read_coco",
+    "read_mask_folder",
     "read_voc",
+    "scenes_segmentation",
     "write_coco",
     "write_voc",
 ]

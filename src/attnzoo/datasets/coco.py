@@ -248,7 +248,8 @@ def write_coco(
     ext = check_image_format("write_coco", image_format)
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i, name in enumerate(data.names):
         image = np.asarray(data.images[i])
         h, w = image.shape[:2]
@@ -257,6 +258,8 @@ def write_coco(
         images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
         for k, (box, label) in enumerate(zip(data.boxes[i], data.labels[i])):
             x0, y0, x1, y1 = (float(v) for v in box)
+            segmentation: Any
+            area: float
             if data.instance_masks is not None:
                 mask = data.instance_masks[i][k]
                 segmentation, area = _rle(mask), int(mask.sum())

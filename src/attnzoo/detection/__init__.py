@@ -17,6 +17,22 @@ from attnzoo.detection.yolov4_tiny import (
 
 # attnzoo.detection.metrics needs torchmetrics and pycocotools (the ``det`` extra): loaded lazily
 _METRICS = ("VOCMeanAP", "COCOMeanAP", "DetectionMetrics", "detection_metrics", "voc_map")
+# Cascade R-CNN heads (attnzoo.detection.cascade, torchvision's detection stack): loaded lazily
+_CASCADE = (
+    "CascadePredictor",
+    "CascadeRoIHeads",
+    "cascade_box_heads",
+    "load_faster_rcnn_weights",
+    "rescale_stage_detections",
+)
+# Faster / Cascade R-CNN builders (attnzoo.detection.rcnn): loaded lazily
+_RCNN = (
+    "RCNN_BUILDERS",
+    "cascade_rcnn_resnet50_fpn",
+    "cascade_rcnn_small",
+    "faster_rcnn_resnet50_fpn",
+    "faster_rcnn_small",
+)
 
 __all__ = [
     "ANCHORS",
@@ -34,13 +50,24 @@ __all__ = [
     "LoadReport",
     "load_reference_weights",
     *_METRICS,
+    *_CASCADE,
+    *_RCNN,
 ]
 
 
 def __getattr__(name: str) -> object:
-    """The metrics need torchmetrics (``attnzoo[det]``): imported on first use."""
+    """The metrics (torchmetrics, ``attnzoo[det]``) and the Cascade R-CNN heads: imported on
+    first use."""
     if name in _METRICS:
         from attnzoo.detection import metrics
 
         return getattr(metrics, name)
+    if name in _CASCADE:
+        from attnzoo.detection import cascade
+
+        return getattr(cascade, name)
+    if name in _RCNN:
+        from attnzoo.detection import rcnn
+
+        return getattr(rcnn, name)
     raise AttributeError(f"module 'attnzoo.detection' has no attribute {name!r}")

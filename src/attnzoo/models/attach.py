@@ -29,6 +29,9 @@ torchvision ``BasicBlock``/``Bottleneck`` (resnet18-152, resnext, wide_resnet), 
   i.e. on the input of the next conv; ``width`` channels in a Bottleneck, ``planes`` in a
   BasicBlock. The activation is included so that the attention sees the same kind of
   (non-negative) features as at every other position and in the MobileNetV2 placement.
+* ``"after_conv3x3_pre_bn"`` [``attention_pre_bn``]: right after the block's ``conv2`` (the 3x3
+  of a Bottleneck, the second 3x3 of a BasicBlock) and **before** its BatchNorm ``bn2``: SimAM's
+  official placement (``conv2 = Sequential(conv3x3, simam)``); ``conv2.out_channels`` channels.
 * ``"after_block"`` [``attention_out``]: a separate block after the residual block's final ReLU.
   With ``every=2`` this is the non-local placement ("after every other residual block"; the
   official video-nonlocal code adds it after blocks 1, 3, 5, ... of a stage, i.e. block index
@@ -80,12 +83,20 @@ __all__ = [
     "resolve_weights",
 ]
 
-POSITIONS = ("before_add", "after_conv3x3", "after_dwconv", "after_block", "after_stage")
+POSITIONS = (
+    "before_add",
+    "after_conv3x3",
+    "after_conv3x3_pre_bn",
+    "after_dwconv",
+    "after_block",
+    "after_stage",
+)
 
 #: child name used for each position
 _SLOT = {
     "before_add": "attention",
     "after_conv3x3": "attention_conv3x3",
+    "after_conv3x3_pre_bn": "attention_pre_bn",
     "after_dwconv": "attention_dw",
     "after_block": "attention_out",
     "after_stage": "attention_out",
@@ -142,7 +153,8 @@ def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
     out = _apply(self, "attention_conv3x3", out)
-    out = _apply_norm(self, "attention", self.bn2, self.conv2(out))
+    out = _apply(self, "attention_pre_bn", self.conv2(out))
+    out = _apply_norm(self, "attention", self.bn2, out)
     if self.downsample is not None:
         identity = self.downsample(x)
     out += identity  # in place, as torchvision's blocks
@@ -153,7 +165,7 @@ def _tv_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
 def _tv_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.relu(self.bn2(_apply(self, "attention_pre_bn", self.conv2(out))))
     out = _apply(self, "attention_conv3x3", out)
     out = _apply_norm(self, "attention", self.bn3, self.conv3(out))
     if self.downsample is not None:
@@ -168,10 +180,11 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
+    x = _apply(self, "attention_pre_bn", self.conv2(x))
     if self.se is None:
-        x = _apply_norm(self, "attention", self.bn2, self.conv2(x))
+        x = _apply_norm(self, "attention", self.bn2, x)
     else:
-        x = _apply(self, "attention", self.se(self.bn2(self.conv2(x))))
+        x = _apply(self, "attention", self.se(self.bn2(x)))
     if self.drop_path is not None:
         x = self.drop_path(x)
     if self.downsample is not None:
@@ -184,7 +197,7 @@ def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
 def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     shortcut = x
     x = self.act1(self.bn1(self.conv1(x)))
-    x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
+    x = self.act2(self.drop_block(self.bn2(_apply(self, "attention_pre_bn", self.conv2(x)))))
     x = self.aa(x)
     x = _apply(self, "attention_conv3x3", x)
     if self.se is None:
@@ -249,10 +262,10 @@ def register_block(
     """Teach :func:`attach` a block type: its forward with slots and the channels per position.
 
     ``forward(block, x)`` must compute exactly the block's own forward and call
-    ``attention``, ``attention_conv3x3``, ``attention_dw`` or ``attention_out`` children where
-    present (absent children are skipped). ``cls`` may be given as ``(module, qualname)`` so the
-    owning library need not be imported. Only exact classes match: a subclass may override
-    ``forward``, so it is treated as unknown (use ``after=``).
+    ``attention``, ``attention_conv3x3``, ``attention_pre_bn``, ``attention_dw`` or
+    ``attention_out`` children where present (absent children are skipped). ``cls`` may be
+    given as ``(module, qualname)`` so the owning library need not be imported. Only exact classes
+    match: a subclass may override ``forward``, so it is treated as unknown (use ``after=``).
     """
     key = (cls.__module__, cls.__qualname__) if isinstance(cls, type) else tuple(cls)
     positions = set(channels) | {"after_block", "after_stage"}
@@ -276,6 +289,7 @@ register_block(
     channels={
         "before_add": _out_channels_basic,
         "after_conv3x3": lambda b: b.conv1.out_channels,
+        "after_conv3x3_pre_bn": lambda b: b.conv2.out_channels,
         "after_block": _out_channels_basic,
     },
 )
@@ -286,6 +300,7 @@ register_block(
     channels={
         "before_add": _out_channels_bottleneck,
         "after_conv3x3": lambda b: b.conv2.out_channels,
+        "after_conv3x3_pre_bn": lambda b: b.conv2.out_channels,
         "after_block": _out_channels_bottleneck,
     },
 )
@@ -296,6 +311,7 @@ register_block(
     channels={
         "before_add": _out_channels_basic,
         "after_conv3x3": lambda b: b.conv1.out_channels,
+        "after_conv3x3_pre_bn": lambda b: b.conv2.out_channels,
         "after_block": _out_channels_basic,
     },
 )
@@ -306,6 +322,7 @@ register_block(
     channels={
         "before_add": _out_channels_bottleneck,
         "after_conv3x3": lambda b: b.conv2.out_channels,
+        "after_conv3x3_pre_bn": lambda b: b.conv2.out_channels,
         "after_block": _out_channels_bottleneck,
     },
 )

@@ -12,20 +12,20 @@ depthwise conv + BN + ReLU6 of an inverted residual, on the expanded (hidden) ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from torch import nn
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 
-from attnzoo.models.resnet import Attention, Weights, finish
+from attnzoo.models._builders import Select, make_builder
 
 __all__ = ["EXPANDED_ONLY", "HIDDEN_OVER_144", "mobilenet_v2"]
 
 
 def _expanded(model: nn.Module) -> Callable[[str, int], bool]:
     # a block has an expansion layer when its ``conv`` has 4 entries (expand, dw, project, BN)
-    return lambda path, channels: len(model.get_submodule(path).conv) == 4
+    return lambda path, channels: len(cast(nn.Sequential, model.get_submodule(path).conv)) == 4
 
 
 #: ``select`` for the Coordinate Attention placement: blocks with an expansion layer.
@@ -37,20 +37,23 @@ def HIDDEN_OVER_144(path: str, channels: int) -> bool:  # noqa: N802  (a constan
     return channels > 144
 
 
-def mobilenet_v2(
-    attention: Attention = None,
-    num_classes: int = 1000,
-    *,
-    stages: Iterable[int] | None = None,
-    position: str | None = None,
-    every: int = 1,
-    select: Callable[[str, int], bool] | str | None = None,
-    stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
-    identity_init: bool = False,
-    weights: Weights = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    **attention_kwargs: Any,
-) -> nn.Module:
+def _resolve_select(model: nn.Module, select: Any) -> Select | None:
+    if select == EXPANDED_ONLY:
+        return _expanded(model)
+    if isinstance(select, str):
+        raise ValueError(
+            f"mobilenet_v2: select must be a callable or {EXPANDED_ONLY!r}, got {select!r}"
+        )
+    return select
+
+
+def _mobilenet_v2(num_classes: int, **model_kwargs: Any) -> nn.Module:
+    return tv_mobilenetv2.mobilenet_v2(weights=None, num_classes=num_classes, **model_kwargs)
+
+
+mobilenet_v2 = make_builder(
+    _mobilenet_v2,
+    "mobilenet_v2",
     """MobileNetV2 (torchvision, no download) with attention after each depthwise conv.
 
     Args:
@@ -71,27 +74,9 @@ def mobilenet_v2(
     Example:
         >>> from attnzoo.models import mobilenet_v2
         >>> model = mobilenet_v2(attention="ca", select="expanded")
-    """
-    model = tv_mobilenetv2.mobilenet_v2(
-        weights=None, num_classes=num_classes, **dict(model_kwargs or {})
-    )
-    if select == EXPANDED_ONLY:
-        select = _expanded(model)
-    elif isinstance(select, str):
-        raise ValueError(
-            f"mobilenet_v2: select must be a callable or {EXPANDED_ONLY!r}, got {select!r}"
-        )
-    return finish(
-        model,
-        attention,
-        stages=stages,
-        position=position,
-        every=every,
-        select=select,
-        stage_kwargs=stage_kwargs,
-        identity_init=identity_init,
-        weights=weights,
-        attention_kwargs=attention_kwargs,
-        name="mobilenet_v2",
-        weights_enum=tv_mobilenetv2.MobileNet_V2_Weights,
-    )
+    """,
+    num_classes=1000,
+    module=__name__,
+    weights_enum=tv_mobilenetv2.MobileNet_V2_Weights,
+    resolve_select=_resolve_select,
+)

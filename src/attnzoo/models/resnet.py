@@ -23,20 +23,14 @@ SKNet-50               :func:`sknet50` (the SK unit replaces every 3x3 grouped c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 
-from attnzoo.models.attach import (
-    _apply,
-    attach,
-    load_pretrained,
-    register_block,
-    resolve_weights,
-)
+from attnzoo.models._builders import Attention, Weights, finish, make_builder
+from attnzoo.models.attach import _apply, register_block
 from attnzoo.registry import create
 
 __all__ = [
@@ -67,84 +61,14 @@ ECA_NET50_KERNELS: dict[int, dict[str, int]] = {
     4: {"kernel_size": 7},
 }
 
-Attention = str | type[nn.Module] | Callable[..., nn.Module] | None
-#: a state dict, a file, a torchvision weights enum or its name (see ``resolve_weights``)
-Weights = Mapping[str, Tensor] | str | Path | Any | None
 
+def _builder(
+tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[..., nn.Module]:
+    def construct(num_classes: int, **model_kwargs: Any) -> nn.Module:
+        return tv_fn(weights=None, num_classes=num_classes, **model_kwargs)
 
-def finish(
-    model: nn.Module,
-    attention: Attention,
-    *,
-    stages: Iterable[int] | None,
-    position: str | None,
-    every: int,
-    select: Callable[[str, int], bool] | None,
-    stage_kwargs: Mapping[int, Mapping[str, Any]] | None,
-    identity_init: bool,
-    weights: Weights,
-    attention_kwargs: Mapping[str, Any],
-    weights_enum: Any = None,
-    name: str = "attnzoo.models",
-) -> nn.Module:
-    """Attach the attention (if any) and load ``weights`` (if any) into a freshly built model.
-
-    ``weights`` takes every form of :func:`attnzoo.models.resolve_weights` (names of
-    ``weights_enum``, the builder's torchvision weights enum, included); a classifier of another
-    ``num_classes`` than the weights' is left at its initialisation, with a warning."""
-    state = None if weights is None else resolve_weights(weights, weights_enum, who=name)
-    if attention is not None:
-        attach(
-            model,
-            attention,
-            stages=stages,
-            position=position,
-            every=every,
-            select=select,
-            stage_kwargs=stage_kwargs,
-            identity_init=identity_init,
-            **attention_kwargs,
-        )
-    elif attention_kwargs or stage_kwargs or stages is not None or position is not None:
-        raise ValueError(f"{name}: attention options given without attention=")
-    if state is not None:
-        load_pretrained(model, state, new_head=True)
-    return model
-
-
-def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[..., nn.Module]:
-    def build(
-        attention: Attention = None,
-        num_classes: int = 1000,
-        *,
-        stages: Iterable[int] | None = None,
-        position: str | None = None,
-        every: int = 1,
-        select: Callable[[str, int], bool] | None = None,
-        stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
-        identity_init: bool = False,
-        weights: Weights = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        **attention_kwargs: Any,
-    ) -> nn.Module:
-        model = tv_fn(weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
-        return finish(
-            model,
-            attention,
-            stages=stages,
-            position=position,
-            every=every,
-            select=select,
-            stage_kwargs=stage_kwargs,
-            identity_init=identity_init,
-            weights=weights,
-            attention_kwargs=attention_kwargs,
-            weights_enum=get_model_weights(tv_fn),
-            name=name,
-        )
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"""{doc} with optional attention (torchvision ``{tv_fn.__name__}``, no
+    weights_enum = get_model_weights(tv_fn)
+    doc = f"""{doc} with optional attention (torchvision ``{tv_fn.__name__}``, no
     download).
 
     Args:
@@ -153,7 +77,7 @@ def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[.
         stages, position, every, select, stage_kwargs, identity_init: see :func:`attnzoo.attach`.
         weights: the plain or the attached network's weights, loaded with
             :func:`attnzoo.load_pretrained` (only attention keys may be missing): a state dict, a
-            file path, or torchvision's ``{get_model_weights(tv_fn).__name__}`` (an enum member
+            file path, or torchvision's ``{weights_enum.__name__}`` (an enum member
             or its name, e.g. ``"DEFAULT"``) read from the local torch hub cache
             (``torch.hub.get_dir()/checkpoints``; never downloaded: a missing file is an error
             naming it). With another ``num_classes`` the classifier keeps its initialisation and
@@ -165,7 +89,9 @@ def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[.
         >>> from attnzoo.models import {name}
         >>> model = {name}(attention="cbam", num_classes=10)
     """
-    return build
+    return make_builder(
+        construct, name, doc, num_classes=1000, module=__name__, weights_enum=weights_enum
+    )
 
 
 resnet18 = _builder(tv_resnet.resnet18, "resnet18", "ResNet-18")
@@ -188,46 +114,17 @@ def _cifar_stem(model: nn.Module) -> nn.Module:
 
 
 def _cifar_builder(tv_fn: Callable[..., nn.Module], name: str) -> Callable[..., nn.Module]:
-    def build(
-        attention: Attention = None,
-        num_classes: int = 100,
-        *,
-        stages: Iterable[int] | None = None,
-        position: str | None = None,
-        every: int = 1,
-        select: Callable[[str, int], bool] | None = None,
-        stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
-        identity_init: bool = False,
-        weights: Weights = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        **attention_kwargs: Any,
-    ) -> nn.Module:
-        model = _cifar_stem(
-            tv_fn(weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
-        )
-        return finish(
-            model,
-            attention,
-            stages=stages,
-            position=position,
-            every=every,
-            select=select,
-            stage_kwargs=stage_kwargs,
-            identity_init=identity_init,
-            weights=weights,
-            attention_kwargs=attention_kwargs,
-            name=name,
-        )
+    def construct(num_classes: int, **model_kwargs: Any) -> nn.Module:
+        return _cifar_stem(tv_fn(weights=None, num_classes=num_classes, **model_kwargs))
 
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"""CIFAR-style {tv_fn.__name__}: 3x3 stride-1 stem, no max-pool; 100 classes.
+    doc = f"""CIFAR-style {tv_fn.__name__}: 3x3 stride-1 stem, no max-pool; 100 classes.
 
     The usual CIFAR adaptation (as in the EMA paper's CIFAR-100 table): torchvision's network
     with ``conv1`` replaced by a 3x3 stride-1 convolution (3 -> 64, no bias) and the stem
     max-pool removed, so a 32x32 input reaches ``layer4`` at 4x4. Other arguments as in
     :func:`{tv_fn.__name__}`.
     """
-    return build
+    return make_builder(construct, name, doc, num_classes=100, module=__name__)
 
 
 cifar_resnet18 = _cifar_builder(tv_resnet.resnet18, "cifar_resnet18")
@@ -286,16 +183,16 @@ class SKBottleneck(nn.Module):
 
 
 def _sk_out(b: nn.Module) -> int:
-    return b.conv3.out_channels
+    return cast(nn.Conv2d, b.conv3).out_channels
 
 
 register_block(
     SKBottleneck,
-    SKBottleneck.forward,
+    SKBottleneck.forward,  # type: ignore[arg-type]  # a block method, called on SKBottlenecks
     default="before_add",
     channels={
         "before_add": _sk_out,
-        "after_conv3x3": lambda b: b.conv3.in_channels,
+        "after_conv3x3": lambda b: cast(nn.Conv2d, b.conv3).in_channels,
         "after_block": _sk_out,
     },
 )
@@ -343,7 +240,7 @@ def sknet50(
     model = tv_resnet.ResNet(
         block,
         [3, 4, 6, 3],
-        num_classes=num_classes,  # type: ignore[arg-type]
+        num_classes=num_classes,
         groups=32,
         width_per_group=4,
     )

@@ -6,14 +6,14 @@ in the project's other ResNets (after the block's last BN, before the residual a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from attnzoo.models.resnet import Attention, Weights, finish
+from attnzoo.models._builders import make_builder
 
 __all__ = ["SmallResNet", "cifar_resnet8"]
 
@@ -78,20 +78,13 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def cifar_resnet8(
-    attention: Attention = None,
-    num_classes: int = 10,
-    *,
-    stages: Iterable[int] | None = None,
-    position: str | None = None,
-    every: int = 1,
-    select: Callable[[str, int], bool] | None = None,
-    stage_kwargs: Mapping[int, Mapping[str, Any]] | None = None,
-    identity_init: bool = False,
-    weights: Weights = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    **attention_kwargs: Any,
-) -> nn.Module:
+def _small_resnet(num_classes: int, **model_kwargs: Any) -> nn.Module:
+    return SmallResNet(num_classes, **model_kwargs)
+
+
+cifar_resnet8 = make_builder(
+    _small_resnet,
+    "cifar_resnet8",
     """ResNet-8 for 32×32 inputs, the bench's default: 3×3 stem of 16 channels, then one
     BasicBlock per stage with 32/64/128 channels at 16×16, 8×8 and 4×4 (≈ 0.29 M parameters,
     ≈ 12 MMACs per 32×32 image).
@@ -108,18 +101,7 @@ def cifar_resnet8(
         weights: a state dict or a file, as in :func:`attnzoo.models.resnet50`.
         model_kwargs: :class:`SmallResNet` keywords (``stem``, ``widths``, ``blocks``, ...).
         **attention_kwargs: the attention module's keyword arguments.
-    """
-    model = SmallResNet(num_classes, **dict(model_kwargs or {}))
-    return finish(
-        model,
-        attention,
-        stages=stages,
-        position=position,
-        every=every,
-        select=select,
-        stage_kwargs=stage_kwargs,
-        identity_init=identity_init,
-        weights=weights,
-        attention_kwargs=attention_kwargs,
-        name="cifar_resnet8",
-    )
+    """,
+    num_classes=10,
+    module=__name__,
+)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from attnzoo.ops.divisible import make_divisible
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import (
     check_choice,
     check_input,
@@ -196,6 +197,10 @@ class ChannelGate(nn.Module):
         logits = self.mlp(x.mean((2, 3))) + self.mlp(x.amax((2, 3)))
         return self.gate(logits[:, :, None, None])
 
+    def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
+        """``{"channel": M_c}`` as ``(B, C)``; ``query`` is ignored."""
+        return {"channel": self.attention_map(x).flatten(1)}
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
 
@@ -274,6 +279,10 @@ class SpatialGate(nn.Module):
         if self.bn is not None:
             logits = self.bn(logits)
         return self.gate(logits)
+
+    def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
+        """``{"spatial": M_s}`` as ``(B, H, W)``; ``query`` is ignored."""
+        return {"spatial": self.attention_map(x)[:, 0]}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, pool_order={self.pool_order!r}"
@@ -390,6 +399,20 @@ class CBAM(nn.Module):
         if self.order == "channel-spatial":
             x = self.channel(x)
         return self.spatial.attention_map(x)
+
+    def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
+        """``{"channel": M_c (B, C), "spatial": M_s (B, H, W)}``, each on the input it is applied
+        to: ``order="channel-spatial"``: ``M_s`` of ``x * M_c``; ``"spatial-channel"``: ``M_c``
+        of ``x * M_s``; ``"parallel"``: both of ``x``. ``query`` is ignored."""
+        if self.order == "channel-spatial":
+            mc = self.channel.attention_map(x)
+            ms = self.spatial.attention_map(x * mc)
+        elif self.order == "spatial-channel":
+            ms = self.spatial.attention_map(x)
+            mc = self.channel.attention_map(x * ms)
+        else:
+            mc, ms = self.channel.attention_map(x), self.spatial.attention_map(x)
+        return {"channel": mc.flatten(1), "spatial": ms[:, 0]}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, order={self.order!r}"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from attnzoo.ops.divisible import make_divisible
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import (
     check_choice,
     check_input,
@@ -175,3 +176,12 @@ class CoordinateAttention(nn.Module):
         """
         a_h, a_w = self.gates(x)
         return a_h * a_w
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``query`` is ignored. ``spatial`` ``(B, H, W)``: ``mean_c(a_h a_w)``, the per-channel
+        gate ``a_h[c, i] a_w[c, j]`` averaged over channels; ``a_h`` ``(B, C, H)`` and ``a_w``
+        ``(B, C, W)``: the height and width gates."""
+        a_h, a_w = self.gates(x)  # (B, C, H, 1), (B, C, 1, W)
+        a_h, a_w = a_h[..., 0], a_w[:, :, 0]
+        spatial = torch.einsum("bch,bcw->bhw", a_h, a_w) / x.shape[1]  # no (B, C, H, W) tensor
+        return {"spatial": spatial, "a_h": a_h, "a_w": a_w}

@@ -8,7 +8,7 @@ Official code: https://github.com/junfu1115/DANet (``encoding/nn/da_att.py``: ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -16,6 +16,7 @@ from torch import nn
 
 from attnzoo.ops import pairwise
 from attnzoo.ops.pairwise import from_positions, softmax_affinity, to_positions
+from attnzoo.ops.query import Query, pixel_pair_map
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -136,6 +137,18 @@ class DANetPositionAttention(nn.Module):
         k = to_positions(self.key_conv(x))
         return (lambda sl: softmax_affinity(q[:, sl], k, scale=1.0)), tuple(x.shape[2:])
 
+    #: the maps depend on ``query`` (see :mod:`attnzoo.ops.query`)
+    attention_query: ClassVar[bool] = True
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``{"spatial": (B, H, W)}``: the row of ``query=(y, x)`` (or fractions in ``[0, 1]``) of
+        :meth:`attention_map` on the key grid, or (``"mean"``) the mean over all query rows;
+        computed from :meth:`affinity_rows`, never the ``N x N`` matrix (:mod:`attnzoo.ops.query`).
+        """
+        rows, keys = self.affinity_rows(x)
+        where = f"{type(self).__name__}.attention_maps"
+        return {"spatial": pixel_pair_map(rows, keys, x, query, where)}
+
     def extra_repr(self) -> str:
         return f"{self.channels}, reduction={self.reduction}"
 
@@ -214,6 +227,13 @@ class DANetChannelAttention(nn.Module):
             x.flatten(2).to(torch.promote_types(x.dtype, torch.float32)), self.energy
         )
 
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``channel_affinity`` ``(B, C, C)``: ``A`` (rows: output channel, sum to 1);
+        ``channel`` ``(B, C)``: ``A.mean(1)``, the weight each channel gets as a source, averaged
+        over output channels. ``query`` is ignored."""
+        a = self.attention_map(x)
+        return {"channel_affinity": a, "channel": a.mean(1)}
+
     def extra_repr(self) -> str:
         return f"{self.channels}, energy={self.energy!r}"
 
@@ -283,6 +303,16 @@ class DualAttention(nn.Module):
         """PAM's position attention ``(B, N, N)`` (CAM's: ``self.cam.attention_map(x)``)."""
         check_input(type(self).__name__, x, self.channels)
         return self.pam.attention_map(x)
+
+    #: the maps depend on ``query`` (see :mod:`attnzoo.ops.query`)
+    attention_query: ClassVar[bool] = True
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """PAM's ``spatial`` map (for ``query``) and CAM's ``channel_affinity`` and ``channel``
+        (see :meth:`DANetPositionAttention.attention_maps`,
+        :meth:`DANetChannelAttention.attention_maps`)."""
+        check_input(type(self).__name__, x, self.channels)
+        return {**self.pam.attention_maps(x, query=query), **self.cam.attention_maps(x)}
 
     def extra_repr(self) -> str:
         return f"{self.channels}, fusion={self.fusion!r}"

@@ -10,6 +10,7 @@ import math
 
 from torch import Tensor, nn
 
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import (
     check_input,
     check_odd_int,
@@ -136,6 +137,10 @@ class EfficientChannelAttention(nn.Module):
         z = x.mean((2, 3))[:, None, :]  # (B, 1, C): the channels are the 1-D sequence
         logits = self.conv(z)  # (B, 1, C)
         return self.gate(logits.transpose(1, 2)[..., None])
+
+    def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
+        """``{"channel": s}``, the gate as ``(B, C)``; ``query`` is ignored."""
+        return {"channel": self.attention_map(x).flatten(1)}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import check_divisible, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -122,3 +123,9 @@ class EfficientMultiScaleAttention(nn.Module):
         """The sigmoid weights ``(B, G, H, W)`` for input ``x``."""
         check_input(_NAME, x, self.channels)
         return self.gate(self._logits(x))
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``query`` is ignored. ``spatial`` ``(B, H, W)``: the sigmoid weights averaged over the
+        groups (= over channels: every group has C/G); ``groups`` ``(B, G, H, W)``: per group."""
+        weights = self.attention_map(x)
+        return {"spatial": weights.mean(1), "groups": weights}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from attnzoo.ops.divisible import make_divisible
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import (
     check_choice,
     check_input,
@@ -230,3 +231,18 @@ class GlobalContext(nn.Module):
         if self.pooling == "att":
             return self.context_softmax(self.conv_mask(x).reshape(b, 1, h * w)).reshape(b, 1, h, w)
         return x.new_full((b, 1, h, w), 1.0 / (h * w))
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``query`` is ignored. ``spatial`` ``(B, H, W)``: the softmax context-pooling weights
+        (sum to 1; only with ``pooling="att"``); ``channel_mul`` ``(B, C)``: ``sigmoid(t_mul)``
+        (with ``channel_mul``); ``channel_add`` ``(B, C)``: the added term ``t_add`` (with
+        ``channel_add``; zero at the official initialisation)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.pooling == "att":
+            out["spatial"] = self.attention_map(x)[:, 0]
+        scale, shift = self.transforms(self.context(x))
+        if scale is not None:
+            out["channel_mul"] = scale.flatten(1)
+        if shift is not None:
+            out["channel_add"] = shift.flatten(1)
+        return out

@@ -11,7 +11,7 @@ The file is called ``nonlocal_.py`` because ``nonlocal`` is a Python keyword.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from attnzoo.ops.pairwise import (
     softmax_affinity,
     to_positions,
 )
+from attnzoo.ops.query import Query, pixel_pair_map
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -313,6 +314,19 @@ class _NonLocalNd(nn.Module):
             return (lambda q: dot_product_affinity(theta[:, q], phi)), key_shape
         a, b = self._concat_scores(theta, phi)
         return (lambda q: relu_sum_affinity(a[:, q], b)), key_shape
+
+    #: the maps depend on ``query`` (see :mod:`attnzoo.ops.query`)
+    attention_query: ClassVar[bool] = True
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``{"spatial": (B, *keys)}``: the row of :meth:`attention_map` of the query point
+        ``query`` (indices of ``x``'s grid: ``(l,)``, ``(y, x)`` or ``(t, y, x)``, or fractions in
+        ``[0, 1]``), or (``"mean"``) the mean over all query rows, on the key grid: ``(L',)``,
+        ``(h', w')`` or ``(T, h', w')``, pooled to ``ceil(size / 2)`` with ``sub_sample`` (time
+        is not pooled). Computed from :meth:`affinity_rows`, never the ``N x M`` matrix."""
+        rows, keys = self.affinity_rows(x)
+        where = f"{type(self).__name__}.attention_maps"
+        return {"spatial": pixel_pair_map(rows, keys, x, query, where)}
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ https://github.com/heykeetae/Self-Attention-GAN (``sagan_models.py``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import nn
 
 from attnzoo.ops import pairwise
 from attnzoo.ops.pairwise import from_positions, softmax_affinity, to_positions
+from attnzoo.ops.query import Query, pixel_pair_map
 from attnzoo.ops.validation import check_choice, check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -175,6 +177,18 @@ class SAGANSelfAttention(nn.Module):
         q, k, _ = self._qkv(x)
         key_shape = tuple(self._pool(x[:, :1]).shape[2:])
         return (lambda sl: softmax_affinity(q[:, sl], k, scale=1.0)), key_shape
+
+    #: the maps depend on ``query`` (see :mod:`attnzoo.ops.query`)
+    attention_query: ClassVar[bool] = True
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``{"spatial": (B, h', w')}``: the row of :meth:`attention_map` of the query point
+        ``query`` (``(y, x)`` or fractions in ``[0, 1]``), or (``"mean"``) the mean over all
+        query rows, on the key grid (``variant="tf"``: 2x2 max-pooled, ``ceil(H/2), ceil(W/2)``).
+        Computed from :meth:`affinity_rows`, never the ``N x M`` matrix."""
+        rows, keys = self.affinity_rows(x)
+        where = f"{type(self).__name__}.attention_maps"
+        return {"spatial": pixel_pair_map(rows, keys, x, query, where)}
 
     def extra_repr(self) -> str:
         return f"{self.channels}, variant={self.variant!r}, reduction={self.reduction}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from attnzoo.ops.divisible import make_divisible
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import check_input, check_positive_int
 from attnzoo.registry import register
 
@@ -116,6 +117,10 @@ class SqueezeExcitation(nn.Module):
         z = x.mean((2, 3))  # squeeze: (B, C)
         logits = self.fc2(self.act(self.fc1(z)))  # excitation: (B, C)
         return self.gate(logits[:, :, None, None])
+
+    def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
+        """``{"channel": s}``, the gate as ``(B, C)``; ``query`` is ignored."""
+        return {"channel": self.attention_map(x).flatten(1)}
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from attnzoo.ops.divisible import make_divisible
+from attnzoo.ops.query import Query
 from attnzoo.ops.validation import (
     check_divisible,
     check_input,
@@ -264,3 +265,8 @@ class SelectiveKernel(nn.Module):
         """
         check_input(_NAME, x, self.channels)
         return self._select(self._split(x))
+
+    def attention_maps(self, x: torch.Tensor, *, query: Query = "mean") -> dict[str, torch.Tensor]:
+        """``{"branch": ...}``: the softmax weights of the M branches, ``(B, M, C_out)``;
+        ``query`` is ignored."""
+        return {"branch": self.attention_map(x).flatten(2)}  # (B, M, C_out, 1, 1) -> (B, M, C)

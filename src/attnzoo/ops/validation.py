@@ -46,7 +46,7 @@ def check_positive_float(module: str, name: str, value: Any) -> float:
     """Return ``value`` as ``float`` if it is a real number ``> 0``."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{module}: {name} must be a positive number, got {value!r}")
-    if not value > 0:
+    if not float(value) > 0:
         raise ValueError(f"{module}: {name} must be a positive number, got {value}")
     return float(value)
 

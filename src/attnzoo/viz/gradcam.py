@@ -15,7 +15,7 @@ exactly as it found it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,7 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     if isinstance(model, SmallResNet):
         return getattr(model, f"layer{model.num_stages}")
     if isinstance(model, ResNet) or _qualname(model) == ("timm.models.resnet", "ResNet"):
-        return model.layer4
+        return cast(nn.Module, model.layer4)
     if isinstance(model, MobileNetV2):
         return model.features[-1]
     raise ValueError(

@@ -275,6 +275,6 @@ def panel_columns_for(
     ]
     if max_maps is not None:
         spatial = spatial[-max_maps:] if max_maps else []
-    for key, m in spatial:
-        columns[f"{key} spatial"] = upsample_map(_min_max(m), (h, w))
+    for key, smap in spatial:
+        columns[f"{key} spatial"] = upsample_map(_min_max(smap), (h, w))
     return columns

@@ -138,6 +138,11 @@ class Task(ABC):
     #: per-run keys written to results.csv after the metric columns
     csv_columns: ClassVar[tuple[str, ...]] = ()
 
+    def defaults_for(self, model: Any) -> Mapping[str, Any]:
+        """The defaults for ``--model`` ``model`` (as given, ``None`` for the task's default;
+        possibly several models): :attr:`defaults` unless the task's model families differ."""
+        return self.defaults
+
     # ---- validation ---------------------------------------------------------------------------
     def check_config(self, config: BenchConfig) -> None:  # noqa: B027 (optional hook)
         """Cheap, task-specific checks before anything is loaded (``ValueError`` naming the

@@ -1,8 +1,15 @@
-"""``attnzoo bench --task detect``: YOLOv4-tiny with an attention neck, compared by mAP.
+"""``attnzoo bench --task detect``: YOLOv4-tiny with an attention neck, or Faster / Cascade R-CNN
+with an attention backbone, compared by mAP.
 
 The plug-in gives the bench engine what is particular to detection:
 
-* **models**: ``--model yolov4_tiny`` (:class:`attnzoo.detection.YoloV4Tiny`). The attentions
+* **models**: ``--model yolov4_tiny`` (:class:`attnzoo.detection.YoloV4Tiny`, the default), or
+  the R-CNNs ``faster_rcnn_small``, ``cascade_rcnn_small``, ``faster_rcnn_resnet50_fpn``,
+  ``cascade_rcnn_resnet50_fpn`` (:mod:`attnzoo.detection.rcnn`; training and evaluation in
+  :mod:`attnzoo.bench.tasks.detect_rcnn`, with their own defaults when every ``--model`` is an
+  R-CNN: 4 epochs, batch 8, lr 0.02, weight decay 1e-4, 400 train scenes). Several models
+  (``--model faster_rcnn_small,cascade_rcnn_small``) make one arm per model and attention.
+  For YOLOv4-tiny: The attentions
   ``se``, ``cbam``, ``eca`` and ``ca`` are the reference's ``phi`` variants
   (bubbliiiing/yolov4-tiny-pytorch; the ``"yolov4-tiny"`` presets in the three neck positions,
   exactly ``YoloV4Tiny(phi=k)``); keyword arguments override the preset's values
@@ -63,7 +70,13 @@ __all__ = [
     "yolov4_tiny",
 ]
 
-DETECT_MODELS = ("yolov4_tiny",)
+DETECT_MODELS = (
+    "yolov4_tiny",
+    "faster_rcnn_small",
+    "cascade_rcnn_small",
+    "faster_rcnn_resnet50_fpn",
+    "cascade_rcnn_resnet50_fpn",
+)
 DEFAULT_DETECT_ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
 #: the task's defaults (chosen so that the demo's baseline lands mid-range in ~15 min on 2 cores)
 DEFAULT_EPOCHS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_IMAGE_SIZE = 5, 16, 0.05, 64
@@ -303,7 +316,7 @@ def _check_size(image_size: Any) -> int:
         or (image_size % 32)
     ):
         raise ValueError(
-            f"{PROG}: --image-size must be a multiple of 32 (>= 32) for YOLOv4-tiny; "
+            f"{PROG}: --image-size must be a multiple of 32 (>= 32) for the detectors; "
             f"got {image_size!r}"
         )
     return image_size
@@ -651,9 +664,14 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
     images, targets = collate_detection([data.test[i] for i in range(n)])
     models = _panel_models(plan)
     seed = min(run.seed for run in plan)
+    from attnzoo.bench.tasks.detect_rcnn import is_rcnn, rcnn_predict
+
     preds = {}
     with torch.no_grad():
         for label, model in models.items():
+            if is_rcnn(model):  # its own NMS (0.5) and score threshold
+                preds[label] = rcnn_predict(model, images)[0]
+                continue
             preds[label] = postprocess(
                 model(images),
                 tuple(images.shape[-2:]),
@@ -691,6 +709,9 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
                 [Text("Not available: this installation has no `attnzoo.viz.detector_cam`.")],
             )
         )
+        return sections
+    models = {label: m for label, m in models.items() if not is_rcnn(m)}
+    if not models:  # EigenCAM panels are for the YOLO detectors
         return sections
     try:
         cams = {
@@ -738,6 +759,67 @@ HOW_TO_READ = (
 
 
 # ---------------------------------------------------------------------------------------------
+def _families(model: Any) -> set[str]:
+    """``{"yolo"}``, ``{"rcnn"}`` or both, for ``--model`` (one model or several)."""
+    from attnzoo.bench.engine import split_models
+    from attnzoo.bench.tasks.detect_rcnn import RCNN_MODELS, is_rcnn
+
+    return {
+        "rcnn"
+        if (isinstance(m, str) and m.strip().lower() in RCNN_MODELS) or (callable(m) and is_rcnn(m))
+        else "yolo"
+        for m in split_models(model)
+    }
+
+
+RCNN_HOW_TO_READ = (
+    "- **R-CNN arms**: detections at score >= 0.001 after the model's own per-class NMS "
+    "(IoU 0.5), up to `box_detections_per_img`; **AP90** is the VOC all-point AP at IoU 0.9, the "
+    "strictest localisation score. Cascade R-CNN's claim (Cai & Vasconcelos, CVPR 2018) is "
+    "higher AP75/AP90 at a similar AP50 than Faster R-CNN on the same backbone; the per-stage "
+    "table shows whether later stages (trained at IoU 0.6 and 0.7) localise better."
+)
+
+
+def _rcnn_sections(result: Any) -> list[Any]:
+    from attnzoo.bench.report import Section, Table
+    from attnzoo.bench.tasks.detect_report import paired_ap_table, stage_table
+
+    labels = [s["attention"] for s in result.summary]
+    headers, rows = paired_ap_table(result.runs, labels, result.baseline)
+    sections = [
+        Section(
+            "AP at every IoU, with paired differences",
+            [
+                Table(
+                    headers,
+                    rows,
+                    "Mean ± std over the seeds (%); Δ: the mean per-seed difference to the "
+                    "baseline in points with its 95 % CI (t over the shared seeds). AP50, AP90: "
+                    "VOC all-point; AP, AP75: COCO.",
+                )
+            ],
+        )
+    ]
+    headers, rows = stage_table(result.runs)
+    if rows:
+        sections.append(
+            Section(
+                "Cascade stages",
+                [
+                    Table(
+                        headers,
+                        rows,
+                        "Each stage's own detections (its classifier's scores on its input boxes, "
+                        "its regressed boxes) vs the cascade's output (scores averaged over the "
+                        "stages, last stage's boxes); mean ± std over the seeds (%).",
+                    )
+                ],
+            )
+        )
+    return sections
+
+
 def detect_config(config: Any) -> DetectConfig:
     """The :class:`DetectConfig` of a validated ``BenchConfig``."""
     return DetectConfig(
@@ -755,7 +837,7 @@ class DetectTask(Task):
     name = "detect"
     metric = "map50"
     metric_label = "mAP50 %"
-    secondary = ("map", "map75")
+    secondary = ("map", "map75", "map90")
     defaults = {
         "attention": DEFAULT_DETECT_ATTENTIONS,
         "model": "yolov4_tiny",
@@ -767,7 +849,7 @@ class DetectTask(Task):
         "image_size": DEFAULT_IMAGE_SIZE,
     }
     options = {"eval_every": 1}
-    columns = (("COCO AP %", "map"), ("AP75 %", "map75"))
+    columns = (("COCO AP %", "map"), ("AP75 %", "map75"), ("AP90 (VOC) %", "map90"))
     csv_columns = ("map", "map75", "test_n")
 
     # ---- validation
@@ -799,6 +881,17 @@ class DetectTask(Task):
             )
 
     # ---- data and models
+    def defaults_for(self, model: Any) -> dict[str, Any]:
+        """The YOLOv4-tiny defaults, or the R-CNN ones when every model listed is an R-CNN."""
+        from attnzoo.bench.engine import split_models
+        from attnzoo.bench.tasks.detect_rcnn import RCNN_DEFAULTS, RCNN_MODELS
+
+        names = [] if model is None else split_models(model)
+        rcnn = bool(names) and all(
+            isinstance(n, str) and n.strip().lower() in RCNN_MODELS for n in names
+        )
+        return {**self.defaults, **RCNN_DEFAULTS} if rcnn else dict(self.defaults)
+
     def resolve_model(self, model: Any) -> tuple[str, Any]:
         if callable(model):
             return getattr(model, "__name__", "custom"), model
@@ -807,7 +900,11 @@ class DetectTask(Task):
             raise ValueError(
                 f"{PROG}: unknown --model {model!r}; detection models: {', '.join(DETECT_MODELS)}"
             )
-        return name, yolov4_tiny
+        if name == "yolov4_tiny":
+            return name, yolov4_tiny
+        from attnzoo.bench.tasks.detect_rcnn import rcnn_builder
+
+        return name, rcnn_builder(name)
 
     def load_data(self, config: Any) -> DetectionSplits:
         return load_detection_data(
@@ -819,6 +916,15 @@ class DetectTask(Task):
         )
 
     def build_model(self, builder: Any, spec: Any, data: Any, config: Any) -> nn.Module:
+        from attnzoo.bench.tasks.detect_rcnn import is_rcnn, rcnn_predict
+
+        if is_rcnn(builder):
+            model = call_builder(builder, spec, num_classes=data.num_classes + 1, keep_size=True)
+            with torch.no_grad():
+                dets, _ = rcnn_predict(model.eval(), data.test[0][0][None])
+            if len(dets) != 1 or set(dets[0]) != {"boxes", "scores", "labels"}:
+                raise ValueError("its evaluation forward does not return detection dicts")
+            return model.train()
         model = call_builder(builder, spec, num_classes=data.num_classes)
         images, _ = data.test[0]
         with torch.no_grad():
@@ -837,8 +943,25 @@ class DetectTask(Task):
     def input_shape(self, data: Any, config: Any) -> tuple[int, ...]:
         return (3, data.image_size, data.image_size)
 
+    def model_for_run(self, builder: Any, spec: Any, meta: Any) -> nn.Module:
+        from attnzoo.bench.tasks.detect_rcnn import is_rcnn
+
+        if is_rcnn(builder):
+            return call_builder(builder, spec, num_classes=meta["num_classes"] + 1, keep_size=True)
+        return call_builder(builder, spec, num_classes=meta["num_classes"])
+
     def run_settings(self, config: Any) -> dict[str, Any]:
         cfg = detect_config(config)
+        if _families(config.model) == {"rcnn"}:
+            from attnzoo.bench.tasks.detect_rcnn import EVAL_SCORE, MOMENTUM
+
+            return {
+                "momentum": MOMENTUM,
+                "schedule": "linear warm-up + steps x0.1 at 16/26, 22/26 (torchvision reference)",
+                "eval_every": cfg.eval_every,
+                "conf_threshold": EVAL_SCORE,
+                "nms_iou": 0.5,
+            }
         return {
             "momentum": cfg.momentum,
             "schedule": "warm-up + cosine (YOLOX warm cos)",
@@ -849,6 +972,10 @@ class DetectTask(Task):
 
     # ---- training
     def make_module(self, model: nn.Module, data: Any, config: Any) -> Any:
+        from attnzoo.bench.tasks.detect_rcnn import build_rcnn_module, is_rcnn
+
+        if is_rcnn(model):
+            return build_rcnn_module(model, data.num_classes, detect_config(config))
         return build_detect_module(model, data.num_classes, detect_config(config))
 
     def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[Any, Any]:
@@ -858,6 +985,13 @@ class DetectTask(Task):
 
     def final_row(self, history: Sequence[dict[str, Any]], module: Any) -> dict[str, Any]:
         last = history[-1]
+        if "map90" in last:  # an R-CNN
+            keep = ("map50", "map", "map75", "map90", "test_n")
+            row = {k: last[k] for k in (*keep, *(k for k in last if k.startswith("train_")))}
+            row["per_class_ap50"] = module.run_extras.get("per_class_ap50")
+            if "stages" in module.run_extras:
+                row["stages"] = module.run_extras["stages"]
+            return row
         row = {
             k: last[k]
             for k in (
@@ -876,17 +1010,33 @@ class DetectTask(Task):
     def report(self, result: Any, data: Any, config: Any, plan: Sequence[Any]) -> TaskReport:
         c = result.config
         seeds = sorted({r["seed"] for r in result.runs})
+        families = _families(config.model)
+        if families == {"rcnn"}:
+            training = (
+                f"SGD (momentum 0.9) with a linear warm-up and steps x0.1 at 16/26 and 22/26 of "
+                f"the steps (torchvision's detection reference), lr {c['lr']}, weight decay "
+                f"{c['weight_decay']}"
+            )
+        else:
+            training = (
+                f"SGD (Nesterov, momentum 0.937) with a warm-up + cosine schedule peaking at lr "
+                f"{c['lr']}, weight decay {c['weight_decay']} on conv weights"
+                + ("; the R-CNNs with their own optimiser, SGD momentum 0.9, same lr" if
+                   "rcnn" in families else "")
+            )
         setup = (
             f"{c['model']} on {data.description}. {c['epochs']} epochs, batch "
-            f"{c['batch_size']}, SGD (Nesterov, momentum 0.937) with a warm-up + cosine "
-            f"schedule peaking at lr {c['lr']}, weight decay {c['weight_decay']} on conv "
-            f"weights; mAP after the last epoch; seeds {', '.join(map(str, seeds))}."
+            f"{c['batch_size']}, {training}; mAP after the last epoch; seeds "
+            f"{', '.join(map(str, seeds))}."
         )
+        rcnn = "rcnn" in families
+        run_columns = [("COCO AP %", "map"), ("AP75 %", "map75")]
         return TaskReport(
             setup=setup,
-            run_columns=[("COCO AP %", "map"), ("AP75 %", "map75")],
-            how_to_read=HOW_TO_READ,
+            run_columns=run_columns + ([("AP90 %", "map90")] if rcnn else []),
+            how_to_read=HOW_TO_READ + ("\n" + RCNN_HOW_TO_READ if rcnn else ""),
             sections=[
+                *(_rcnn_sections(result) if rcnn else []),
                 *([_per_class_section(result, data)] if data.num_classes > 1 else []),
                 *_panel_sections(data, config, plan),
             ],

@@ -5,6 +5,9 @@
 * :func:`plot_cam_panel`: class activation maps (EigenCAM by default) of each attention over the
   same images, one row per attention.
 * :func:`per_class_table`: AP50 per class and attention (mean over seeds).
+* :func:`paired_ap_table`: AP50, AP, AP75 (and AP90) of each arm with the paired difference to the
+  baseline and its 95 % CI, for every metric (the engine's table has it for the primary one only).
+* :func:`stage_table`: a cascade's AP per stage (each stage's own detections) and of the ensemble.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["per_class_table", "plot_box_panel", "plot_cam_panel"]
+__all__ = [
+    "AP_METRICS",
+    "paired_ap_table",
+    "per_class_table",
+    "plot_box_panel",
+    "plot_cam_panel",
+    "stage_table",
+]
+
+#: ``(key, header)`` of the AP metrics in the R-CNN tables
+AP_METRICS = (("map50", "AP50"), ("map", "AP"), ("map75", "AP75"), ("map90", "AP90"))
 
 
 def _figure(rows: int, cols: int, cell: float = 2.0) -> tuple[Any, Any]:
@@ -150,3 +163,62 @@ def per_class_table(
             row.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "")
         rows.append(row)
     return ["class", *[f"{label} AP50 %" for label in labels]], rows
+
+
+def _pct(values: Sequence[float]) -> str:
+    from attnzoo.bench.report import fmt_pct
+    from attnzoo.bench.stats import summarize
+
+    st = summarize([float(v) for v in values])
+    return fmt_pct(st.mean, st.std if st.n > 1 else None)
+
+
+def paired_ap_table(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], baseline: str | None
+) -> tuple[list[str], list[list[str]]]:
+    """``(headers, rows)``: per arm (``labels``, in order) and AP metric present in the runs, the
+    mean ± std over seeds (%) and the paired difference to ``baseline`` over the shared seeds,
+    ``+d [low, high]`` in points (95 % CI, t over seeds)."""
+    from attnzoo.bench.report import fmt_diff
+    from attnzoo.bench.stats import paired_difference
+
+    keys = [(k, h) for k, h in AP_METRICS if any(r.get(k) is not None for r in runs)]
+    by = {(r["attention"], r["seed"]): r for r in runs}
+    headers = ["arm"]
+    for _, h in keys:
+        headers += [f"{h} %"] + ([f"Δ{h} vs {baseline} [95% CI]"] if baseline else [])
+    rows = []
+    for label in labels:
+        row = [label]
+        for k, _ in keys:
+            mine = {s: r[k] for (lab, s), r in by.items() if lab == label and r.get(k) is not None}
+            row.append(_pct(list(mine.values())) if mine else "")
+            if not baseline:
+                continue
+            base = {s: r[k] for (lab, s), r in by.items() if lab == baseline and r.get(k) is not None}
+            if label == baseline or not (set(mine) & set(base)):
+                row.append("baseline" if label == baseline else "")
+            else:
+                d = paired_difference(mine, base)
+                row.append(fmt_diff(d.mean, d.low, d.high))
+        rows.append(row)
+    return headers, rows
+
+
+def stage_table(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """``(headers, rows)``: for every arm whose runs carry ``stages``, one row per stage (its own
+    detections) and one for the ensemble (the cascade's output), AP metrics as mean ± std (%)."""
+    keys = [(k, h) for k, h in AP_METRICS if any(r.get(k) is not None for r in runs)]
+    arms: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        if r.get("stages"):
+            arms.setdefault(r["attention"], []).append(r)
+    rows = []
+    for label, rs in arms.items():
+        for t in range(len(rs[0]["stages"])):
+            rows.append(
+                [label, f"stage {t + 1}"]
+                + [_pct([r["stages"][t][k] for r in rs if t < len(r["stages"])]) for k, _ in keys]
+            )
+        rows.append([label, "ensemble (output)"] + [_pct([r[k] for r in rs]) for k, _ in keys])
+    return ["arm", "detections of", *[f"{h} %" for _, h in keys]], rows

@@ -1,0 +1,240 @@
+"""Cascade R-CNN vs Faster R-CNN: train-step time, inference time and peak train-step memory.
+
+Both detectors are built by :mod:`attnzoo.detection.rcnn` on the same backbone (attention
+``--attention``) with the same RPN and RoI settings; only the RoI heads differ (Faster R-CNN: one
+``TwoMLPHead`` and class-specific regression; Cascade: three stages at IoU 0.5/0.6/0.7). Inputs are
+built-in digit scenes (one class) at ``--size`` px.
+
+* **train step**: forward in train mode, sum of the loss dict, backward, SGD step, batch ``--batch``;
+* **inference**: eval-mode forward under ``no_grad`` (the cascade's three stages and score
+  ensemble), batch ``--batch``, reported per image;
+* the two models alternate within every round (order rotated); times are the median and
+  quartiles over ``--rounds`` rounds of ``--steps`` steps each;
+* **peak memory** of one train step: each model in a fresh subprocess; the growth of the process's
+  peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just before the
+  step (model built, data loaded, one inference pass done) to just after it. It counts every
+  byte the step touches (activations, gradients, optimiser state, allocator caches), not only
+  tensors.
+
+Targets (Cai & Vasconcelos, CVPR 2018, Table 7 timings): the cascade's added cost at most +21 %
+at inference (0.115 / 0.095 s) and +60 % in training; peak train-step memory at most 1.3x.
+
+Writes (replaces) the "Cascade vs Faster R-CNN" section of ``benchmarks/results/detection.md``,
+keeping the file's other sections.
+
+    python benchmarks/detection.py --threads 2 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SECTION = "## Cascade vs Faster R-CNN"
+MODELS = ("faster", "cascade")
+
+
+def build(kind: str, size: str, attention: str | None) -> torch.nn.Module:
+    from attnzoo.detection import rcnn
+
+    name = f"{'cascade' if kind == 'cascade' else 'faster'}_rcnn_{size}"
+    if size == "resnet50":
+        name += "_fpn"
+        return getattr(rcnn, name)(2, attention, keep_size=True)
+    return getattr(rcnn, name)(2, attention)
+
+
+def batch(size: int, n: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    from attnzoo.bench.tasks.detect import load_detection_data
+    from attnzoo.bench.tasks.detect_rcnn import rcnn_targets
+    from attnzoo.datasets import collate_detection
+
+    data = load_detection_data("scenes:digit", image_size=size, n_train=n, n_test=1)
+    images, targets = collate_detection([data.train[i] for i in range(n)])
+    return list(images), rcnn_targets(targets)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images, targets) -> None:
+    model.train()
+    loss = sum(model(images, targets).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def infer(model: torch.nn.Module, images) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(images)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def time_models(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    images, targets = batch(args.size, args.batch)
+    torch.manual_seed(0)
+    models = {k: build(k, args.model, args.attention) for k in MODELS}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    for k, m in models.items():  # warm-up: allocator, oneDNN primitives, lazy imports
+        train_step(m, opts[k], images, targets)
+        infer(m, images)
+    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in MODELS}
+    for r in range(args.rounds):
+        order = MODELS[r % 2 :] + MODELS[: r % 2]
+        for k in order:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(models[k], opts[k], images, targets)
+            times[k]["train"].append((time.perf_counter() - t0) / args.steps)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                infer(models[k], images)
+            times[k]["infer"].append((time.perf_counter() - t0) / args.steps / args.batch)
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    return times
+
+
+def peak_memory(args: argparse.Namespace, kind: str) -> float:
+    """MB of peak-RSS growth of one train step of ``kind``, in a fresh subprocess."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        kind,
+        "--model",
+        args.model,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
+    if args.attention:
+        cmd += ["--attention", args.attention]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["mb"])
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    import resource
+
+    images, targets = batch(args.size, args.batch)
+    torch.manual_seed(0)
+    model = build(args.memory_child, args.model, args.attention)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    infer(model, images)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(model, opt, images, targets)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mb": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
+
+
+def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wall: float) -> str:
+    def cell(values: list[float], scale: float) -> str:
+        q1, med, q3 = quartiles([v * scale for v in values])
+        return f"{med:.1f} [{q1:.1f}, {q3:.1f}]"
+
+    def ratio(kind: str) -> float:
+        return statistics.median(times["cascade"][kind]) / statistics.median(times["faster"][kind])
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    train_r, infer_r = ratio("train"), ratio("infer")
+    mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
+    att = args.attention or "none"
+    lines = [
+        SECTION,
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
+        f"{wall / 60:.1f} min; rounds: {args.rounds} x {args.steps} steps",
+        f"- torch {torch.__version__}, Python {platform.python_version()}; CPU: "
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores), torch "
+        f"threads: {args.threads}",
+        f"- `{args.model}` builders of `attnzoo.detection.rcnn`, attention `{att}`, 2 classes "
+        f"(1 + background), batch {args.batch} built-in digit scenes at {args.size}x{args.size} "
+        "px; same backbone, RPN and RoI settings, only the RoI heads differ",
+        "- train step: train-mode forward, sum of the loss dict, backward, SGD step; inference: "
+        "eval-mode forward under no_grad, per image; the two models alternate within each round "
+        "(order rotated); median [quartiles] over rounds",
+        "- peak memory: growth of the peak resident set size (`getrusage` `ru_maxrss`) over one "
+        "train step, each model in a fresh subprocess after building and one inference pass",
+        f"- **busy machine**: measured while other jobs were running (load average {load} on "
+        f"{os.cpu_count()} cores); absolute times are inflated and noisy, the ratios less so",
+        "",
+        "| model | train step ms | inference ms / image | train-step peak memory MB |",
+        "|---|---:|---:|---:|",
+    ]
+    for k in MODELS:
+        lines.append(
+            f"| {k} | {cell(times[k]['train'], 1e3)} | {cell(times[k]['infer'], 1e3)} | "
+            f"{memory.get(k, float('nan')):.0f} |"
+        )
+    lines += [
+        "",
+        "| cascade vs faster | measured | target | met |",
+        "|---|---:|---:|:---:|",
+        f"| added inference time | {100 * (infer_r - 1):+.0f} % | <= +21 % (paper: 0.115 / "
+        f"0.095 s) | {'met' if infer_r <= 1.21 else 'not met'} |",
+        f"| added train-step time | {100 * (train_r - 1):+.0f} % | <= +60 % | "
+        f"{'met' if train_r <= 1.60 else 'not met'} |",
+        f"| train-step peak memory | {mem_r:.2f}x | <= 1.3x | "
+        f"{'met' if mem_r <= 1.3 else 'not met'} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section of ``path`` (or append it), keeping the others."""
+    old = path.read_text() if path.is_file() else "# Detection benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = (
+        pattern.sub(lambda _: text, old)
+        if pattern.search(old)
+        else (old.rstrip("\n") + "\n\n" + text)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("small", "resnet50"), default="small")
+    p.add_argument("--attention", default=None)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection.md"))
+    p.add_argument("--memory-child", choices=MODELS, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    t0 = time.perf_counter()
+    memory = {k: peak_memory(args, k) for k in MODELS}
+    times = time_models(args)
+    text = section(args, times, memory, time.perf_counter() - t0)
+    write_section(Path(args.out), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
