@@ -5,7 +5,8 @@ Both detectors are built by :mod:`attnzoo.detection.rcnn` on the same backbone (
 ``TwoMLPHead`` and class-specific regression; Cascade: three stages at IoU 0.5/0.6/0.7). Inputs are
 built-in digit scenes (one class) at ``--size`` px.
 
-* **train step**: forward in train mode, sum of the loss dict, backward, SGD step, batch ``--batch``;
+* **train step**: forward in train mode, sum of the loss dict, backward, SGD step, batch
+  ``--batch``;
 * **inference**: eval-mode forward under ``no_grad`` (the cascade's three stages and score
   ensemble), batch ``--batch``, reported per image;
 * the two models alternate within every round (order rotated); times are the median and

@@ -39,7 +39,8 @@ def test_rcnn_models_take_their_own_defaults_and_arms(tmp_path: Path) -> None:
         RCNN_DEFAULTS[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "n_train")
     )
     assert bench.baseline == "faster_rcnn_small/none"
-    assert [s.label for s in bench.specs][2:] == ["cascade_rcnn_small/none", "cascade_rcnn_small/se"]
+    labels = [s.label for s in bench.specs]
+    assert labels[2:] == ["cascade_rcnn_small/none", "cascade_rcnn_small/se"]
     assert bench.builders["cascade_rcnn_small"] is cascade_rcnn_small
     assert TASK.run_settings(c)["momentum"] == 0.9
     yolo = validate(BenchConfig("none", task="detect", out=tmp_path)).config

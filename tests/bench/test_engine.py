@@ -314,7 +314,8 @@ def test_several_models_make_model_attention_arms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine, "get_task", lambda name: ToyTask())
-    bench = validate(BenchConfig("none,se", task="toy", model=f"{_NARROW},cifar_resnet8", out=tmp_path))
+    models = f"{_NARROW},cifar_resnet8"
+    bench = validate(BenchConfig("none,se", task="toy", model=models, out=tmp_path))
     narrow = list(bench.builders)[0]
     assert bench.model_name == f"{narrow},cifar_resnet8"
     labels = [s.label for s in bench.specs]

@@ -62,7 +62,7 @@ def test_tiny_segment_bench_writes_results_and_report(tiny_bench) -> None:
     for r in payload["runs"]:
         assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["pixel_acc"] <= 1.0  # fractions
         assert r["pixel_acc"] > r["miou"] > 0.0  # background dominates the pixels
-        assert len(r["per_class_iou"]) == 11 and len(r["confusion"]) == 11
+        assert len(r["per_class_iou"]) == 2 and len(r["confusion"]) == 2  # background, digit
         assert r["test_n"] == 8
         assert int(np.asarray(r["confusion"]).sum()) == 8 * 32 * 32
     pam = payload["summary"][1]
@@ -73,7 +73,7 @@ def test_tiny_segment_bench_writes_results_and_report(tiny_bench) -> None:
         rows = list(csv.DictReader(f))
     assert {"miou", "pixel_acc"} <= set(rows[0]) and len(rows) == 2 + 2
     md = (out / "report.md").read_text()
-    for text in ("mIoU %", "Per-class IoU", "none IoU %", "pam IoU %", "Predictions"):
+    for text in ("mIoU %", "Per-class IoU", "none IoU %", "pam IoU %", "| digit |", "Predictions"):
         assert text in md
     for fig in ("segmentation.png", "position_attention.png"):
         assert f"figures/{fig}" in md
@@ -94,7 +94,7 @@ def test_reported_miou_equals_the_metric_on_the_saved_model(tiny_bench) -> None:
     for r in result.runs:
         model, cfg = load_run_model(out / "runs" / r["attention"] / "seed0")
         assert cfg["task"] == "segment"
-        metric = SegmentationMetrics(11)
+        metric = SegmentationMetrics(data.num_classes)
         with torch.no_grad():
             for i in range(len(data.test)):
                 image, mask = data.test[i]
@@ -190,6 +190,16 @@ def test_a_mask_folder_loads_and_splits(tmp_path: Path) -> None:
     image, mask = data.test[0]
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
     assert set(mask.unique().tolist()) <= {0, 1, 2, 255}
+
+
+def test_built_in_scenes_one_class_or_ten_digits() -> None:
+    digit = load_segmentation_data("scenes:digit", image_size=32, n_train=3, n_test=2)
+    digits = load_segmentation_data("scenes", image_size=32, n_train=3, n_test=2)
+    assert digit.classes == ["background", "digit"]
+    assert digits.classes == ["background", *"0123456789"]
+    for i in range(3):  # the same scenes: every digit pixel of one is "digit" in the other
+        assert torch.equal(digit.train[i][1], (digits.train[i][1] > 0).long())
+        assert torch.equal(digit.train[i][0], digits.train[i][0])
 
 
 def test_default_arms_and_task_lookup() -> None:

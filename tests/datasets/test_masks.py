@@ -153,7 +153,9 @@ def test_dataset_eval_items_and_normalisation():
         [0.229, 0.224, 0.225]
     )[:, None, None]
     torch.testing.assert_close(image, expected)
-    resized = SegmentationDataset(data, train=False, image_size=(16, 24), mean=(0,) * 3, std=(1,) * 3)
+    resized = SegmentationDataset(
+        data, train=False, image_size=(16, 24), mean=(0,) * 3, std=(1,) * 3
+    )
     img, m = resized[0]
     assert img.shape == (3, 16, 24) and m.shape == (16, 24)
     torch.testing.assert_close(m, torch.from_numpy(data.masks[0]).long().repeat_interleave(2, 0)

@@ -119,9 +119,11 @@ def test_resnet50_builders_load_local_backbone_weights_and_freeze_as_torchvision
     assert torch.equal(body.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
     assert isinstance(body.bn1, FrozenBatchNorm2d)
     # 3 trainable stages by default with weights (layer2-4); the new attention always trains
-    assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+    assert not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad
     assert body.layer1[0].attention.fc1.weight.requires_grad
-    assert len(model.roi_heads.box_heads) == 3 and model.roi_heads.box_heads[0].fc7.out_features == 1024
+    assert len(model.roi_heads.box_heads) == 3
+    assert model.roi_heads.box_heads[0].fc7.out_features == 1024
     scratch = faster_rcnn_resnet50_fpn(3)  # no weights: plain BatchNorm, every stage trains
     assert isinstance(scratch.backbone.body.bn1, torch.nn.BatchNorm2d)
     assert all(p.requires_grad for p in scratch.backbone.parameters())
@@ -136,7 +138,8 @@ def test_faster_rcnn_weights_load_into_the_cascades_shared_parts() -> None:
                 "rpn.head.conv.0.0.weight", "backbone.body.layer1.0.attention.fc1.weight"):
         assert torch.equal(got[key], faster.state_dict()[key]) and key in report.mapped
     assert torch.equal(
-        got["roi_heads.box_heads.0.fc6.weight"], faster.state_dict()["roi_heads.box_head.fc6.weight"]
+        got["roi_heads.box_heads.0.fc6.weight"],
+        faster.state_dict()["roi_heads.box_head.fc6.weight"],
     )
     # new: the later stages; skipped: the class-specific regressor (8 outputs vs agnostic 4)
     assert any(k.startswith("roi_heads.box_heads.2.") for k in report.missing)
@@ -153,11 +156,11 @@ def test_cascade_overfits_a_handful_of_scenes() -> None:
     from attnzoo.datasets import collate_detection
     from attnzoo.detection.metrics import VOCMeanAP
 
-    data = load_detection_data("scenes:digit", image_size=64, n_train=8, n_test=1)
-    images, targets = collate_detection([data.train[i] for i in range(8)])
+    data = load_detection_data("scenes:digit", image_size=64, n_train=4, n_test=1)
+    images, targets = collate_detection([data.train[i] for i in range(4)])
     torch.manual_seed(0)
     model = cascade_rcnn_small(2)
-    steps = 60
+    steps = 40  # train AP50 0.83 here (0.46 after 20 steps)
     opt, sched = build_rcnn_optimizer(model, 0.02, 1e-4, steps)
     for _ in range(steps):
         loss = sum(model.train()(list(images), rcnn_targets(targets)).values())

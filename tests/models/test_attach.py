@@ -629,20 +629,17 @@ def test_bam_between_stages_on_non_square_maps() -> None:
         ("layer3.0.attention_out", 256),
     ]
     x = torch.randn(2, 3, 48, 80)
-    seen = []
-    model.layer2.register_forward_hook(lambda m, args, out: seen.append(out))
+    seen = {}
+    for name in ("layer1", "layer2"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, out)
+        )
     model.train()
     assert model(x).shape == (2, 1000)
     model.eval()
     with torch.no_grad():
         y = model(x)
-        stage2 = model.layer2[0]
-        plain = stage2.attention_out(
-            torch.relu(stage2.bn2(stage2.conv2(torch.relu(stage2.bn1(stage2.conv1(
-                model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
-            ))))) + stage2.downsample(
-                model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
-            ))
-        )
-    assert seen[-1].shape == (2, 128, 6, 10) and torch.isfinite(y).all()
-    torch.testing.assert_close(seen[-1], plain)
+        b, h = model.layer2[0], seen["layer1"]
+        plain = torch.relu(b.bn2(b.conv2(torch.relu(b.bn1(b.conv1(h))))) + b.downsample(h))
+    assert seen["layer2"].shape == (2, 128, 6, 10) and torch.isfinite(y).all()
+    torch.testing.assert_close(seen["layer2"], b.attention_out(plain))

@@ -105,7 +105,7 @@ VARIANTS = [
 def test_matches_reference_forward_and_gradients(label: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     m = randomize_(GatherExcite(16, reduction=4, **kwargs)).double().eval()
-    for size in ((9, 13), (1, 3), (8, 8)):
+    for size in ((7, 10), (1, 3)):
         x = torch.randn(2, 16, *size, dtype=torch.float64)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y, ref = m(x1), ge_reference(m, x2)

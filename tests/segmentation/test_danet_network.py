@@ -16,7 +16,7 @@ from attnzoo.segmentation import (
     danet_head_param_count,
 )
 from attnzoo.segmentation.danet import _Branch
-from tests.conftest import randomize_
+from conftest import randomize_
 
 
 def n_params(m: nn.Module) -> int:
@@ -105,12 +105,14 @@ def test_dual_head_matches_official_forward():
     assert set(head(x)) == {"out"}
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
-def test_output_stride_8_dilations_resnet(name):
+def test_resnet50_output_stride_8_and_output_size():
     with torch.device("meta"):  # shapes only: no real ResNet forward
-        model = DANet(19, backbone=name, attention="pam")  # CAM's autocast region needs a real device
-        c3, c4 = model.backbone(torch.empty(1, 3, 96, 128))
-        out = model.eval()(torch.empty(1, 3, 96, 128))
+        # attention="pam": CAM's autocast region needs a real device
+        model = DANet(19, backbone="resnet50", attention="pam").eval()
+        feats = []
+        model.backbone.register_forward_hook(lambda m, i, o: feats.extend(o))
+        out = model(torch.empty(1, 3, 96, 128))
+    c3, c4 = feats
     assert tuple(c3.shape) == (1, 1024, 12, 16) and tuple(c4.shape) == (1, 2048, 12, 16)
     assert tuple(out["out"].shape) == (1, 19, 96, 128)
     l3, l4 = model.backbone.layer3, model.backbone.layer4
@@ -120,14 +122,17 @@ def test_output_stride_8_dilations_resnet(name):
     assert all(b.conv2.stride == (1, 1) for b in [*l3, *l4])
 
 
-def test_multi_grid_and_output_stride_16():
+def test_resnet101_multi_grid_and_resnet50_output_stride_16():
     with torch.device("meta"):
-        model = DANet(19, backbone="resnet101", multi_grid=(4, 8, 16))
-        os16 = DANet(19, backbone="resnet50", output_stride=16)
-        c4 = os16.backbone(torch.empty(1, 3, 64, 64))[1]
-    assert [b.conv2.dilation[0] for b in model.backbone.layer4] == [4, 8, 16]
-    assert [b.conv2.padding[0] for b in model.backbone.layer4] == [4, 8, 16]
-    assert tuple(c4.shape[-2:]) == (4, 4)
+        trunk = attnzoo.segmentation.dilated_resnet("resnet101", multi_grid=(4, 8, 16))
+        c3, c4 = trunk(torch.empty(1, 3, 64, 64))
+        os16 = attnzoo.segmentation.dilated_resnet("resnet50", output_stride=16)
+        c4_16 = os16(torch.empty(1, 3, 64, 64))[1]
+    assert tuple(c3.shape[-2:]) == tuple(c4.shape[-2:]) == (8, 8) and len(trunk.layer3) == 23
+    assert [b.conv2.dilation[0] for b in trunk.layer4] == [4, 8, 16]
+    assert [b.conv2.padding[0] for b in trunk.layer4] == [4, 8, 16]
+    assert tuple(c4_16.shape[-2:]) == (4, 4)
+    assert [b.conv2.dilation[0] for b in os16.layer4] == [1, 2, 2]
 
 
 @pytest.mark.parametrize("os_,side", [(8, 4), (16, 2), (32, 1)])
@@ -211,6 +216,20 @@ def test_bad_arguments_raise(kwargs, match):
 def test_builders():
     assert set(SEGMENTATION_MODELS) == {"danet_small", "danet_resnet50", "danet_resnet101"}
     with torch.device("meta"):
-        m = SEGMENTATION_MODELS["danet_resnet101"](21, attention="cam", preset="mmseg")
-    assert isinstance(m, DANet) and m.aux_head is not None
-    assert m.head.attention == "cam" and len(m.backbone.layer3) == 23
+        m = SEGMENTATION_MODELS["danet_resnet50"](21, attention="cam", preset="mmseg")
+    assert isinstance(m, DANet) and m.aux_head is not None and m.head.attention == "cam"
+
+
+def test_backbone_weights_are_loaded_strictly():
+    from torchvision.models import resnet50
+
+    with torch.device("meta"):
+        state = resnet50().state_dict()
+        trunk = attnzoo.segmentation.dilated_resnet("resnet50", weights=state)
+        assert trunk.conv1.weight.shape == state["conv1.weight"].shape
+        with pytest.raises(RuntimeError, match="Missing key"):
+            attnzoo.segmentation.dilated_resnet(
+                "resnet50", weights={k: v for k, v in state.items() if k != "conv1.weight"}
+            )
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        attnzoo.segmentation.dilated_resnet("small", weights=state)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnzoo.segmentation import LOSS_WEIGHTS, SegmentationLoss
 
@@ -34,7 +35,7 @@ def test_preset_weights():
     target = torch.randint(0, 3, (2, 4, 5))
     target[0, 0] = 255
     outs = {k: torch.randn(2, 3, 4, 5) for k in ("out", "pam", "cam", "aux")}
-    ce = {k: torch.nn.functional.cross_entropy(v, target, ignore_index=255) for k, v in outs.items()}
+    ce = {k: F.cross_entropy(v, target, ignore_index=255) for k, v in outs.items()}
     official = SegmentationLoss("official")({k: outs[k] for k in ("out", "pam", "cam")}, target)
     torch.testing.assert_close(official["loss"], ce["out"] + ce["pam"] + ce["cam"])
     mmseg = SegmentationLoss("mmseg")(outs, target)

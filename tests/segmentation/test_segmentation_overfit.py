@@ -11,7 +11,7 @@ from attnzoo.segmentation import SEGMENTATION_MODELS, SegmentationLoss, Segmenta
 
 @pytest.mark.slow
 def test_danet_small_overfits_a_few_scenes():
-    train, _ = scenes_segmentation(4, 1, canvas=64, objects=(1, 2), scales=(3, 4), seed=0)
+    train, _ = scenes_segmentation(4, 1, canvas=32, objects=(1, 2), scales=(2, 3), seed=0)
     ds = SegmentationDataset(train, train=False)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.stack([ds[i][1] for i in range(len(ds))])

@@ -11,8 +11,8 @@
 * :func:`faster_rcnn_small` / :func:`cascade_rcnn_small`: CPU-sized variants for 64–128 px images
   (tests, the bench's demo): a ResNet-18-style trunk of one ``BasicBlock`` per stage
   (:class:`attnzoo.models.SmallResNet`, widths 32/64/128/256), a 64-channel FPN on strides
-  4/8/16 (+ max-pool level 32), anchors 8–64 px, 256 RPN proposals in training (128 at test),
-  128 RoIs per image, 256-d box heads; images are used at their own size (no resize).
+  4/8/16 (+ max-pool level 32), anchors 8–64 px, 128 RPN proposals in training (64 at test),
+  64 sampled RoIs per image, 256-d box heads; images are used at their own size (no resize).
 
 ``num_classes`` counts the background, as torchvision's (``1 + object classes``; labels of the
 targets start at 1). Keyword arguments are split by name: ``FasterRCNN``'s (``min_size``,
@@ -36,7 +36,6 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
@@ -66,11 +65,11 @@ _TO_CASCADE = {
 #: the small variants' RPN / RoI settings (FasterRCNN keywords)
 SMALL_RCNN: dict[str, Any] = {
     "rpn_pre_nms_top_n_train": 512,
-    "rpn_post_nms_top_n_train": 256,
+    "rpn_post_nms_top_n_train": 128,
     "rpn_pre_nms_top_n_test": 256,
-    "rpn_post_nms_top_n_test": 128,
+    "rpn_post_nms_top_n_test": 64,
     "rpn_batch_size_per_image": 128,
-    "box_batch_size_per_image": 128,
+    "box_batch_size_per_image": 64,
     "box_detections_per_img": 50,
 }
 SMALL_WIDTHS = (32, 64, 128, 256)
@@ -134,13 +133,16 @@ def _resnet50_fpn(
 ) -> BackboneWithFPN:
     from attnzoo.models import resnet50
 
-    if weights_backbone is not None and not isinstance(weights_backbone, (Mapping, str, os.PathLike)):
+    local = (Mapping, str, os.PathLike)
+    if weights_backbone is not None and not isinstance(weights_backbone, local):
         raise TypeError(
             f"{name}: weights_backbone must be a state dict or a local file path (nothing is "
             f"downloaded); got {type(weights_backbone).__name__}"
         )
     trained = weights_backbone is not None
-    layers = (3 if trained else 5) if trainable_backbone_layers is None else trainable_backbone_layers
+    layers = trainable_backbone_layers
+    if layers is None:
+        layers = 3 if trained else 5
     if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= 5:
         raise ValueError(f"{name}: trainable_backbone_layers must be in [0, 5]; got {layers!r}")
     norm = FrozenBatchNorm2d if trained else nn.BatchNorm2d

@@ -203,7 +203,7 @@ def _detection_model(model: nn.Module, who: str) -> nn.Module:
 
 
 def _layer_paths(net: nn.Module, at: Iterable[int | str] | int | str, who: str) -> list[str]:
-    layers = net.model
+    layers: Any = net.model  # the nn.Sequential of the YAML rows
     items = [at] if isinstance(at, (int, str)) else list(at)
     if not items:
         raise ValueError(f"{who}: at= is empty; give layer indices such as [6, 8, 9]")
@@ -269,7 +269,9 @@ def attach_to_yolo(
     net = _detection_model(model, who)
     paths = _layer_paths(net, at, who)
     channels = int(net.yaml.get("channels", 3)) if isinstance(net.yaml, dict) else 3
-    example = (1, channels, 256, 256)  # the size of Ultralytics' own stride probe
+    stride = int(getattr(net, "stride", torch.tensor([32])).max())
+    size = max(64, 2 * stride)  # at least 2x2 at the coarsest level
+    example = (1, channels, size, size)  # the dry run that reads the channel counts
     attach(
         net, attention, after=paths, example_input=example, identity_init=identity_init, **kwargs
     )
@@ -326,7 +328,7 @@ def _trainer_class() -> type:
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import LOGGER
 
-    class AttnZooDetectionTrainer(DetectionTrainer):  # type: ignore[misc,valid-type]
+    class AttnZooDetectionTrainer(DetectionTrainer):
         """Ultralytics' ``DetectionTrainer`` whose ``get_model`` attaches attention.
 
         Set the class attributes in a subclass (or use :func:`attention_trainer`):

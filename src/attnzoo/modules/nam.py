@@ -47,7 +47,8 @@ class PixelNorm(nn.Module):
         mean = x.mean(1, keepdim=True)
         var = (x - mean).square().mean(1, keepdim=True)
         z = (x - mean) / (var + self.eps).sqrt()
-        return z * self.weight[:, None, None] + self.bias[:, None, None]
+        out = z * self.weight[:, None, None] + self.bias[:, None, None]
+        return out.to(x.dtype)  # bfloat16 activations stay bfloat16 under autocast
 
 
 def _scale_weights(weight: Tensor, detach: bool) -> Tensor:
@@ -58,7 +59,7 @@ def _scale_weights(weight: Tensor, detach: bool) -> Tensor:
 
 @register(
     "nam",
-    family="hybrid",
+    family="channel",
     paper="NAM: Normalization-based Attention Module",
     venue="NeurIPS Workshop",
     year=2021,
@@ -128,14 +129,16 @@ class NAM(nn.Module):
         """``M_c = sigmoid(W_gamma BN(x))``, ``(B, C, H, W)``."""
         check_input(_NAME, x, self.channels)
         w = _scale_weights(self.bn.weight, self.detach_weights)
-        return self.gate(self.bn(x) * w[:, None, None])
+        z = self.bn(x)
+        return self.gate(z * w[:, None, None].to(z.dtype))
 
     def spatial_map(self, x: Tensor) -> Tensor:
         """``M_s = sigmoid(W_lambda PN(x))`` (``spatial=True`` only), ``(B, C, H, W)``."""
         if self.pn is None or self.spatial_gate is None:
             raise ValueError(f"{_NAME}: spatial_map needs spatial=True")
         w = _scale_weights(self.pn.weight, self.detach_weights)
-        return self.spatial_gate(self.pn(x) * w[:, None, None])
+        z = self.pn(x)
+        return self.spatial_gate(z * w[:, None, None].to(z.dtype))
 
     def attention_maps(self, x: Tensor, *, query: Query = "mean") -> dict[str, Tensor]:
         """``channel``: ``M_c`` averaged over positions ``(B, C)``; ``spatial``: the weight

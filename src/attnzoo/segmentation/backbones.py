@@ -86,16 +86,16 @@ def _apply_multi_grid(layer4: nn.Sequential, multi_grid: Sequence[int] | None) -
 
 
 def _torchvision_trunk(
-    name: str, output_stride: int, weights: Any, **_: Any
+    name: str, output_stride: int, weights: Any, **kwargs: Any
 ) -> tuple[nn.Module, tuple[int, int]]:
+    if kwargs:
+        raise ValueError(f"{_WHO}: {name!r} takes no {sorted(kwargs)} (only the 'small' trunk)")
     fn: Callable[..., nn.Module] = getattr(tv, name)
     net = fn(weights=None, replace_stride_with_dilation=_DILATE[output_stride])
     if weights is not None:
         enum = tv.ResNet50_Weights if name == "resnet50" else tv.ResNet101_Weights
         state = resolve_weights(weights, enum, who=f"{_WHO}({name!r})")
-        net.load_state_dict(
-            {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False
-        )
+        net.load_state_dict(state)  # strict: a wrong checkpoint fails loudly
     return net, (1024, 2048)
 
 

@@ -7,7 +7,7 @@ The plug-in gives the bench engine what is particular to detection:
   the R-CNNs ``faster_rcnn_small``, ``cascade_rcnn_small``, ``faster_rcnn_resnet50_fpn``,
   ``cascade_rcnn_resnet50_fpn`` (:mod:`attnzoo.detection.rcnn`; training and evaluation in
   :mod:`attnzoo.bench.tasks.detect_rcnn`, with their own defaults when every ``--model`` is an
-  R-CNN: 4 epochs, batch 8, lr 0.02, weight decay 1e-4, 400 train scenes). Several models
+  R-CNN: 4 epochs, batch 8, lr 0.02, weight decay 1e-4, 240 train scenes). Several models
   (``--model faster_rcnn_small,cascade_rcnn_small``) make one arm per model and attention.
   For YOLOv4-tiny: The attentions
   ``se``, ``cbam``, ``eca`` and ``ca`` are the reference's ``phi`` variants
@@ -975,7 +975,9 @@ class DetectTask(Task):
         from attnzoo.bench.tasks.detect_rcnn import build_rcnn_module, is_rcnn
 
         if is_rcnn(model):
-            return build_rcnn_module(model, data.num_classes, detect_config(config))
+            return build_rcnn_module(
+                model, data.num_classes, detect_config(config), is_eval_epoch
+            )
         return build_detect_module(model, data.num_classes, detect_config(config))
 
     def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""The R-CNN side of ``attnzoo bench --task detect``: Faster / Cascade R-CNN training and evaluation.
+"""The R-CNN side of ``attnzoo bench --task detect``: Faster / Cascade R-CNN training, evaluation.
 
 * **models** (:data:`attnzoo.detection.rcnn.RCNN_BUILDERS`): ``faster_rcnn_small``,
   ``cascade_rcnn_small`` (CPU-sized, for the built-in scenes), ``faster_rcnn_resnet50_fpn`` and
@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ RCNN_MODELS = (
 )
 #: the task's defaults when every ``--model`` is an R-CNN (demo: 2 models x 2 attentions x 2 seeds
 #: in about 15 minutes on 2 CPU cores)
-RCNN_DEFAULTS = {"epochs": 4, "batch_size": 8, "lr": 0.02, "weight_decay": 1e-4, "n_train": 400}
+RCNN_DEFAULTS = {"epochs": 4, "batch_size": 8, "lr": 0.02, "weight_decay": 1e-4, "n_train": 240}
 MOMENTUM = 0.9
 #: the reference's 26-epoch schedule: decays at epochs 16 and 22
 MILESTONES = (16 / 26, 22 / 26)
@@ -172,10 +172,13 @@ def _module_class() -> type:
         ``stages`` (one dict of the four scores per stage, from that stage's own detections).
         """
 
-        def __init__(self, model: nn.Module, num_classes: int, cfg: Any) -> None:
+        def __init__(
+            self, model: nn.Module, num_classes: int, cfg: Any, eval_epoch: Callable[..., bool]
+        ) -> None:
             super().__init__()
             self.model = model
             self.cfg = cfg
+            self.eval_epoch = eval_epoch
             self.num_classes = num_classes
             self.cascade = hasattr(model.roi_heads, "return_stages")
             self.metric = _metrics(num_classes)
@@ -203,9 +206,7 @@ def _module_class() -> type:
             return loss
 
         def _evaluating(self) -> bool:
-            from attnzoo.bench.tasks.detect import is_eval_epoch
-
-            return is_eval_epoch(int(self.current_epoch) + 1, self.cfg)
+            return self.eval_epoch(int(self.current_epoch) + 1, self.cfg)
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             if not self._evaluating():
@@ -258,10 +259,13 @@ def _module_class() -> type:
     return RCNNModule
 
 
-def build_rcnn_module(model: nn.Module, num_classes: int, cfg: Any) -> Any:
+def build_rcnn_module(
+    model: nn.Module, num_classes: int, cfg: Any, eval_epoch: Callable[..., bool]
+) -> Any:
     """An :class:`RCNNModule` (LightningModule) training ``model`` (``cfg``: the task's
-    ``DetectConfig``; ``num_classes`` without the background)."""
-    return _module_class()(model, num_classes, cfg)
+    ``DetectConfig``; ``num_classes`` without the background; ``eval_epoch(epoch, cfg)``: whether
+    epoch ``epoch``, from 1, ends with an evaluation)."""
+    return _module_class()(model, num_classes, cfg, eval_epoch)
 
 
 def __getattr__(name: str) -> Any:  # ``from attnzoo.bench.tasks.detect_rcnn import RCNNModule``

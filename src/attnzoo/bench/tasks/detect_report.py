@@ -195,7 +195,9 @@ def paired_ap_table(
             row.append(_pct(list(mine.values())) if mine else "")
             if not baseline:
                 continue
-            base = {s: r[k] for (lab, s), r in by.items() if lab == baseline and r.get(k) is not None}
+            base = {
+                s: r[k] for (lab, s), r in by.items() if lab == baseline and r.get(k) is not None
+            }
             if label == baseline or not (set(mine) & set(base)):
                 row.append("baseline" if label == baseline else "")
             else:

@@ -267,8 +267,9 @@ def panel_sections(
                 plot_query_attention(images, query, maps),
                 f"Position attention of the query pixel (red +, at {fy:.2f} of the height and "
                 f"{fx:.2f} of the width; option `query`) over the key positions, for each "
-                f"pixel-pair module (`head: module path`, seed {seed}); each map scaled to its "
-                "maximum, upsampled from the module's feature grid (output stride 8).",
+                f"pixel-pair module (column title: the head, then the module's path; seed {seed}); "
+                "each map scaled to its maximum, upsampled from the module's feature grid "
+                "(output stride 8).",
             )
         ]
     return [*sections, Section("Position attention", blocks)]
