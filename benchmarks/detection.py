@@ -20,8 +20,8 @@ built-in digit scenes (one class) at ``--size`` px.
 Targets (Cai & Vasconcelos, CVPR 2018, Table 7 timings): the cascade's added cost at most +21 %
 at inference (0.115 / 0.095 s) and +60 % in training; peak train-step memory at most 1.3x.
 
-Writes (replaces) the "Cascade vs Faster R-CNN" section of ``benchmarks/results/detection.md``,
-keeping the file's other sections.
+Writes (replaces) the "Cascade vs Faster R-CNN (small|resnet50)" section of
+``benchmarks/results/detection.md``, keeping the file's other sections.
 
     python benchmarks/detection.py --threads 2 --rounds 7
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-SECTION = "## Cascade vs Faster R-CNN"
+SECTION = "## Cascade vs Faster R-CNN"  # + " (small)" or " (resnet50)": one section each
 MODELS = ("faster", "cascade")
 
 
@@ -159,13 +159,13 @@ def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wal
     mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
     att = args.attention or "none"
     lines = [
-        SECTION,
+        f"{SECTION} ({args.model})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
         f"{wall / 60:.1f} min; rounds: {args.rounds} x {args.steps} steps",
         f"- torch {torch.__version__}, Python {platform.python_version()}; CPU: "
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores), torch "
-        f"threads: {args.threads}",
+        f"threads: {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         f"- `{args.model}` builders of `attnzoo.detection.rcnn`, attention `{att}`, 2 classes "
         f"(1 + background), batch {args.batch} built-in digit scenes at {args.size}x{args.size} "
         "px; same backbone, RPN and RoI settings, only the RoI heads differ",
@@ -203,7 +203,8 @@ def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wal
 def write_section(path: Path, text: str) -> None:
     """Replace this benchmark's section of ``path`` (or append it), keeping the others."""
     old = path.read_text() if path.is_file() else "# Detection benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    title = text.splitlines()[0]
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = (
         pattern.sub(lambda _: text, old)
         if pattern.search(old)

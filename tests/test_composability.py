@@ -262,11 +262,10 @@ def test_torch_export_dynamic_batch_and_size(name: str, preset: str) -> None:
 # torch.func
 @pytest.mark.parametrize(("name", "preset"), PRESETS, ids=IDS)
 def test_vmap_grad_per_sample_gradients_equal_a_loop(name: str, preset: str) -> None:
-    """Per-sample gradients (as DP-SGD computes them), eval mode (BatchNorm statistics fixed)."""
+    """Per-sample gradients (as DP-SGD computes them) with respect to the parameters and the
+    sample (parameter-free modules: the sample only), eval mode (BatchNorm statistics fixed)."""
     module = _build(name, preset).eval()
     params = {n: p.detach() for n, p in module.named_parameters()}
-    if not params:
-        pytest.skip(f"{name}[{preset}] has no parameters: no per-sample gradients to compare")
     x = _input(name, 3)
     target = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(5))
 
@@ -275,19 +274,24 @@ def test_vmap_grad_per_sample_gradients_equal_a_loop(name: str, preset: str) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "batching rule not implemented" falls back to a loop
-        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        per_param, per_input = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, x)
     for i in range(x.shape[0]):
         leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
-        grads = torch.autograd.grad(loss(leaves, x[i]), list(leaves.values()), allow_unused=True)
+        sample = x[i].clone().requires_grad_()
+        grads = torch.autograd.grad(
+            loss(leaves, sample), [*leaves.values(), sample], allow_unused=True
+        )
         expected = {
             n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(leaves.items(), grads)
         }
+        expected["<input>"] = grads[-1]
+        got = {**{n: g[i] for n, g in per_param.items()}, "<input>": per_input[i]}
         # float32; some gradients are exactly 0 in exact arithmetic (key biases before a softmax):
         # the absolute tolerance follows the scale of this sample's gradients
         scale = max(float(g.abs().max()) for g in expected.values())
         for n, g in expected.items():
             torch.testing.assert_close(
-                per_sample[n][i],
+                got[n],
                 g,
                 rtol=1e-4,
                 atol=1e-5 * max(scale, 1.0),

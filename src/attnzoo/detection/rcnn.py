@@ -216,7 +216,6 @@ def _cascade_heads(model: FasterRCNN, num_classes: int, representation: int, **k
 def _detector(
     backbone: BackboneWithFPN,
     num_classes: int,
-    name: str,
     *,
     cascade: bool,
     faster_kwargs: dict[str, Any],
@@ -252,19 +251,12 @@ def _detector(
 def _split(name: str, kwargs: Mapping[str, Any], cascade: bool) -> tuple[dict, dict, dict]:
     faster, casc, rest = split_rcnn_kwargs(kwargs, cascade=cascade)
     if not cascade:
-        stray = sorted(set(rest) & _cascade_only())
+        stray = sorted(set(rest) & _cascade_keys())
         if stray:
             raise ValueError(
                 f"{name}: {', '.join(stray)} are Cascade R-CNN options; use the cascade builder"
             )
     return faster, casc, rest
-
-
-def _cascade_only() -> frozenset[str]:
-    try:
-        return _cascade_keys()
-    except ImportError:  # pragma: no cover - the cascade module is part of the package
-        return frozenset()
 
 
 def _check_attention_kwargs(name: str, attention: Any, rest: Mapping[str, Any]) -> None:
@@ -308,7 +300,6 @@ def faster_rcnn_resnet50_fpn(
     return _detector(
         backbone,
         num_classes,
-        name,
         cascade=False,
         faster_kwargs=faster,
         cascade_kwargs=casc,
@@ -339,7 +330,6 @@ def cascade_rcnn_resnet50_fpn(
     return _detector(
         backbone,
         num_classes,
-        name,
         cascade=True,
         faster_kwargs=faster,
         cascade_kwargs=casc,
@@ -361,7 +351,6 @@ def _small(name: str, num_classes: int, attention: Any, kwargs: Mapping[str, Any
     return _detector(
         backbone,
         num_classes,
-        name,
         cascade=cascade,
         faster_kwargs=faster,
         cascade_kwargs=casc,

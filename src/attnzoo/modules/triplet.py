@@ -70,6 +70,8 @@ def _zpool(x: Tensor, dim: int) -> Tensor:
 class TripletAttention(nn.Module):
     """Triplet attention: cross-dimension gates on the (C, W), (H, C) and (H, W) planes.
 
+    "Rotate to Attend: Convolutional Triplet Attention Module" (Misra et al., WACV 2021).
+
     Each branch pools the input over one axis with ZPool (``[max, mean]``, max first), applies a
     ``k x k`` conv ``2 -> 1`` (no bias), BatchNorm and a sigmoid, and rescales the input with the
     resulting plane broadcast along the pooled axis:

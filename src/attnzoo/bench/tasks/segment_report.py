@@ -60,11 +60,11 @@ def _display(image: Tensor) -> np.ndarray:
     return ((x - lo) / max(hi - lo, 1e-8)).permute(1, 2, 0).numpy()
 
 
-def _figure(rows: int, cols: int, cell: float = 1.8, extra: float = 0.0) -> tuple[Any, Any]:
+def _figure(rows: int, cols: int, cell: float = 1.8) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(cell * cols + 0.6, cell * rows + 0.6 + extra))
+    fig = Figure(figsize=(cell * cols + 0.6, cell * rows + 0.6))
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
@@ -93,7 +93,8 @@ def plot_prediction_panel(
     colours = class_colours(len(classes))
     labels = list(predictions)
     cols = ["image", "truth", *labels]
-    fig, axes = _figure(images.shape[0], len(cols), extra=0.4)
+    fig, axes = _figure(images.shape[0], len(cols))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.95, wspace=0.06, hspace=0.08)
     for r in range(images.shape[0]):
         panels = [
             _display(images[r]),
@@ -112,11 +113,11 @@ def plot_prediction_panel(
     handles.append(Patch(facecolor=IGNORE_COLOUR, edgecolor="grey", label="ignored (255)"))
     fig.legend(
         handles=handles,
-        loc="lower center",
+        loc="upper center",
         ncol=min(len(handles), 8),
         fontsize=7,
         frameon=False,
-        bbox_to_anchor=(0.5, -0.02),
+        bbox_to_anchor=(0.5, 0.02),
     )
     return _png(fig)
 
