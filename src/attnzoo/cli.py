@@ -171,7 +171,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="train a network with each attention over seeds and report its metric",
         description="Train the same network with each attention module, several seeds each, "
         "and write a report (results.json/.csv, report.md, report.html) with the task's metric "
-        "(top-1 for classify, mAP50 for detect) as mean ± std, the paired difference to the "
+        "(top-1 for classify, mAP50 for detect, mIoU for segment) as mean ± std, the paired "
+        "difference to the "
         "baseline with a 95% CI, params, FLOPs and CPU latency. Options left unset take the "
         "task's defaults. Re-running the same command with the same --out resumes and skips "
         "finished runs.",

@@ -80,7 +80,6 @@ def test_report_tables_pair_every_ap_and_list_the_cascade_stages() -> None:
     assert rows[-1][2] == "65.00 ± 7.07"
 
 
-@pytest.mark.slow
 def test_a_cascade_bench_runs_end_to_end(tmp_path: Path) -> None:
     result = run(
         "none",

@@ -54,6 +54,7 @@ def tiny_bench(tmp_path_factory, _one_thread):
 
 # ---------------------------------------------------------------------------------------------
 # end to end
+@pytest.mark.slow  # trains (the shared tiny bench: ~20 s on 2 cores)
 def test_tiny_segment_bench_writes_results_and_report(tiny_bench) -> None:
     out, result = tiny_bench
     payload = json.loads((out / "results.json").read_text())
@@ -83,6 +84,7 @@ def test_tiny_segment_bench_writes_results_and_report(tiny_bench) -> None:
     )
 
 
+@pytest.mark.slow  # trains (the shared tiny bench: ~20 s on 2 cores)
 def test_reported_miou_equals_the_metric_on_the_saved_model(tiny_bench) -> None:
     from attnzoo.bench.checkpoints import load_run_model
     from attnzoo.segmentation import SegmentationMetrics
@@ -232,3 +234,13 @@ def test_per_class_table_means_over_seeds_and_differences() -> None:
     headers, rows = per_class_table(per_class, ["bg", "a", "b"], "none")
     assert headers == ["class", "none IoU %", "pam IoU %"]
     assert rows == [["bg", "60.0", "90.0 (+30.0)"], ["a", "30.0", ""], ["b", "", "10.0"]]
+
+
+def test_command_line_passes_task_options(tmp_path: Path, capsys) -> None:
+    from attnzoo.cli import main
+
+    args = ["bench", "--task", "segment", "--out", str(tmp_path)]
+    assert main([*args, "--option", "query=2,0.5"]) == 2
+    assert "option query must hold fractions in [0, 1]" in capsys.readouterr().err
+    assert main([*args, "--option", "optimizer=adam"]) == 2
+    assert "optimizer must be one of sgd, adamw" in capsys.readouterr().err

@@ -164,3 +164,9 @@ def test_param_counts() -> None:
 def test_bad_arguments(cls, kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         cls(16, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["cam", "dual_attention"])
+def test_runs_on_the_meta_device_for_shape_inference(name):
+    module = attnzoo.create(name, 16).to("meta")
+    assert module(torch.empty(2, 16, 5, 3, device="meta")).shape == (2, 16, 5, 3)

@@ -9,8 +9,16 @@ from attnzoo.datasets import SegmentationDataset, scenes_segmentation
 from attnzoo.segmentation import SEGMENTATION_MODELS, SegmentationLoss, SegmentationMetrics
 
 
-@pytest.mark.slow
-def test_danet_small_overfits_a_few_scenes():
+@pytest.fixture
+def one_thread():
+    """The model is tiny: a second thread only adds synchronisation (badly so on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_danet_small_overfits_a_few_scenes(one_thread):
     train, _ = scenes_segmentation(4, 1, canvas=32, objects=(1, 2), scales=(2, 3), seed=0)
     ds = SegmentationDataset(train, train=False)
     x = torch.stack([ds[i][0] for i in range(len(ds))])

@@ -429,32 +429,21 @@ def split_models(model: Any) -> list[Any]:
 
 
 def _arms(
-    specs: list[AttentionSpec], baseline: str | None, models: list[str], given: str | None
+    specs: list[AttentionSpec], models: list[str], given: str | None
 ) -> tuple[list[AttentionSpec], str | None]:
-    """Every (model, attention) arm and the baseline arm's label (several models only)."""
-    arms: list[AttentionSpec] = [
-        ArmSpec(s.name, s.kwargs, model=m) for m in models for s in specs
-    ]
-    labels = [a.label for a in arms]
-    if given is not None and given.strip() in labels:
-        return arms, given.strip()
-    if baseline is None:
-        return arms, None
-    return arms, f"{models[0]}/{baseline}"
-
-
-def _resolve_baseline_arm(
-    specs: list[AttentionSpec], given: str | None, models: list[str]
-) -> str | None:
-    """The attention part of ``--baseline`` (``model/attention`` or an attention)."""
-    if given is not None and isinstance(given, str) and "/" in given:
+    """Every (model, attention) arm and the baseline arm's label: ``--baseline`` as
+    ``model/attention`` or an attention (on the first model); default the first model's
+    ``none`` when listed."""
+    arms: list[AttentionSpec] = [ArmSpec(s.name, s.kwargs, model=m) for m in models for s in specs]
+    model, att = models[0], given
+    if isinstance(given, str) and "/" in given:
         model, _, att = given.strip().partition("/")
         if model not in models:
             raise ValueError(
                 f"bench: --baseline {given!r} names no model of --model ({', '.join(models)})"
             )
-        return resolve_baseline(specs, att)
-    return resolve_baseline(specs, given)
+    baseline = resolve_baseline(specs, att)
+    return arms, None if baseline is None else f"{model}/{baseline}"
 
 
 def validate(config: BenchConfig) -> Bench:
@@ -488,8 +477,7 @@ def validate(config: BenchConfig) -> Bench:
     if len(resolved) == 1:
         baseline = resolve_baseline(specs, c.baseline)
     else:
-        att = _resolve_baseline_arm(specs, c.baseline, names)
-        specs, baseline = _arms(specs, att, names, c.baseline)
+        specs, baseline = _arms(specs, names, c.baseline)
     task.check_data(c)
     out = Path(c.out)
     _check_out_dir(out)

@@ -7,6 +7,7 @@ Official code: https://github.com/junfu1115/DANet (``encoding/nn/da_att.py``: ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -166,7 +167,14 @@ def _channel_mix(x: torch.Tensor, energy: str) -> torch.Tensor:
     """CAM's ``A X`` for ``x`` ``(B, C, *spatial)``, accumulated in at least float32 with autocast
     off, returned in ``x``'s dtype. An FX leaf: the autocast region needs the concrete device."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
+    device = x.device.type
+    # devices without autocast (meta: shape inference) have nothing to switch off
+    no_autocast = (
+        torch.autocast(device, enabled=False)
+        if torch.amp.is_autocast_available(device)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         feats = x.flatten(2).to(dtype)
         out = torch.bmm(_channel_attention(feats, energy), feats)
     return out.to(x.dtype).unflatten(2, x.shape[2:])

@@ -692,7 +692,12 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
                         "dashed: the "
                         f"true boxes; red: the detections with score >= {PANEL_CONFIDENCE} after "
                         "NMS at IoU "
-                        f"{PANEL_NMS}, with class and score."
+                        f"{PANEL_NMS}, with class and score"
+                        + (
+                            " (R-CNN rows: after the model's own per-class NMS at IoU 0.5)."
+                            if any(is_rcnn(m) for m in models.values())
+                            else "."
+                        )
                     ),
                 )
             ],
