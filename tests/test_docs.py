@@ -26,6 +26,8 @@ INTERNAL = re.compile(r"document(s)? 00[0-9]|the documents|session [0-9]|issue [
 #: (file, first code line) of every block marked ``<!-- no-run: ... -->``
 NO_RUN = {
     ("bench.md", "import attnzoo.bench"),  # trains 3 attentions x 3 seeds x 8 epochs (minutes)
+    ("segmentation.md", "from attnzoo.datasets import read_mask_folder"),  # data on disk
+    ("segmentation.md", "import attnzoo.bench"),  # trains 4 heads x 3 seeds (minutes)
     ("ultralytics.md", "from attnzoo.integrations.ultralytics import attention_trainer"),
 }
 

@@ -23,16 +23,20 @@ from attnzoo.detection.rcnn import cascade_rcnn_small, faster_rcnn_small
 
 
 def test_bad_model_names_list_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown --model 'cascade_rcnn'.*yolov4_tiny, "
-                       r"faster_rcnn_small, cascade_rcnn_small, faster_rcnn_resnet50_fpn, "
-                       r"cascade_rcnn_resnet50_fpn"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown --model 'cascade_rcnn'.*yolov4_tiny, "
+        r"faster_rcnn_small, cascade_rcnn_small, faster_rcnn_resnet50_fpn, "
+        r"cascade_rcnn_resnet50_fpn",
+    ):
         validate(BenchConfig(task="detect", model="faster_rcnn_small,cascade_rcnn", out=tmp_path))
 
 
 def test_rcnn_models_take_their_own_defaults_and_arms(tmp_path: Path) -> None:
     bench = validate(
-        BenchConfig("none,se", task="detect", model="faster_rcnn_small,cascade_rcnn_small",
-                    out=tmp_path)
+        BenchConfig(
+            "none,se", task="detect", model="faster_rcnn_small,cascade_rcnn_small", out=tmp_path
+        )
     )
     c = bench.config
     assert (c.epochs, c.batch_size, c.lr, c.weight_decay, c.n_train) == tuple(
@@ -63,12 +67,25 @@ def test_labels_shift_past_the_background_and_the_schedule_warms_then_steps() ->
 def test_report_tables_pair_every_ap_and_list_the_cascade_stages() -> None:
     stages = [{"map50": 0.5, "map": 0.2, "map75": 0.1, "map90": 0.0}] * 3
     runs = [
-        {"attention": "f/none", "seed": s, "map50": 0.5 + s / 10, "map": 0.2, "map75": 0.1,
-         "map90": 0.0}
+        {
+            "attention": "f/none",
+            "seed": s,
+            "map50": 0.5 + s / 10,
+            "map": 0.2,
+            "map75": 0.1,
+            "map90": 0.0,
+        }
         for s in (0, 1)
     ] + [
-        {"attention": "c/none", "seed": s, "map50": 0.6 + s / 10, "map": 0.3, "map75": 0.3,
-         "map90": 0.1, "stages": stages}
+        {
+            "attention": "c/none",
+            "seed": s,
+            "map50": 0.6 + s / 10,
+            "map": 0.3,
+            "map75": 0.3,
+            "map90": 0.1,
+            "stages": stages,
+        }
         for s in (0, 1)
     ]
     headers, rows = paired_ap_table(runs, ["f/none", "c/none"], "f/none")

@@ -324,13 +324,25 @@ def test_several_models_make_model_attention_arms(
     assert bench.specs[3].dirname == "cifar_resnet8/se" and bench.specs[3].name == "se"
     for given, want in (("se", f"{narrow}/se"), ("cifar_resnet8/none", "cifar_resnet8/none")):
         b = validate(
-            BenchConfig("none,se", task="toy", model=f"{_NARROW},cifar_resnet8", out=tmp_path,
-                        baseline=given)
+            BenchConfig(
+                "none,se",
+                task="toy",
+                model=f"{_NARROW},cifar_resnet8",
+                out=tmp_path,
+                baseline=given,
+            )
         )
         assert b.baseline == want
     with pytest.raises(ValueError, match="names no model"):
-        validate(BenchConfig("none", task="toy", model="cifar_resnet8,mobilenet_v2",
-                             baseline="resnet18/none", out=tmp_path))
+        validate(
+            BenchConfig(
+                "none",
+                task="toy",
+                model="cifar_resnet8,mobilenet_v2",
+                baseline="resnet18/none",
+                out=tmp_path,
+            )
+        )
     with pytest.raises(ValueError, match="lists a model twice"):
         validate(BenchConfig("none", task="toy", model="cifar_resnet8,cifar_resnet8", out=tmp_path))
     with pytest.raises(ValueError, match="unknown --model 'nosuch'"):
@@ -355,10 +367,14 @@ def test_several_models_run_resume_and_compare_to_the_first(
     assert wide["diff_vs_baseline"] == pytest.approx(
         sum(hits[("cifar_resnet8", s)] - hits[(narrow, s)] for s in (0, 1)) / 2
     )
-    cfg = json.loads((tmp_path / "runs" / "cifar_resnet8" / "none" / "seed1" / "config.json")
-                     .read_text())
-    assert (cfg["model"], cfg["attention"], cfg["arm"]) == ("cifar_resnet8", "none",
-                                                           "cifar_resnet8/none")
+    cfg = json.loads(
+        (tmp_path / "runs" / "cifar_resnet8" / "none" / "seed1" / "config.json").read_text()
+    )
+    assert (cfg["model"], cfg["attention"], cfg["arm"]) == (
+        "cifar_resnet8",
+        "none",
+        "cifar_resnet8/none",
+    )
     from attnzoo.bench.checkpoints import read_run_config
 
     assert read_run_config(tmp_path / "runs" / "cifar_resnet8" / "none" / "seed1") == cfg

@@ -90,9 +90,7 @@ def test_reported_miou_equals_the_metric_on_the_saved_model(tiny_bench) -> None:
     from attnzoo.segmentation import SegmentationMetrics
 
     out, result = tiny_bench
-    data = load_segmentation_data(
-        "scenes:digit", image_size=32, n_train=24, n_test=8, seed=0
-    )
+    data = load_segmentation_data("scenes:digit", image_size=32, n_train=24, n_test=8, seed=0)
     for r in result.runs:
         model, cfg = load_run_model(out / "runs" / r["attention"] / "seed0")
         assert cfg["task"] == "segment"

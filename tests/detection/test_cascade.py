@@ -30,14 +30,17 @@ IOUS = (0.5, 0.6, 0.7)
 
 def _gt() -> list[dict[str, torch.Tensor]]:
     return [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 34.0], [30.0, 20.0, 60.0, 44.0]]),
-         "labels": torch.tensor([1, 2])},
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 30.0, 34.0], [30.0, 20.0, 60.0, 44.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
         {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([2])},
     ]
 
 
-def _proposals(targets, n_jitter: int = 24, n_random: int = 12, seed: int = 0,
-               dtype=torch.float32) -> list[torch.Tensor]:
+def _proposals(
+    targets, n_jitter: int = 24, n_random: int = 12, seed: int = 0, dtype=torch.float32
+) -> list[torch.Tensor]:
     """Jittered ground truth (IoUs spread over 0.3-1) plus random boxes, per image."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -47,16 +50,19 @@ def _proposals(targets, n_jitter: int = 24, n_random: int = 12, seed: int = 0,
         wh = (base[:, 2:] - base[:, :2]).repeat(1, 2)
         jitter = base + wh * (torch.rand(n_jitter, 4, generator=g, dtype=torch.float64) - 0.5) * 0.5
         xy = torch.rand(n_random, 2, generator=g, dtype=torch.float64) * 40
-        rand = torch.cat([xy, xy + 8 + torch.rand(n_random, 2, generator=g,
-                                                  dtype=torch.float64) * 16], 1)
+        rand = torch.cat(
+            [xy, xy + 8 + torch.rand(n_random, 2, generator=g, dtype=torch.float64) * 16], 1
+        )
         out.append(torch.cat([jitter, rand]).clamp(0, 64).to(dtype))
     return out
 
 
 def _features(dtype=torch.float32, requires_grad: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {name: torch.randn(2, 4, s, s, generator=g, dtype=dtype).requires_grad_(requires_grad)
-            for name, s in (("0", 16), ("1", 8))}
+    return {
+        name: torch.randn(2, 4, s, s, generator=g, dtype=dtype).requires_grad_(requires_grad)
+        for name, s in (("0", 16), ("1", 8))
+    }
 
 
 def _pool() -> MultiScaleRoIAlign:
@@ -66,8 +72,9 @@ def _pool() -> MultiScaleRoIAlign:
 def _cascade(num_stages: int = 3, dtype=torch.float32, **kw) -> CascadeRoIHeads:
     """Heads of 16 features on 4x4 pools; one head (and predictor) where the mode shares it."""
     torch.manual_seed(0)
-    heads, preds = cascade_box_heads(4, 4, 16, NUM_CLASSES, num_stages=num_stages,
-                                     class_agnostic=kw.get("class_agnostic", True))
+    heads, preds = cascade_box_heads(
+        4, 4, 16, NUM_CLASSES, num_stages=num_stages, class_agnostic=kw.get("class_agnostic", True)
+    )
     mode = kw.get("mode", "cascade")
     if mode != "cascade":
         heads = heads[:1]
@@ -117,10 +124,18 @@ def test_one_stage_equals_torchvision_roi_heads():
     torch.manual_seed(0)
     head, pred = TwoMLPHead(4 * 16, 16), FastRCNNPredictor(16, NUM_CLASSES)
     tv = RoIHeads(pool, head, pred, 0.5, 0.5, 32, 0.25, None, 0.05, 0.5, 100)
-    ours = CascadeRoIHeads(pool, [head], [pred], stage_iou_thresholds=(0.5,),
-                           stage_bbox_reg_weights=((10.0, 10.0, 5.0, 5.0),),
-                           stage_loss_weights=(1.0,), class_agnostic=False,
-                           batch_size_per_image=32, positive_fraction=0.25, box_loss_beta=1 / 9)
+    ours = CascadeRoIHeads(
+        pool,
+        [head],
+        [pred],
+        stage_iou_thresholds=(0.5,),
+        stage_bbox_reg_weights=((10.0, 10.0, 5.0, 5.0),),
+        stage_loss_weights=(1.0,),
+        class_agnostic=False,
+        batch_size_per_image=32,
+        positive_fraction=0.25,
+        box_loss_beta=1 / 9,
+    )
     feats, props = _features(), _proposals(targets)
     grads = []
     for model in (tv, ours):
@@ -246,8 +261,9 @@ def test_stage_loss_weights_scale_the_loss_exactly():
         _, losses = cascade(_features(), _proposals(targets), SHAPES, targets)
         assert set(losses) == {"loss_classifier", "loss_box_reg"}
         stages = cascade.last_stage_losses
-        assert set(stages) == {f"loss_{k}_stage{t}" for k in ("classifier", "box_reg")
-                               for t in (1, 2, 3)}
+        assert set(stages) == {
+            f"loss_{k}_stage{t}" for k in ("classifier", "box_reg") for t in (1, 2, 3)
+        }
         for kind in ("classifier", "box_reg"):
             expected = sum(w * stages[f"loss_{kind}_stage{t + 1}"] for t, w in enumerate(weights))
             torch.testing.assert_close(losses[f"loss_{kind}"].detach(), expected)
@@ -258,8 +274,12 @@ def test_stage_loss_weights_scale_the_loss_exactly():
 
 @pytest.mark.parametrize(
     ("mode", "convention"),
-    [("cascade", "mmdet"), ("cascade", "detectron2"), ("iterative", "mmdet"),
-     ("integral", "mmdet")],
+    [
+        ("cascade", "mmdet"),
+        ("cascade", "detectron2"),
+        ("iterative", "mmdet"),
+        ("integral", "mmdet"),
+    ],
 )
 def test_images_without_boxes_train(mode, convention):
     cascade = _cascade(mode=mode, convention=convention, class_agnostic=mode != "integral")
@@ -321,8 +341,13 @@ def test_oracle_predictor_makes_later_stage_inputs_the_ground_truth(mode):
     stage_weights = WEIGHTS if mode == "cascade" else (WEIGHTS[0],) * 3
     heads = [nn.Flatten() for _ in range(n)]
     preds = [_OraclePredictor(pool, gt, stage_weights[t]) for t in range(n)]
-    cascade = CascadeRoIHeads(pool, heads, preds, mode=mode, stage_iou_thresholds=IOUS,
-                              detections_per_img=1000).double().eval()
+    cascade = (
+        CascadeRoIHeads(
+            pool, heads, preds, mode=mode, stage_iou_thresholds=IOUS, detections_per_img=1000
+        )
+        .double()
+        .eval()
+    )
     props = _proposals(targets, dtype=torch.float64)
     dets, _ = cascade(_features(torch.float64), props, SHAPES)
     assert len(pool.calls) == 3
@@ -383,8 +408,9 @@ def test_iterative_mode_trains_one_stage_and_applies_the_head_repeatedly():
     _, losses = cascade(_features(), _proposals(targets), SHAPES, targets)
     assert len(pool.calls) == 1
     assert set(cascade.last_stage_losses) == {"loss_classifier_stage1", "loss_box_reg_stage1"}
-    torch.testing.assert_close(losses["loss_classifier"].detach(),
-                               cascade.last_stage_losses["loss_classifier_stage1"])
+    torch.testing.assert_close(
+        losses["loss_classifier"].detach(), cascade.last_stage_losses["loss_classifier_stage1"]
+    )
     pool.calls.clear()
     cascade.eval()
     with torch.no_grad():
@@ -411,10 +437,12 @@ def test_integral_mode_classifiers_at_rising_thresholds_on_one_regressor():
             labels.append(torch.where(iou >= IOUS[t], tg["labels"][idx], 0))
         labels = torch.cat(labels)
         assert labels.gt(0).any()
-        torch.testing.assert_close(stages[f"loss_classifier_stage{t + 1}"],
-                                   F.cross_entropy(logits, labels))
-    expected = sum(w * stages[f"loss_classifier_stage{t + 1}"]
-                   for t, w in enumerate((1.0, 0.5, 0.25)))
+        torch.testing.assert_close(
+            stages[f"loss_classifier_stage{t + 1}"], F.cross_entropy(logits, labels)
+        )
+    expected = sum(
+        w * stages[f"loss_classifier_stage{t + 1}"] for t, w in enumerate((1.0, 0.5, 0.25))
+    )
     torch.testing.assert_close(losses["loss_classifier"].detach(), expected)
     # evaluation: one pooling, the three classifiers averaged, predictor 1's boxes
     pool.calls.clear(), outputs.clear()
@@ -428,8 +456,9 @@ def test_integral_mode_classifiers_at_rising_thresholds_on_one_regressor():
     torch.testing.assert_close(got, scores[:, 1:].reshape(-1).sort().values)
     boxes = det_utils.BoxCoder(WEIGHTS[0]).decode_single(outputs[0][1], torch.cat(props))
     expected = boxes.clamp(0, 64).repeat_interleave(NUM_CLASSES - 1, 0)
-    torch.testing.assert_close(torch.cat([d["boxes"] for d in dets]).sort(0).values,
-                               expected.sort(0).values)
+    torch.testing.assert_close(
+        torch.cat([d["boxes"] for d in dets]).sort(0).values, expected.sort(0).values
+    )
 
 
 def test_class_specific_cascade_trains_and_detects():
@@ -460,12 +489,20 @@ class _Backbone(nn.Module):
 def _faster() -> FasterRCNN:
     torch.manual_seed(0)
     return FasterRCNN(
-        _Backbone(), num_classes=None, min_size=64, max_size=64,
+        _Backbone(),
+        num_classes=None,
+        min_size=64,
+        max_size=64,
         rpn_anchor_generator=AnchorGenerator(((16, 32),), ((1.0,),)),
-        box_roi_pool=MultiScaleRoIAlign(["0"], 4, 2), box_head=TwoMLPHead(4 * 16, 16),
-        box_predictor=FastRCNNPredictor(16, NUM_CLASSES), rpn_pre_nms_top_n_train=40,
-        rpn_post_nms_top_n_train=20, rpn_pre_nms_top_n_test=40, rpn_post_nms_top_n_test=20,
-        box_batch_size_per_image=32, box_score_thresh=0.0,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 4, 2),
+        box_head=TwoMLPHead(4 * 16, 16),
+        box_predictor=FastRCNNPredictor(16, NUM_CLASSES),
+        rpn_pre_nms_top_n_train=40,
+        rpn_post_nms_top_n_train=20,
+        rpn_pre_nms_top_n_test=40,
+        rpn_post_nms_top_n_test=20,
+        box_batch_size_per_image=32,
+        box_score_thresh=0.0,
     )
 
 
@@ -473,21 +510,28 @@ def test_drop_in_for_faster_rcnn_and_faster_rcnn_weights_loader():
     faster, model = _faster(), _faster()
     nn.init.normal_(faster.roi_heads.box_head.fc6.weight)
     heads, preds = cascade_box_heads(4, 4, 16, NUM_CLASSES)
-    model.roi_heads = CascadeRoIHeads(model.roi_heads.box_roi_pool, heads, preds,
-                                      batch_size_per_image=32, score_thresh=0.0)
+    model.roi_heads = CascadeRoIHeads(
+        model.roi_heads.box_roi_pool, heads, preds, batch_size_per_image=32, score_thresh=0.0
+    )
     report = load_faster_rcnn_weights(model, faster.state_dict())
     assert report.mapped["backbone.conv.weight"] == "backbone.conv.weight"
     assert report.mapped["roi_heads.box_head.fc6.weight"] == "roi_heads.box_heads.0.fc6.weight"
     assert "roi_heads.box_predictor.cls_score.weight" in report.mapped
     assert any(k.startswith("rpn.") for k in report.mapped)
-    assert {k for k, _, _ in report.mismatched} == {"roi_heads.box_predictors.0.bbox_pred.weight",
-                                                     "roi_heads.box_predictors.0.bbox_pred.bias"}
-    assert report.missing and all(k.startswith(("roi_heads.box_heads.1", "roi_heads.box_heads.2",
-                                                "roi_heads.box_predictors."))
-                                  for k in report.missing)
+    assert {k for k, _, _ in report.mismatched} == {
+        "roi_heads.box_predictors.0.bbox_pred.weight",
+        "roi_heads.box_predictors.0.bbox_pred.bias",
+    }
+    assert report.missing and all(
+        k.startswith(
+            ("roi_heads.box_heads.1", "roi_heads.box_heads.2", "roi_heads.box_predictors.")
+        )
+        for k in report.missing
+    )
     assert "roi_heads.box_heads.2.fc7.weight" in report.missing and not report.unexpected
-    assert torch.equal(model.roi_heads.box_heads[0].fc6.weight,
-                       faster.roi_heads.box_head.fc6.weight)
+    assert torch.equal(
+        model.roi_heads.box_heads[0].fc6.weight, faster.roi_heads.box_head.fc6.weight
+    )
     with pytest.raises(TypeError, match="CascadeRoIHeads"):
         load_faster_rcnn_weights(faster, model.state_dict())
 

@@ -41,9 +41,7 @@ def test_small_builders_train_and_detect(builder) -> None:
     model = builder(3)
     images, targets = _batch()
     losses = model.train()(images, targets)
-    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(
-        losses
-    )
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -134,8 +132,12 @@ def test_faster_rcnn_weights_load_into_the_cascades_shared_parts() -> None:
     faster, cascade = faster_rcnn_small(2, "se"), cascade_rcnn_small(2, "se")
     report = load_faster_rcnn_weights(cascade, faster.state_dict())
     got = cascade.state_dict()
-    for key in ("backbone.body.layer2.0.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight",
-                "rpn.head.conv.0.0.weight", "backbone.body.layer1.0.attention.fc1.weight"):
+    for key in (
+        "backbone.body.layer2.0.conv1.weight",
+        "backbone.fpn.layer_blocks.0.0.weight",
+        "rpn.head.conv.0.0.weight",
+        "backbone.body.layer1.0.attention.fc1.weight",
+    ):
         assert torch.equal(got[key], faster.state_dict()[key]) and key in report.mapped
     assert torch.equal(
         got["roi_heads.box_heads.0.fc6.weight"],

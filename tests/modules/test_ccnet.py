@@ -65,7 +65,10 @@ def test_identity_at_initialisation_and_official_names() -> None:
     m = CrissCrossAttention(64)
     assert m.gamma.item() == 0 and m.recurrence == 2
     assert {k.split(".")[0] for k in m.state_dict()} == {
-        "query_conv", "key_conv", "value_conv", "gamma"
+        "query_conv",
+        "key_conv",
+        "value_conv",
+        "gamma",
     }
     assert m.query_conv.out_channels == m.key_conv.out_channels == 8
     x = torch.randn(2, 64, 5, 4)

@@ -23,6 +23,7 @@ from conftest import randomize_
 
 def dct_bank(channels: int, h: int, w: int, us: list[int], vs: list[int]) -> torch.Tensor:
     """2-D DCT-II basis images, orthonormal scaling, frequencies scaled from 7x7 to ``(h, w)``."""
+
     def basis(n: int, f: int) -> torch.Tensor:
         t = torch.arange(n, dtype=torch.float64)
         b = torch.cos(math.pi * f * (t + 0.5) / n) / math.sqrt(n)
@@ -144,7 +145,10 @@ def test_bad_arguments(kwargs: dict, argument: str) -> None:
 
 
 def test_channels_must_split_into_the_frequencies() -> None:
-    with pytest.raises(ValueError, match=r"MultiSpectralAttention: channels \(40\) must be "
-                                         r"divisible by the number of frequencies \(16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"MultiSpectralAttention: channels \(40\) must be "
+        r"divisible by the number of frequencies \(16\)",
+    ):
         MultiSpectralAttention(40)
     assert MultiSpectralAttention(40, freq_sel_method="top8").channels == 40

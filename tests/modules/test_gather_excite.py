@@ -96,8 +96,10 @@ VARIANTS = [
     ("theta e2", {"extent": 2, "extra_params": True}),
     ("theta e8", {"extent": 8, "extra_params": True}),
     ("theta-plus e4 (official relu)", {"extent": 4, "extra_params": True, "use_mlp": True}),
-    ("theta-plus e4 (timm)", {"extent": 4, "extra_params": True, "use_mlp": True,
-                              "gather_act": False}),
+    (
+        "theta-plus e4 (timm)",
+        {"extent": 4, "extra_params": True, "use_mlp": True, "gather_act": False},
+    ),
 ]
 
 
@@ -154,8 +156,9 @@ def _timm_ge(channels: int, extent: int, extra_params: bool, use_mlp: bool, rd_r
     from timm.layers import GatherExcite as TimmGE
 
     try:
-        return TimmGE(channels, extent=extent, extra_params=extra_params, use_mlp=use_mlp,
-                      rd_ratio=rd_ratio)
+        return TimmGE(
+            channels, extent=extent, extra_params=extra_params, use_mlp=use_mlp, rd_ratio=rd_ratio
+        )
     except TypeError:
         pass
     t = TimmGE(channels, extent=extent, use_mlp=False)  # the working path: no parameters
@@ -163,8 +166,10 @@ def _timm_ge(channels: int, extent: int, extra_params: bool, use_mlp: bool, rd_r
         t.gather = nn.Sequential()
         n = int(math.log2(extent))
         for i in range(n):
-            t.gather.add_module(f"conv{i + 1}", create_conv2d(
-                channels, channels, kernel_size=3, stride=2, depthwise=True))
+            t.gather.add_module(
+                f"conv{i + 1}",
+                create_conv2d(channels, channels, kernel_size=3, stride=2, depthwise=True),
+            )
             t.gather.add_module(f"norm{i + 1}", nn.BatchNorm2d(channels))
             if i != n - 1:
                 t.gather.add_module(f"act{i + 1}", nn.ReLU(inplace=True))
@@ -176,8 +181,13 @@ def _timm_ge(channels: int, extent: int, extra_params: bool, use_mlp: bool, rd_r
 
 
 TIMM_CONFIGS = [
-    (0, False, False), (2, False, False), (8, False, False), (0, False, True),
-    (4, False, True), (4, True, False), (8, True, True),
+    (0, False, False),
+    (2, False, False),
+    (8, False, False),
+    (0, False, True),
+    (4, False, True),
+    (4, True, False),
+    (8, True, True),
 ]
 
 
@@ -185,8 +195,16 @@ TIMM_CONFIGS = [
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_timm_parity(extent: int, extra_params: bool, use_mlp: bool, train: bool) -> None:
     pytest.importorskip("timm")
-    ours = randomize_(GatherExcite(40, extent=extent, extra_params=extra_params,
-                                   use_mlp=use_mlp, reduction=8, gather_act=False))
+    ours = randomize_(
+        GatherExcite(
+            40,
+            extent=extent,
+            extra_params=extra_params,
+            use_mlp=use_mlp,
+            reduction=8,
+            gather_act=False,
+        )
+    )
     theirs = _timm_ge(40, extent, extra_params, use_mlp, 1 / 8)
     theirs.load_state_dict(ours.state_dict())  # same names, strict
     ours.train(train), theirs.train(train)
@@ -209,9 +227,13 @@ def test_official_relu_differs_from_timm_in_theta_plus() -> None:
 @pytest.mark.parametrize("channels", [1, 8, 24, 64, 256])
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"use_mlp": True}, {"extent": 2, "extra_params": True},
-     {"extent": 8, "extra_params": True, "use_mlp": True, "reduction": 4},
-     {"extra_params": True, "feat_size": (7, 5), "use_mlp": True}],
+    [
+        {},
+        {"use_mlp": True},
+        {"extent": 2, "extra_params": True},
+        {"extent": 8, "extra_params": True, "use_mlp": True, "reduction": 4},
+        {"extra_params": True, "feat_size": (7, 5), "use_mlp": True},
+    ],
 )
 def test_param_count_closed_form(channels: int, kwargs: dict) -> None:
     m = GatherExcite(channels, **kwargs)

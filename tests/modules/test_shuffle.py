@@ -52,8 +52,12 @@ def test_official_parameters_initialisation_and_names() -> None:
     m = ShuffleAttention(256)  # SA-ResNet-50 conv2_x: planes * 4 = 256, 64 groups
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
-        "cweight": (1, 2, 1, 1), "cbias": (1, 2, 1, 1), "sweight": (1, 2, 1, 1),
-        "sbias": (1, 2, 1, 1), "gn.weight": (2,), "gn.bias": (2,),
+        "cweight": (1, 2, 1, 1),
+        "cbias": (1, 2, 1, 1),
+        "sweight": (1, 2, 1, 1),
+        "sbias": (1, 2, 1, 1),
+        "gn.weight": (2,),
+        "gn.bias": (2,),
     }
     assert m.gn.num_groups == m.gn.num_channels == 2 and m.gn.eps == 1e-5
     assert (m.cweight == 0).all() and (m.cbias == 1).all()
@@ -105,8 +109,11 @@ def test_attention_maps_reproduce_forward() -> None:
 
 @pytest.mark.parametrize(("channels", "groups"), [(64, 64), (96, 64), (30, 4)])
 def test_channels_not_divisible_by_two_groups_raise(channels, groups) -> None:
-    with pytest.raises(ValueError, match=rf"ShuffleAttention: channels \({channels}\) must be "
-                                         rf"divisible by 2 \* groups \({2 * groups}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"ShuffleAttention: channels \({channels}\) must be "
+        rf"divisible by 2 \* groups \({2 * groups}\)",
+    ):
         ShuffleAttention(channels, groups=groups)
     with pytest.raises(ValueError, match="ShuffleAttention"):
         sa_param_count(channels, groups=groups)

@@ -106,9 +106,9 @@ def test_standalone_in_sequential_shapes(name):
     got = {k: tuple(v.shape) for k, v in rec.maps.items()}
     with torch.no_grad():
         own = module.attention_maps(x)
-    assert got == (expected_shapes(name, module, tuple(x.shape)) or {
-        k: tuple(v.shape) for k, v in own.items()
-    })
+    assert got == (
+        expected_shapes(name, module, tuple(x.shape)) or {k: tuple(v.shape) for k, v in own.items()}
+    )
     assert_maps_equal(rec.maps, own, atol=0)
     for v in rec.maps.values():
         assert v.device.type == "cpu" and not v.requires_grad and torch.isfinite(v).all()

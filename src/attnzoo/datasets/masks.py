@@ -328,7 +328,10 @@ def scenes_segmentation(
     splits = make_digit_scenes(n_train, n_test, **kwargs)
     return tuple(  # type: ignore[return-value]
         SegmentationData(
-            images=s.images, masks=s.semantic_masks, classes=SCENE_CLASSES, names=list(s.names),
+            images=s.images,
+            masks=s.semantic_masks,
+            classes=SCENE_CLASSES,
+            names=list(s.names),
             meta={"source": "make_digit_scenes", **kwargs},
         )  # fmt: skip
         for s in splits

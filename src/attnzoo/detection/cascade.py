@@ -128,8 +128,9 @@ class CascadePredictor(FastRCNNPredictor):
 
     def __init__(self, in_channels: int, num_classes: int, *, class_agnostic: bool = True) -> None:
         if num_classes < 2:
-            raise ValueError(f"CascadePredictor: num_classes must be >= 2 (with background), "
-                             f"got {num_classes}")
+            raise ValueError(
+                f"CascadePredictor: num_classes must be >= 2 (with background), got {num_classes}"
+            )
         super().__init__(in_channels, num_classes)
         if class_agnostic:
             self.bbox_pred = nn.Linear(in_channels, 4)
@@ -150,8 +151,12 @@ def cascade_box_heads(
     """``num_stages`` torchvision ``TwoMLPHead`` heads (2 FC layers, mmdetection's
     ``Shared2FCBBoxHead``) on ``in_channels x resolution x resolution`` pooled features, and as
     many :class:`CascadePredictor` s (``num_classes`` includes background)."""
-    for name, value in (("in_channels", in_channels), ("resolution", resolution),
-                        ("representation_size", representation_size), ("num_stages", num_stages)):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("resolution", resolution),
+        ("representation_size", representation_size),
+        ("num_stages", num_stages),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"cascade_box_heads: {name} must be a positive int, got {value!r}")
     heads: list[nn.Module] = [
@@ -166,8 +171,10 @@ def cascade_box_heads(
 
 def _first(values: Sequence, count: int, name: str) -> tuple:
     if count > len(values):
-        raise ValueError(f"{_NAME}: {name} has paper defaults for at most {len(values)} stages; "
-                         f"pass {count} values")
+        raise ValueError(
+            f"{_NAME}: {name} has paper defaults for at most {len(values)} stages; "
+            f"pass {count} values"
+        )
     return tuple(values[:count])
 
 
@@ -226,8 +233,11 @@ class CascadeRoIHeads(nn.Module):
         feature_grad_scale: float | None = None,
     ) -> None:
         super().__init__()
-        choices = (("mode", mode, _MODES), ("convention", convention, _CONVENTIONS),
-                   ("score_average", score_average, _AVERAGES))
+        choices = (
+            ("mode", mode, _MODES),
+            ("convention", convention, _CONVENTIONS),
+            ("score_average", score_average, _AVERAGES),
+        )
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{_NAME}: {name} must be one of {allowed}, got {value!r}")
@@ -241,49 +251,72 @@ class CascadeRoIHeads(nn.Module):
             num_stages = len(stage_iou_thresholds)
         else:
             num_stages = 3 if mode == "iterative" else len(box_predictors)
-        expected = {"cascade": (num_stages, num_stages), "iterative": (1, 1),
-                    "integral": (1, num_stages)}[mode]
+        expected = {
+            "cascade": (num_stages, num_stages),
+            "iterative": (1, 1),
+            "integral": (1, num_stages),
+        }[mode]
         if (len(box_heads), len(box_predictors)) != expected:
-            raise ValueError(f"{_NAME}: mode={mode!r} with {num_stages} stages needs "
-                             f"{expected[0]} box_heads and {expected[1]} box_predictors, got "
-                             f"{len(box_heads)} and {len(box_predictors)}")
-        ious = tuple(float(u) for u in (stage_iou_thresholds or
-                                        _first(PAPER_IOU_THRESHOLDS, num_stages,
-                                               "stage_iou_thresholds")))
+            raise ValueError(
+                f"{_NAME}: mode={mode!r} with {num_stages} stages needs "
+                f"{expected[0]} box_heads and {expected[1]} box_predictors, got "
+                f"{len(box_heads)} and {len(box_predictors)}"
+            )
+        ious = tuple(
+            float(u)
+            for u in (
+                stage_iou_thresholds
+                or _first(PAPER_IOU_THRESHOLDS, num_stages, "stage_iou_thresholds")
+            )
+        )
         if stage_bbox_reg_weights is None:
-            stage_bbox_reg_weights = _first(PAPER_BBOX_REG_WEIGHTS, num_stages,
-                                            "stage_bbox_reg_weights")
+            stage_bbox_reg_weights = _first(
+                PAPER_BBOX_REG_WEIGHTS, num_stages, "stage_bbox_reg_weights"
+            )
         if stage_loss_weights is None:
-            stage_loss_weights = ((1.0,) * num_stages if convention == "detectron2"
-                                  else _first(PAPER_LOSS_WEIGHTS, num_stages, "stage_loss_weights"))
+            stage_loss_weights = (
+                (1.0,) * num_stages
+                if convention == "detectron2"
+                else _first(PAPER_LOSS_WEIGHTS, num_stages, "stage_loss_weights")
+            )
         reg_weights = tuple(tuple(float(w) for w in ws) for ws in stage_bbox_reg_weights)
         loss_weights = tuple(float(w) for w in stage_loss_weights)
         if not all(0.0 < u < 1.0 for u in ious):
             raise ValueError(f"{_NAME}: stage_iou_thresholds must lie in (0, 1), got {ious}")
-        for name, seq in (("stage_bbox_reg_weights", reg_weights),
-                          ("stage_loss_weights", loss_weights)):
+        for name, seq in (
+            ("stage_bbox_reg_weights", reg_weights),
+            ("stage_loss_weights", loss_weights),
+        ):
             if len(seq) != num_stages:
-                raise ValueError(f"{_NAME}: {name} must have one entry per stage ({num_stages}), "
-                                 f"got {len(seq)}")
+                raise ValueError(
+                    f"{_NAME}: {name} must have one entry per stage ({num_stages}), got {len(seq)}"
+                )
         if not all(len(ws) == 4 and all(w > 0 for w in ws) for ws in reg_weights):
-            raise ValueError(f"{_NAME}: stage_bbox_reg_weights must be 4 positive numbers per "
-                             f"stage, got {reg_weights}")
+            raise ValueError(
+                f"{_NAME}: stage_bbox_reg_weights must be 4 positive numbers per "
+                f"stage, got {reg_weights}"
+            )
         if not all(w >= 0 and math.isfinite(w) for w in loss_weights):
-            raise ValueError(f"{_NAME}: stage_loss_weights must be finite and >= 0, "
-                             f"got {loss_weights}")
+            raise ValueError(
+                f"{_NAME}: stage_loss_weights must be finite and >= 0, got {loss_weights}"
+            )
         if not isinstance(batch_size_per_image, int) or batch_size_per_image < 1:
-            raise ValueError(f"{_NAME}: batch_size_per_image must be a positive int, "
-                             f"got {batch_size_per_image!r}")
+            raise ValueError(
+                f"{_NAME}: batch_size_per_image must be a positive int, "
+                f"got {batch_size_per_image!r}"
+            )
         if not 0.0 < positive_fraction <= 1.0:
-            raise ValueError(f"{_NAME}: positive_fraction must lie in (0, 1], "
-                             f"got {positive_fraction}")
+            raise ValueError(
+                f"{_NAME}: positive_fraction must lie in (0, 1], got {positive_fraction}"
+            )
         if not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"{_NAME}: score_thresh must lie in [0, 1), got {score_thresh}")
         if not 0.0 <= nms_thresh <= 1.0:
             raise ValueError(f"{_NAME}: nms_thresh must lie in [0, 1], got {nms_thresh}")
         if not isinstance(detections_per_img, int) or detections_per_img < 1:
-            raise ValueError(f"{_NAME}: detections_per_img must be a positive int, "
-                             f"got {detections_per_img!r}")
+            raise ValueError(
+                f"{_NAME}: detections_per_img must be a positive int, got {detections_per_img!r}"
+            )
         if box_loss_beta is None:
             box_loss_beta = 0.0 if convention == "detectron2" else 1.0
         if box_loss_beta < 0:
@@ -303,10 +336,12 @@ class CascadeRoIHeads(nn.Module):
         self.stage_loss_weights = loss_weights
         self.class_agnostic = bool(class_agnostic)
         self.box_coders = [det_utils.BoxCoder(ws) for ws in reg_weights]
-        self.proposal_matchers = [det_utils.Matcher(u, u, allow_low_quality_matches=False)
-                                  for u in ious]
+        self.proposal_matchers = [
+            det_utils.Matcher(u, u, allow_low_quality_matches=False) for u in ious
+        ]
         self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(
-            batch_size_per_image, positive_fraction)
+            batch_size_per_image, positive_fraction
+        )
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img = detections_per_img
         self.box_loss_beta = float(box_loss_beta)
@@ -315,8 +350,9 @@ class CascadeRoIHeads(nn.Module):
         self.last_stage_losses: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- matching and sampling
-    def _assign(self, stage: int, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def _assign(
+        self, stage: int, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Matched gt index (clamped) and label (0 = background) of each box at ``u_stage``."""
         n = boxes.shape[0]
         if gt_boxes.numel() == 0 or n == 0:
@@ -328,26 +364,38 @@ class CascadeRoIHeads(nn.Module):
         labels[matched < 0] = 0  # Matcher(u, u): below u is background, nothing ignored
         return idx, labels
 
-    def _samples(self, stage: int, proposals: list[Tensor], gt_boxes: list[Tensor],
-                 gt_labels: list[Tensor], *, sample: bool) -> StageSamples:
+    def _samples(
+        self,
+        stage: int,
+        proposals: list[Tensor],
+        gt_boxes: list[Tensor],
+        gt_labels: list[Tensor],
+        *,
+        sample: bool,
+    ) -> StageSamples:
         """Match ``proposals`` at ``u_stage``; with ``sample``, ground truth is added first and
         ``batch_size_per_image`` RoIs are sampled (torchvision's ``select_training_samples``)."""
         is_gt = [torch.zeros(p.shape[0], dtype=torch.bool, device=p.device) for p in proposals]
         if sample:
-            is_gt = [torch.cat([m, torch.ones(g.shape[0], dtype=torch.bool, device=m.device)])
-                     for m, g in zip(is_gt, gt_boxes)]
+            is_gt = [
+                torch.cat([m, torch.ones(g.shape[0], dtype=torch.bool, device=m.device)])
+                for m, g in zip(is_gt, gt_boxes)
+            ]
             proposals = [torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)]
-        assigned = [self._assign(stage, p, g, lab)
-                    for p, g, lab in zip(proposals, gt_boxes, gt_labels)]
+        assigned = [
+            self._assign(stage, p, g, lab) for p, g, lab in zip(proposals, gt_boxes, gt_labels)
+        ]
         labels = [lab for _, lab in assigned]
-        matched_gt = [g[i] if g.numel() else torch.zeros_like(p)
-                      for (i, _), g, p in zip(assigned, gt_boxes, proposals)]
+        matched_gt = [
+            g[i] if g.numel() else torch.zeros_like(p)
+            for (i, _), g, p in zip(assigned, gt_boxes, proposals)
+        ]
         if sample:
             pos, neg = self.fg_bg_sampler(labels)
             keep = [torch.where(p | n)[0] for p, n in zip(pos, neg)]
             proposals, labels, matched_gt, is_gt = (
-                [x[k] for x, k in zip(seq, keep)]
-                for seq in (proposals, labels, matched_gt, is_gt))
+                [x[k] for x, k in zip(seq, keep)] for seq in (proposals, labels, matched_gt, is_gt)
+            )
         return StageSamples(list(proposals), list(labels), list(matched_gt), list(is_gt))
 
     # ---------------------------------------------------------------- one stage
@@ -365,13 +413,20 @@ class CascadeRoIHeads(nn.Module):
         logits, deltas = predictor(x)
         expected = 4 if self.class_agnostic else 4 * logits.shape[1]
         if deltas.dim() != 2 or deltas.shape[1] != expected:
-            raise ValueError(f"{_NAME}: class_agnostic={self.class_agnostic} expects box deltas "
-                             f"of shape (N, {expected}) from the predictor, got "
-                             f"{tuple(deltas.shape)}")
+            raise ValueError(
+                f"{_NAME}: class_agnostic={self.class_agnostic} expects box deltas "
+                f"of shape (N, {expected}) from the predictor, got "
+                f"{tuple(deltas.shape)}"
+            )
         return logits, deltas
 
-    def _run_stage(self, stage: int, features: dict[str, Tensor], boxes: list[Tensor],
-                   image_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    def _run_stage(
+        self,
+        stage: int,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor]:
         x = self.box_roi_pool(features, boxes, image_shapes)
         if self.training and self.mode == "cascade" and self.feature_grad_scale != 1.0:
             x = _ScaleGradient.apply(x, self.feature_grad_scale)
@@ -390,8 +445,15 @@ class CascadeRoIHeads(nn.Module):
         pred = self._coder(stage).decode_single(deltas, torch.cat(boxes))
         return pred.reshape(pred.shape[0], deltas.shape[1] // 4, 4)
 
-    def _refine(self, stage: int, logits: Tensor, deltas: Tensor, boxes: list[Tensor],
-                image_shapes: list[tuple[int, int]], labels: Tensor | None = None) -> list[Tensor]:
+    def _refine(
+        self,
+        stage: int,
+        logits: Tensor,
+        deltas: Tensor,
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        labels: Tensor | None = None,
+    ) -> list[Tensor]:
         """The next stage's input: the stage's regressed boxes (class-specific: the assigned
         class of positives, else the best foreground class), detached and clipped."""
         classes = logits[:, 1:].argmax(dim=1) + 1
@@ -404,11 +466,13 @@ class CascadeRoIHeads(nn.Module):
     def _regression_targets(self, stage: int, s: StageSamples) -> Tensor:
         """Targets ``(P, 4)`` of the positive RoIs (in order), encoded with the stage's coder."""
         pos = torch.where(torch.cat(s.labels) > 0)[0]
-        return self._coder(stage).encode_single(torch.cat(s.matched_gt)[pos],
-                                                torch.cat(s.proposals)[pos])
+        return self._coder(stage).encode_single(
+            torch.cat(s.matched_gt)[pos], torch.cat(s.proposals)[pos]
+        )
 
-    def _losses(self, stage: int, logits: Tensor, deltas: Tensor, s: StageSamples
-                ) -> tuple[Tensor, Tensor]:
+    def _losses(
+        self, stage: int, logits: Tensor, deltas: Tensor, s: StageSamples
+    ) -> tuple[Tensor, Tensor]:
         """Cross-entropy over the RoIs; smooth-L1 of positives summed / number of RoIs."""
         labels = torch.cat(s.labels)
         if labels.numel() == 0:
@@ -422,9 +486,13 @@ class CascadeRoIHeads(nn.Module):
         return cls_loss, box_loss / labels.numel()
 
     # ---------------------------------------------------------------- training
-    def _forward_train(self, features: dict[str, Tensor], proposals: list[Tensor],
-                       image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
-                       ) -> dict[str, Tensor]:
+    def _forward_train(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
@@ -434,8 +502,10 @@ class CascadeRoIHeads(nn.Module):
             x = self.box_heads[0](self.box_roi_pool(features, s.proposals, image_shapes))
             for t, predictor in enumerate(self.box_predictors):
                 logits, deltas = self._predict(predictor, x)
-                labels = [self._assign(t, p, g, lab)[1]
-                          for p, g, lab in zip(s.proposals, gt_boxes, gt_labels)]
+                labels = [
+                    self._assign(t, p, g, lab)[1]
+                    for p, g, lab in zip(s.proposals, gt_boxes, gt_labels)
+                ]
                 st = StageSamples(s.proposals, labels, s.matched_gt, s.is_gt)
                 cls_loss, box_loss = self._losses(t, logits, deltas, st)
                 stage_losses.append((t, "classifier", cls_loss))
@@ -450,20 +520,21 @@ class CascadeRoIHeads(nn.Module):
                 cls_loss, box_loss = self._losses(t, logits, deltas, s)
                 stage_losses += [(t, "classifier", cls_loss), (t, "box_reg", box_loss)]
                 if t + 1 < stages:
-                    refined = self._refine(t, logits, deltas, s.proposals, image_shapes,
-                                           torch.cat(s.labels))
+                    refined = self._refine(
+                        t, logits, deltas, s.proposals, image_shapes, torch.cat(s.labels)
+                    )
                     if self.convention == "mmdet":
                         proposals = [b[~g] for b, g in zip(refined, s.is_gt)]
                     else:
-                        proposals = [b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
-                                     for b in refined]
+                        proposals = [b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])] for b in refined]
         losses: dict[str, Tensor] = {}
         for t, kind, value in stage_losses:
             key = f"loss_{kind}"
             weighted = self.stage_loss_weights[t] * value
             losses[key] = losses[key] + weighted if key in losses else weighted
-        self.last_stage_losses = {f"loss_{kind}_stage{t + 1}": value.detach()
-                                  for t, kind, value in stage_losses}
+        self.last_stage_losses = {
+            f"loss_{kind}_stage{t + 1}": value.detach() for t, kind, value in stage_losses
+        }
         return losses
 
     # ---------------------------------------------------------------- inference
@@ -472,8 +543,9 @@ class CascadeRoIHeads(nn.Module):
             return F.softmax(torch.stack(logits).mean(0), dim=-1)
         return torch.stack([F.softmax(x, dim=-1) for x in logits]).mean(0)
 
-    def _postprocess(self, boxes: Tensor, scores: Tensor, counts: list[int],
-                     image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def _postprocess(
+        self, boxes: Tensor, scores: Tensor, counts: list[int], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         """torchvision's ``postprocess_detections`` for (N, 1 or K, 4) boxes, (N, K) scores."""
         num_classes = scores.shape[-1]
         boxes = boxes.expand(-1, num_classes, -1)
@@ -492,8 +564,12 @@ class CascadeRoIHeads(nn.Module):
             out.append({"boxes": b[keep], "labels": labels[keep], "scores": sc[keep]})
         return out
 
-    def _forward_eval(self, features: dict[str, Tensor], proposals: list[Tensor],
-                      image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def _forward_eval(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
         counts = [p.shape[0] for p in proposals]
         all_logits: list[Tensor] = []
         stage_boxes: list[Tensor] = []  # each stage's own regression of its input boxes
@@ -511,11 +587,14 @@ class CascadeRoIHeads(nn.Module):
                 stage_boxes.append(self._decode(t, deltas, boxes_in))
                 if t + 1 < self.num_stages:
                     boxes_in = self._refine(t, logits, deltas, boxes_in, image_shapes)
-        result = self._postprocess(stage_boxes[-1], self._ensemble(all_logits), counts,
-                                   image_shapes)
+        result = self._postprocess(
+            stage_boxes[-1], self._ensemble(all_logits), counts, image_shapes
+        )
         if self.return_stages:
-            per_stage = [self._postprocess(b, F.softmax(lg, dim=-1), counts, image_shapes)
-                         for b, lg in zip(stage_boxes, all_logits)]
+            per_stage = [
+                self._postprocess(b, F.softmax(lg, dim=-1), counts, image_shapes)
+                for b, lg in zip(stage_boxes, all_logits)
+            ]
             for i, (res, shape) in enumerate(zip(result, image_shapes)):
                 size = torch.tensor(shape, device=res["boxes"].device)
                 res["stages"] = [{**stage[i], "image_size": size} for stage in per_stage]
@@ -538,25 +617,31 @@ class CascadeRoIHeads(nn.Module):
             if "boxes" not in t or "labels" not in t:
                 raise ValueError(f"{_NAME}: every target needs 'boxes' and 'labels'")
             if not t["boxes"].is_floating_point():
-                raise TypeError(f"{_NAME}: target boxes must be floating point, "
-                                f"got {t['boxes'].dtype}")
+                raise TypeError(
+                    f"{_NAME}: target boxes must be floating point, got {t['boxes'].dtype}"
+                )
             if t["labels"].dtype != torch.int64:
                 raise TypeError(f"{_NAME}: target labels must be int64, got {t['labels'].dtype}")
         return [], self._forward_train(features, proposals, image_shapes, targets)
 
 
-def rescale_stage_detections(detections: list[dict], original_image_sizes: list[tuple[int, int]]
-                             ) -> list[dict]:
+def rescale_stage_detections(
+    detections: list[dict], original_image_sizes: list[tuple[int, int]]
+) -> list[dict]:
     """Rescale, in place, the per-stage boxes of ``return_stages`` detections from the network's
     input size to ``original_image_sizes`` (as ``GeneralizedRCNNTransform`` does for the final
     boxes); the ``image_size`` entries are updated. Returns ``detections``."""
     if len(detections) != len(original_image_sizes):
-        raise ValueError("rescale_stage_detections: need one original size per detection dict, "
-                         f"got {len(original_image_sizes)} for {len(detections)}")
+        raise ValueError(
+            "rescale_stage_detections: need one original size per detection dict, "
+            f"got {len(original_image_sizes)} for {len(detections)}"
+        )
     for det, size in zip(detections, original_image_sizes):
         if "stages" not in det:
-            raise ValueError("rescale_stage_detections: detections carry no 'stages'; set "
-                             "roi_heads.return_stages = True before evaluating")
+            raise ValueError(
+                "rescale_stage_detections: detections carry no 'stages'; set "
+                "roi_heads.return_stages = True before evaluating"
+            )
         for stage in det["stages"]:
             current = tuple(int(v) for v in stage["image_size"])
             stage["boxes"] = resize_boxes(stage["boxes"], current, tuple(size))
@@ -581,8 +666,10 @@ def load_faster_rcnn_weights(model: nn.Module, state_dict: Mapping[str, Tensor])
     no place) and ``mismatched`` (shape differences, skipped). A ``module.`` prefix is removed.
     """
     if not isinstance(getattr(model, "roi_heads", None), CascadeRoIHeads):
-        raise TypeError("load_faster_rcnn_weights: model.roi_heads must be a CascadeRoIHeads, "
-                        f"got {type(getattr(model, 'roi_heads', None)).__name__}")
+        raise TypeError(
+            "load_faster_rcnn_weights: model.roi_heads must be a CascadeRoIHeads, "
+            f"got {type(getattr(model, 'roi_heads', None)).__name__}"
+        )
     own = model.state_dict()
     report = LoadReport()
     with torch.no_grad():
@@ -590,7 +677,7 @@ def load_faster_rcnn_weights(model: nn.Module, state_dict: Mapping[str, Tensor])
             name = key.removeprefix("module.")
             for src, dst in _FASTER_TO_CASCADE:
                 if name.startswith(src):
-                    name = dst + name[len(src):]
+                    name = dst + name[len(src) :]
             if name not in own:
                 report.unexpected.append(key)
             elif own[name].shape != value.shape:

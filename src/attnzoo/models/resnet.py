@@ -62,8 +62,7 @@ ECA_NET50_KERNELS: dict[int, dict[str, int]] = {
 }
 
 
-def _builder(
-tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[..., nn.Module]:
+def _builder(tv_fn: Callable[..., nn.Module], name: str, doc: str) -> Callable[..., nn.Module]:
     def construct(num_classes: int, **model_kwargs: Any) -> nn.Module:
         return tv_fn(weights=None, num_classes=num_classes, **model_kwargs)
 

@@ -128,6 +128,7 @@ class MultiSpectralDCT(nn.Module):
 
     def __init__(self, channels: int, size: tuple[int, int], method: str) -> None:
         super().__init__()
+        self.weight: Tensor
         self.register_buffer("weight", dct_filters(channels, size, method))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -55,9 +55,7 @@ def _check_args(
     check_positive_int(_NAME, "channels", channels)
     check_positive_int(_NAME, "extent", extent, minimum=0)
     if extent != 0 and (extent < 2 or extent & (extent - 1)):
-        raise ValueError(
-            f"{_NAME}: extent must be 0 (global) or a power of two >= 2; got {extent}"
-        )
+        raise ValueError(f"{_NAME}: extent must be 0 (global) or a power of two >= 2; got {extent}")
     for name, flag in (("extra_params", extra_params), ("use_mlp", use_mlp)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_NAME}: {name} must be True or False, got {flag!r}")

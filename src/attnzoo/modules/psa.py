@@ -84,13 +84,19 @@ def _channel_transform(kind: str, inner: int, bottleneck: int, channels: int) ->
     code="https://github.com/DeLightCMU/PSA",
     presets={
         "paper": {
-            "layout": "parallel", "spatial_softmax": "channel", "channel_transform": "conv-ln"
+            "layout": "parallel",
+            "spatial_softmax": "channel",
+            "channel_transform": "conv-ln",
         },
         "official-parallel": {
-            "layout": "parallel", "spatial_softmax": "product", "channel_transform": "conv"
+            "layout": "parallel",
+            "spatial_softmax": "product",
+            "channel_transform": "conv",
         },
         "official-sequential": {
-            "layout": "sequential", "spatial_softmax": "value", "channel_transform": "bottleneck"
+            "layout": "sequential",
+            "spatial_softmax": "value",
+            "channel_transform": "bottleneck",
         },
     },
     param_count=psa_param_count,

@@ -102,9 +102,7 @@ def _torchvision_trunk(
 class _SmallNet(nn.Module):
     """The parts of a ResNet-18-style trunk of BasicBlocks, narrow enough for a CPU."""
 
-    def __init__(
-        self, widths: Sequence[int], blocks: Sequence[int], output_stride: int
-    ) -> None:
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], output_stride: int) -> None:
         super().__init__()
         stem = widths[0]
         self.conv1 = nn.Conv2d(3, stem, 3, 2, 1, bias=False)

@@ -980,9 +980,7 @@ class DetectTask(Task):
         from attnzoo.bench.tasks.detect_rcnn import build_rcnn_module, is_rcnn
 
         if is_rcnn(model):
-            return build_rcnn_module(
-                model, data.num_classes, detect_config(config), is_eval_epoch
-            )
+            return build_rcnn_module(model, data.num_classes, detect_config(config), is_eval_epoch)
         return build_detect_module(model, data.num_classes, detect_config(config))
 
     def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[Any, Any]:
@@ -1028,8 +1026,11 @@ class DetectTask(Task):
             training = (
                 f"SGD (Nesterov, momentum 0.937) with a warm-up + cosine schedule peaking at lr "
                 f"{c['lr']}, weight decay {c['weight_decay']} on conv weights"
-                + ("; the R-CNNs with their own optimiser, SGD momentum 0.9, same lr" if
-                   "rcnn" in families else "")
+                + (
+                    "; the R-CNNs with their own optimiser, SGD momentum 0.9, same lr"
+                    if "rcnn" in families
+                    else ""
+                )
             )
         setup = (
             f"{c['model']} on {data.description}. {c['epochs']} epochs, batch "

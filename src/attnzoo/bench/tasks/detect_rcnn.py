@@ -250,9 +250,7 @@ def _module_class() -> type:
 
         def configure_optimizers(self) -> Any:
             total = max(int(self.trainer.estimated_stepping_batches), 1)
-            opt, sched = build_rcnn_optimizer(
-                self.model, self.cfg.lr, self.cfg.weight_decay, total
-            )
+            opt, sched = build_rcnn_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay, total)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     _CACHE["module"] = RCNNModule

@@ -265,8 +265,7 @@ def parse_segment_data(spec: Any) -> tuple[str, list[str]]:
             return kind, parts
         if len(parts) != 2 or not all(parts):
             raise ValueError(
-                f"{PROG}: --data masks needs masks:IMAGES_DIR:MASKS_DIR or masks:ROOT; "
-                f"got {spec!r}"
+                f"{PROG}: --data masks needs masks:IMAGES_DIR:MASKS_DIR or masks:ROOT; got {spec!r}"
             )
         return kind, [
             _folder(spec, parts[0], "image folder"),
