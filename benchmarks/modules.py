@@ -29,7 +29,10 @@ the outputs agree with copied weights):
   ``cbam.SpatialAttn(7)``, ``SelectiveKernel(C)``, ``coord_attn.CoordAttn(C)``;
 - gc: ours official (add fusion, attention pooling, ratio 1/16, LayerNorm) vs
   ``GlobalContext(C, use_attn=True, fuse_add=True, fuse_scale=False, rd_ratio=1/16)``;
-- ema and any other module: official defaults, no timm counterpart ("n/a").
+- ge: ours official (GE-theta-minus, global extent) vs ``GatherExcite(C, extent=0,
+  extra_params=False, use_mlp=False)``;
+- ema and any other module: official defaults, no timm counterpart ("n/a"); the table then
+  shows plain eager and compiled times next to SE's at the same shape.
 
 A variant that fails to build, compile or run gets "—" and a line under "Notes".
 
@@ -90,6 +93,8 @@ def _timm_factory(name: str) -> Callable[[int], nn.Module] | None:
             c, use_attn=True, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16
         ),
         "sk": lambda c: tl.SelectiveKernel(c),
+        # GE-theta-minus with a global extent (ours by default): no parameters, no MLP
+        "ge": lambda c: tl.GatherExcite(c, extent=0, extra_params=False, use_mlp=False),
     }
     try:
         from timm.layers import coord_attn as tca

@@ -33,14 +33,7 @@ LAYERS = {
 }
 
 #: the known upward edges, each with its reason (keep this short; a new entry needs one)
-ALLOWED_UPWARD = {
-    # the registry imports the modules package on first lookup so that every module has
-    # registered itself (the modules import the registry to register). The alternative, an
-    # eager `import attnzoo.modules` in `attnzoo/__init__.py`, would load torch on
-    # `import attnzoo` (the CLI answers --help without it); a lookup-time import is the one
-    # place that sees every module whichever submodule the user imported first
-    ("attnzoo.registry", "attnzoo.modules"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()  # none: a new entry needs its reason here
 
 
 def _module_name(path: Path) -> str:

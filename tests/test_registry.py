@@ -118,3 +118,32 @@ def test_count_params_without_formula_builds_on_meta(name: str) -> None:
     kwargs = {"reduction": 4} if name == "se" else {"inter_channels": 20}
     assert meta.count_params(96, **kwargs) == sum(p.numel() for p in built.parameters())
     assert torch.empty(1).device.type == "cpu"  # the meta device context did not leak
+
+
+def test_loaders_run_once_before_the_next_lookup():
+    from attnzoo import registry
+
+    calls = []
+    registry.add_loader(lambda: calls.append(1))
+    assert registry.available() and calls == [1]
+    registry.info("se")
+    assert calls == [1]
+    with pytest.raises(TypeError, match="add_loader: expected a callable"):
+        registry.add_loader("attnzoo.modules")
+
+
+def test_the_registry_alone_sees_every_module_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attnzoo.registry as r\n"
+        "assert 'torch' not in sys.modules\n"
+        "names = r.available()\n"
+        "import attnzoo.modules, pkgutil\n"
+        "files = [m.name for m in pkgutil.iter_modules(attnzoo.modules.__path__)]\n"
+        "print(len(names), len(files))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n_names, n_files = map(int, out.stdout.split())
+    assert n_names >= n_files > 10  # every paper file registers at least one module

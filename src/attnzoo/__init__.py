@@ -22,6 +22,8 @@ import importlib
 import importlib.util
 from typing import Any
 
+from attnzoo import registry as _registry
+
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
@@ -36,6 +38,11 @@ _API = {
 
 def _modules() -> Any:
     return importlib.import_module("attnzoo.modules")  # registers every module
+
+
+# The registry (torch-free) imports the built-in modules on its first lookup through this loader:
+# the package root wires the layers together, so the registry never imports upward.
+_registry.add_loader(_modules)
 
 
 def __getattr__(name: str) -> Any:

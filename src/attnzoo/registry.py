@@ -188,9 +188,27 @@ def _accept_factory_kwargs(cls: type[nn.Module]) -> None:
     cls.__init__ = __init__  # type: ignore[method-assign]
 
 
+#: callables that import packages whose modules register themselves; each runs once, before the
+#: first lookup after it was added (the package root adds the one for ``attnzoo.modules``)
+_LOADERS: list[Callable[[], object]] = []
+
+
+def add_loader(loader: Callable[[], object]) -> None:
+    """Run ``loader`` before the next lookup (:func:`info`, :func:`available`, :func:`create`).
+
+    Modules register themselves when their file is imported. The registry does not know which
+    packages hold modules (it is the lowest layer); whoever does adds a loader that imports them:
+    ``attnzoo/__init__.py`` adds the one importing :mod:`attnzoo.modules`, and a package of
+    third-party modules can add its own, so lookups always see every module, whichever part of
+    attnzoo was imported first."""
+    if not callable(loader):
+        raise TypeError(f"attnzoo.registry.add_loader: expected a callable, got {loader!r}")
+    _LOADERS.append(loader)
+
+
 def _ensure_loaded() -> None:
-    # The modules register themselves on import; importing the package imports them all.
-    import attnzoo.modules  # noqa: F401
+    while _LOADERS:
+        _LOADERS.pop(0)()  # popped first: a lookup during the import does not re-enter
 
 
 def info(name: str) -> ModuleInfo:
