@@ -409,7 +409,7 @@ class SegmentationDataset(Dataset):
         d = self.data
         image = torch.from_numpy(np.ascontiguousarray(d.images[index])).permute(2, 0, 1)
         image = image.float().div_(255.0)
-        mask = torch.as_tensor(np.asarray(d.masks[index]), dtype=torch.int64)
+        mask = torch.from_numpy(np.array(d.masks[index], dtype=np.int64))  # a writable copy
         if mask.shape != image.shape[1:]:
             raise ValueError(
                 f"SegmentationDataset: item {d.names[index]!r}: image {tuple(image.shape[1:])} "
