@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-SECTION = "## Cascade vs Faster R-CNN"  # + " (small)" or " (resnet50)": one section each
+SECTION = "## Cascade vs Faster R-CNN"  # + " (model, size)": one section each
 MODELS = ("faster", "cascade")
 
 
@@ -159,7 +159,7 @@ def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wal
     mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
     att = args.attention or "none"
     lines = [
-        f"{SECTION} ({args.model})",
+        f"{SECTION} ({args.model}, {args.size}x{args.size})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
         f"{wall / 60:.1f} min; rounds: {args.rounds} x {args.steps} steps",

@@ -41,6 +41,27 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+def assert_matches_reference(
+    module: nn.Module,
+    reference,
+    x: torch.Tensor,
+    *,
+    grad_rtol: float = 1e-10,
+    grad_atol: float = 1e-12,
+) -> None:
+    """``module(x)`` equals ``reference(x)`` (float64: to 1e-12), and so do the gradients with
+    respect to ``x`` and every parameter of ``module`` for a random output gradient."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    params = list(module.parameters())
+    y, ref = module(x1), reference(x2)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x1, *params], g)
+    want = torch.autograd.grad(ref, [x2, *params], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_atol)
+
+
 def make(
     name: str,
     channels: int | None = None,

@@ -287,3 +287,110 @@ def test_train_one_epoch_offline_then_reload_in_a_fresh_process(
     assert report["attnzoo_imported"] and report["attempts"] == []
     assert report["yaml"] == {"calls": 2, "results": 1}  # both AttnZoo rows ran after fuse()
     assert report["attach"] == {"calls": 3, "results": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# the detector of the detect bench
+def test_yolo_detector_attends_to_every_detect_input(
+    plain_n: DetectionModel, no_network: list
+) -> None:
+    model = yz.yolo_detector("yolov8n", 10, "cbam", reduction=8)
+    assert isinstance(model, yz.UltralyticsDetector)
+    assert sorted(a.path.split(".")[1] for a in attnzoo.attached(model.net)) == ["15", "18", "21"]
+    widths = (64, 128, 256)  # the three neck outputs of YOLOv8n
+    closed_form = sum(attnzoo.info("cbam").count_params(c, reduction=8) for c in widths)
+    assert _params(model) - _params(plain_n) == closed_form
+    assert model.net.args.box == 7.5  # Ultralytics' default gains for its criterion
+    with pytest.raises(ValueError, match="no model YAML 'yolov99n.yaml'"):
+        yz.yolo_detector("yolov99n", 10)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+        yz.yolo_detector("yolov8n", 0)
+    with pytest.raises(ValueError, match="attention options given without attention="):
+        yz.yolo_detector("yolov8n", 10, reduction=8)
+    assert no_network == []
+
+
+def test_detector_loss_is_ultralytics_loss_per_image() -> None:
+    model = yz.yolo_detector("yolov8n", 3).train()
+    images = torch.rand(2, 3, 64, 96)
+    targets = [
+        {
+            "boxes": torch.tensor([[8.0, 4.0, 40.0, 36.0], [50, 10, 90, 60]]),
+            "labels": torch.tensor([2, 0]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    batch = yz._yolo_batch(images, targets)
+    torch.testing.assert_close(
+        batch["bboxes"],
+        torch.tensor([[24 / 96, 20 / 64, 32 / 96, 32 / 64], [70 / 96, 35 / 64, 40 / 96, 50 / 64]]),
+    )
+    assert batch["batch_idx"].tolist() == [0, 0] and batch["cls"].view(-1).tolist() == [2, 0]
+    torch.manual_seed(0)
+    ours = model.loss(images, targets)
+    torch.manual_seed(0)
+    theirs, _ = model.net.loss(batch)
+    torch.testing.assert_close(ours["loss"], theirs.sum() / 2)
+    torch.testing.assert_close(torch.stack([ours[k] for k in ("box", "cls", "dfl")]), theirs / 2)
+    ours["loss"].backward()  # one graph to every parameter
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_detector_predict_keeps_the_best_class_above_threshold_after_per_class_nms() -> None:
+    model = yz.yolo_detector("yolov8n", 2).eval()
+    # four anchors (cx, cy, w, h, score class 0, score class 1): 0 and 1 overlap in class 1,
+    # 2 overlaps 1 in class 0 (kept: other class), 3 is under the threshold
+    y = torch.tensor(
+        [
+            [20.0, 20, 10, 10, 0.1, 0.9],
+            [21.0, 20, 10, 10, 0.2, 0.8],
+            [21.0, 21, 10, 10, 0.7, 0.3],
+            [60.0, 60, 10, 10, 0.05, 0.04],
+        ]
+    ).T[None]
+    dets = model.predict(
+        torch.zeros(1, 3, 64, 64), conf_threshold=0.06, nms_iou=0.5, output=(y, {})
+    )
+    assert dets[0]["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(dets[0]["scores"], torch.tensor([0.9, 0.7]))
+    torch.testing.assert_close(
+        dets[0]["boxes"], torch.tensor([[15.0, 15, 25, 25], [16.0, 16, 26, 26]])
+    )
+    with pytest.raises(RuntimeError, match=r"call \.eval\(\) first"):
+        model.train().predict(torch.zeros(1, 3, 64, 64))
+
+
+def test_detect_bench_trains_ultralytics_models_with_attention(
+    tmp_path: Path, no_network: list
+) -> None:
+    """``attnzoo bench --task detect --model yolov8n --attention none,eca``: both arms train
+    with Ultralytics' loss, are scored with the bench's mAP, and reload from their checkpoints."""
+    from attnzoo.bench.checkpoints import load_run_model
+    from attnzoo.bench.engine import BenchConfig
+    from attnzoo.bench.run import run
+
+    result = run(
+        BenchConfig(
+            "none,eca",
+            task="detect",
+            model="yolov8n",
+            epochs=1,
+            batch_size=8,
+            n_train=16,
+            n_test=8,
+            image_size=64,
+            seeds=(0,),
+            out=tmp_path / "bench",
+            localise=False,
+            panel_images=2,
+        )
+    )
+    runs = {r["attention"]: r for r in result.runs}
+    assert set(runs) == {"none", "eca"}
+    for r in runs.values():
+        assert 0 <= r["map50"] <= 1 and {"train_box", "train_cls", "train_dfl"} <= set(r)
+        assert r["test_n"] == 8
+    model, _ = load_run_model(tmp_path / "bench" / "runs" / "eca" / "seed0")
+    assert isinstance(model, yz.UltralyticsDetector) and attnzoo.attached(model.net)
+    assert (tmp_path / "bench" / "report.html").is_file()
+    assert no_network == []

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.modules.bam import BAM, bam_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 EPS = 1e-5
 
@@ -49,16 +49,7 @@ def bam_reference(m: BAM, x, training, combine):
 def test_matches_reference_forward_and_gradients(combine, train) -> None:
     m = randomize_(BAM(32, combine=combine)).double().train(train)
     x = torch.randn(3, 32, 6, 11, dtype=torch.float64)  # non-square
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y = m(x1)
-    ref = bam_reference(m, x2, train, combine)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x1, *params], g)
-    want = torch.autograd.grad(ref, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(m, lambda t: bam_reference(m, t, train, combine), x)
 
 
 def test_official_code_differences() -> None:

@@ -18,7 +18,7 @@ from attnzoo.modules.fca import (
     fca_param_count,
     frequency_indices,
 )
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 
 def dct_bank(channels: int, h: int, w: int, us: list[int], vs: list[int]) -> torch.Tensor:
@@ -54,15 +54,7 @@ def test_matches_reference_forward_and_gradients(method: str, dct_size: int) -> 
     m = randomize_(MultiSpectralAttention(32, freq_sel_method=method, dct_size=dct_size)).double()
     for size in ((dct_size, dct_size), (5, 9), (1, 1), (16, 11)):
         x = torch.randn(2, 32, *size, dtype=torch.float64)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, ref = m(x1), fca_reference(m, x2)
-        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-        params = list(m.parameters())
-        g = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x1, *params], g)
-        want = torch.autograd.grad(ref, [x2, *params], g)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert_matches_reference(m, lambda t: fca_reference(m, t), x)
 
 
 def test_filter_bank_and_official_selection() -> None:

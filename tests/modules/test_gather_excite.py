@@ -10,7 +10,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo.modules.gather_excite import GatherExcite, ge_hidden_channels, ge_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +109,7 @@ def test_matches_reference_forward_and_gradients(label: str, kwargs: dict) -> No
     m = randomize_(GatherExcite(16, reduction=4, **kwargs)).double().eval()
     for size in ((7, 10), (1, 3)):
         x = torch.randn(2, 16, *size, dtype=torch.float64)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, ref = m(x1), ge_reference(m, x2)
-        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-        params = list(m.parameters())
-        g = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x1, *params], g)
-        want = torch.autograd.grad(ref, [x2, *params], g)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert_matches_reference(m, lambda t: ge_reference(m, t), x)
 
 
 @pytest.mark.parametrize("use_mlp", [False, True], ids=["GEP theta", "GEPP theta-plus"])

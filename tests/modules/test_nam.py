@@ -8,7 +8,7 @@ import torch
 
 import attnzoo
 from attnzoo.modules.nam import NAM, nam_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 EPS = 1e-5
 
@@ -40,16 +40,7 @@ def nam_reference(m: NAM, x, training):
 def test_matches_reference_forward_and_gradients(spatial, train) -> None:
     m = randomize_(NAM(8, spatial=spatial)).double().train(train)
     x = torch.randn(3, 8, 5, 6, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y = m(x1)
-    ref = nam_reference(m, x2, train)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x1, *params], g)
-    want = torch.autograd.grad(ref, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(m, lambda t: nam_reference(m, t, train), x)
 
 
 def test_official_detached_weights_same_forward_other_gradient() -> None:

@@ -8,7 +8,7 @@ import torch
 
 import attnzoo
 from attnzoo.modules.psa import PolarizedSelfAttention, psa_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 
 def _w(conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -80,15 +80,7 @@ def test_matches_reference_forward_and_gradients(label: str, kwargs: dict) -> No
     m = randomize_(PolarizedSelfAttention(16, **kwargs)).double()
     for size in ((3, 5), (1, 1)):
         x = torch.randn(2, 16, *size, dtype=torch.float64)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, ref = m(x1), psa_reference(m, x2)
-        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-        params = list(m.parameters())
-        g = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x1, *params], g)
-        want = torch.autograd.grad(ref, [x2, *params], g)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert_matches_reference(m, lambda t: psa_reference(m, t), x)
 
 
 def test_the_three_spatial_forms_differ() -> None:

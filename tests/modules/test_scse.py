@@ -7,7 +7,7 @@ import torch
 
 import attnzoo
 from attnzoo.modules.scse import SpatialChannelSE, scse_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 
 def scse_reference(x, w1, b1, w2, b2, wc, bc, combine):
@@ -41,16 +41,7 @@ def _weights(m: SpatialChannelSE):
 def test_matches_reference_forward_and_gradients(kwargs) -> None:
     m = randomize_(SpatialChannelSE(32, **kwargs)).double()
     x = torch.randn(3, 32, 5, 7, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y = m(x1)
-    ref = scse_reference(x2, *_weights(m), m.combine)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x1, *params], g)
-    want = torch.autograd.grad(ref, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(m, lambda t: scse_reference(t, *_weights(m), m.combine), x)
 
 
 def test_official_default_is_max_and_differs_from_sum() -> None:

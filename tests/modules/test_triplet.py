@@ -8,7 +8,7 @@ import torch
 
 import attnzoo
 from attnzoo.modules.triplet import TripletAttention, triplet_param_count
-from conftest import randomize_
+from conftest import assert_matches_reference, randomize_
 
 EPS = 1e-5
 
@@ -55,16 +55,7 @@ def triplet_reference(m: TripletAttention, x, training):
 def test_matches_official_formula_forward_and_gradients(kwargs, train) -> None:
     m = randomize_(TripletAttention(6, **kwargs)).double().train(train)
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64)  # C, H, W all different
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    params = list(m.parameters())
-    y = m(x1)
-    ref = triplet_reference(m, x2, train)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x1, *params], g)
-    want = torch.autograd.grad(ref, [x2, *params], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(m, lambda t: triplet_reference(m, t, train), x)
 
 
 @pytest.mark.parametrize("channels", [1, 64, 2048])

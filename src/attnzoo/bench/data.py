@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnzoo.datasets.digits import ink_crop as _ink_crop
 from attnzoo.datasets.digits import split_sources as _split_sources
@@ -230,6 +230,57 @@ class SeededSampler(Sampler[int]):
         if not self.shuffle:
             return len(range(self.rank, self.n, self.world_size))
         return -(-self.n // self.world_size)
+
+
+def seeded_loaders(
+    train: Dataset,
+    test: Dataset,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    collate_fn: Any = None,
+    train_sampler: SeededSampler | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """Every task's loaders: train (order a pure function of ``(seed, epoch)``, sharded over DDP
+    ranks) and test (every image once over the ranks).
+
+    ``rank``/``world_size`` default to ``torch.distributed``'s, read when the loaders are
+    iterated (Lightning starts the process group inside ``fit``). ``train_sampler`` replaces the
+    default training :class:`SeededSampler` (e.g. a subclass that also sets the epoch's
+    augmentation).
+    """
+    if train_sampler is None:
+        train_sampler = SeededSampler(
+            len(train),  # type: ignore[arg-type]
+            seed=seed,
+            shuffle=True,
+            rank=rank,
+            world_size=world_size,
+        )
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        sampler=train_sampler,
+    )
+    test_loader = DataLoader(
+        test,
+        batch_size=eval_batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        sampler=SeededSampler(
+            len(test),  # type: ignore[arg-type]
+            shuffle=False,
+            rank=rank,
+            world_size=world_size,
+        ),
+    )
+    return train_loader, test_loader
 
 
 # ---------------------------------------------------------------------------------------------

@@ -267,6 +267,33 @@ def _check_attention_kwargs(name: str, attention: Any, rest: Mapping[str, Any]) 
         )
 
 
+def _rcnn_resnet50_fpn(
+    name: str,
+    num_classes: int,
+    attention: Any,
+    weights_backbone: Mapping[str, torch.Tensor] | str | os.PathLike | None,
+    trainable_backbone_layers: int | None,
+    keep_size: bool,
+    kwargs: dict[str, Any],
+    *,
+    cascade: bool,
+) -> FasterRCNN:
+    """The two ResNet-50-FPN builders: checks, backbone, then Faster or Cascade R-CNN."""
+    _check_num_classes(name, num_classes)
+    faster, casc, rest = _split(name, kwargs, cascade=cascade)
+    _check_attention_kwargs(name, attention, rest)
+    backbone = _resnet50_fpn(attention, weights_backbone, trainable_backbone_layers, rest, name)
+    return _detector(
+        backbone,
+        num_classes,
+        cascade=cascade,
+        faster_kwargs=faster,
+        cascade_kwargs=casc,
+        representation=1024,
+        keep_size=keep_size,
+    )
+
+
 def faster_rcnn_resnet50_fpn(
     num_classes: int = 91,
     attention: Any = None,
@@ -292,19 +319,15 @@ def faster_rcnn_resnet50_fpn(
             torchvision's resize to ``min_size``/``max_size``.
         **kwargs: ``FasterRCNN`` keywords, then the attention module's keywords.
     """
-    name = "faster_rcnn_resnet50_fpn"
-    _check_num_classes(name, num_classes)
-    faster, casc, rest = _split(name, kwargs, cascade=False)
-    _check_attention_kwargs(name, attention, rest)
-    backbone = _resnet50_fpn(attention, weights_backbone, trainable_backbone_layers, rest, name)
-    return _detector(
-        backbone,
+    return _rcnn_resnet50_fpn(
+        "faster_rcnn_resnet50_fpn",
         num_classes,
+        attention,
+        weights_backbone,
+        trainable_backbone_layers,
+        keep_size,
+        kwargs,
         cascade=False,
-        faster_kwargs=faster,
-        cascade_kwargs=casc,
-        representation=1024,
-        keep_size=keep_size,
     )
 
 
@@ -322,19 +345,15 @@ def cascade_rcnn_resnet50_fpn(
     class-agnostic regression, mmdetection's settings by default). ``CascadeRoIHeads`` keywords
     (``stage_iou_thresholds``, ``convention``, ``mode``, ``score_average`` ...) are accepted in
     ``kwargs``; other arguments as :func:`faster_rcnn_resnet50_fpn`."""
-    name = "cascade_rcnn_resnet50_fpn"
-    _check_num_classes(name, num_classes)
-    faster, casc, rest = _split(name, kwargs, cascade=True)
-    _check_attention_kwargs(name, attention, rest)
-    backbone = _resnet50_fpn(attention, weights_backbone, trainable_backbone_layers, rest, name)
-    return _detector(
-        backbone,
+    return _rcnn_resnet50_fpn(
+        "cascade_rcnn_resnet50_fpn",
         num_classes,
+        attention,
+        weights_backbone,
+        trainable_backbone_layers,
+        keep_size,
+        kwargs,
         cascade=True,
-        faster_kwargs=faster,
-        cascade_kwargs=casc,
-        representation=1024,
-        keep_size=keep_size,
     )
 
 

@@ -45,12 +45,15 @@ from attnzoo.registry import create, info
 __all__ = [
     "AttnZoo",
     "AttnZooDetectionTrainer",  # noqa: F822  (module __getattr__: made on first use)
+    "UltralyticsDetector",
+    "YOLO_MODELS",
     "attach_to_yolo",
     "attention_trainer",
     "load_yolo_weights",
     "register",
     "setup_offline",
     "write_yolo_dataset",
+    "yolo_detector",
 ]
 
 _INSTALL = "pip install 'attnzoo[ultralytics]'"
@@ -429,6 +432,134 @@ def __getattr__(name: str) -> Any:  # PEP 562: the trainer class exists once ult
     if name == "AttnZooDetectionTrainer":
         return _trainer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a detector for attnzoo's detect bench
+#: the model YAMLs (shipped with Ultralytics) that :func:`yolo_detector` builds by name
+YOLO_MODELS = ("yolov8n", "yolov8s", "yolo11n", "yolo11s")
+
+
+def _yolo_batch(images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """attnzoo's detection batch (xyxy pixel boxes per image) in Ultralytics' training form:
+    ``img``, ``batch_idx (n,)``, ``cls (n, 1)``, ``bboxes (n, 4)`` (xywh, fractions)."""
+    h, w = images.shape[-2:]
+    boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(images)
+    labels = torch.cat([t["labels"].reshape(-1) for t in targets]).to(images)
+    index = torch.cat(
+        [torch.full((len(t["labels"]),), i, dtype=images.dtype) for i, t in enumerate(targets)]
+    ).to(images.device)
+    scale = boxes.new_tensor([w, h, w, h])
+    xywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1) / scale
+    return {"img": images, "batch_idx": index, "cls": labels[:, None], "bboxes": xywh}
+
+
+class UltralyticsDetector(nn.Module):
+    """An Ultralytics ``DetectionModel`` (in ``self.net``) with the interface of attnzoo's
+    detect bench: images in ``[0, 1]``, targets as dicts of xyxy pixel ``boxes`` and ``labels``
+    from 0.
+
+    - ``forward(images)``: the network's own output (feature maps in training; in eval mode
+      ``(y, raw)`` with ``y`` ``(B, 4 + classes, anchors)``: xywh pixel boxes and per-class
+      sigmoid scores);
+    - :meth:`loss`: Ultralytics' own criterion (``DetectionModel.loss``: task-aligned
+      assignment, CIoU + DFL + BCE with the gains of Ultralytics' default configuration), per
+      image (its trainer's value divided by the batch size);
+    - :meth:`predict`: detections in attnzoo's form.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = _detection_model(net, "attnzoo.integrations.ultralytics.UltralyticsDetector")
+
+    def forward(self, images: Tensor) -> Any:
+        return self.net(images)
+
+    def loss(
+        self, images: Tensor, targets: list[dict[str, Tensor]], preds: Any = None
+    ) -> dict[str, Tensor]:
+        """``{"loss", "box", "cls", "dfl"}`` per image for a batch (``preds``: this batch's
+        output, if already computed)."""
+        total, _ = self.net.loss(_yolo_batch(images, targets), preds)
+        parts = total / images.shape[0]  # Ultralytics' trainer multiplies by the batch size
+        return {"loss": parts.sum(), "box": parts[0], "cls": parts[1], "dfl": parts[2]}
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        *,
+        conf_threshold: float = 0.001,
+        nms_iou: float = 0.5,
+        max_det: int = 300,
+        output: Any = None,
+    ) -> list[dict[str, Tensor]]:
+        """Detections per image (``boxes`` xyxy pixels, ``scores``, ``labels``): the best class of
+        each anchor with score >= ``conf_threshold``, per-class NMS at ``nms_iou``, the
+        ``max_det`` best (the model must be in eval mode; ``output``: its output on ``images``,
+        if already computed)."""
+        from torchvision.ops import batched_nms, box_convert
+
+        if self.training:
+            raise RuntimeError(
+                "attnzoo.integrations.ultralytics.UltralyticsDetector.predict: call .eval() first "
+                "(in training mode the network returns feature maps, not boxes)"
+            )
+        out = self.net(images) if output is None else output
+        y = out[0] if isinstance(out, (tuple, list)) else out  # (B, 4 + classes, anchors)
+        dets = []
+        for pred in y.transpose(1, 2):  # (anchors, 4 + classes)
+            scores, labels = pred[:, 4:].max(1)
+            keep = scores >= conf_threshold
+            boxes = box_convert(pred[keep, :4], "cxcywh", "xyxy")
+            scores, labels = scores[keep], labels[keep]
+            order = batched_nms(boxes, scores, labels, nms_iou)[:max_det]
+            dets.append({"boxes": boxes[order], "scores": scores[order], "labels": labels[order]})
+        return dets
+
+
+def yolo_detector(
+    name: str = "yolov8n",
+    num_classes: int = 80,
+    attention: Any = None,
+    *,
+    at: Iterable[int | str] | int | str | None = None,
+    identity_init: bool = False,
+    **kwargs: Any,
+) -> UltralyticsDetector:
+    """A YOLOv8 / YOLO11 detector built offline from Ultralytics' model YAML, with attention.
+
+    Args:
+        name: a model YAML Ultralytics ships, without ``.yaml`` (:data:`YOLO_MODELS`, or any
+            other detection YAML name it resolves, e.g. ``"yolov8m"``).
+        num_classes: classes of the detection head.
+        attention: a registry name, module class or factory; ``None`` for the plain model.
+        at: where (:func:`attach_to_yolo`); default: after every layer the ``Detect`` head reads
+            (the neck's three outputs, layers 15, 18, 21 of YOLOv8), as attention in a YOLO neck.
+        identity_init: see :func:`attach_to_yolo`.
+        **kwargs: the attention's keyword arguments.
+    """
+    who = "attnzoo.integrations.ultralytics.yolo_detector"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{who}: name must be a model YAML name such as 'yolov8n'; got {name!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{who}: num_classes must be an integer >= 1; got {num_classes!r}")
+    if attention is None and (kwargs or at is not None):
+        raise ValueError(f"{who}: attention options given without attention=")
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # no online checks when first imported here
+    _ultralytics()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    try:
+        net = DetectionModel(f"{name}.yaml", nc=num_classes, verbose=False)
+    except FileNotFoundError as err:
+        raise ValueError(f"{who}: Ultralytics has no model YAML {name + '.yaml'!r}") from err
+    net.args = get_cfg()  # the loss gains (box 7.5, cls 0.5, dfl 1.5) its criterion reads
+    if attention is not None:
+        where = list(net.model[-1].f) if at is None else at
+        attach_to_yolo(net, attention, where, identity_init=identity_init, **kwargs)
+    return UltralyticsDetector(net)
 
 
 # ---------------------------------------------------------------------------------------------

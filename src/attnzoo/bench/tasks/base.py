@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from attnzoo.specs import BASELINE
@@ -55,6 +56,19 @@ def call_builder(
     return builder(attention=spec.name, **kwargs, **dict(spec.kwargs))
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every DDP rank rank 0's buffers (BatchNorm statistics), in place.
+
+    DDP broadcasts buffers before each training forward, but each rank's last batch updated its
+    own copy: called before evaluation, every rank evaluates exactly the model that the
+    checkpoint stores. Does nothing outside a multi-process group.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 @runtime_checkable
 class TaskData(Protocol):
     """What a task's data object tells the engine (train/test splits are the task's business)."""
@@ -75,6 +89,36 @@ class TaskData(Protocol):
         """JSON-able facts that change the numbers (sizes, images per class, ...): part of the
         run fingerprint and of the report's configuration table."""
         ...
+
+
+@dataclass
+class ImageSplits:
+    """A :class:`TaskData` of train and test datasets of images at ``image_size``: what the
+    detect and segment tasks load (their subclasses say which datasets)."""
+
+    name: str
+    description: str
+    classes: list[str]
+    train: Any
+    test: Any
+    image_size: int
+    note: str = ""
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "num_classes": self.num_classes,
+            "split": self.note,
+        }
 
 
 @dataclass

@@ -26,9 +26,15 @@ from torch.utils.data import DataLoader
 
 from attnzoo.bench import localisation as loc
 from attnzoo.bench import report as rep
-from attnzoo.bench.data import BenchData, SeededSampler, TensorImageSet, check_data_spec, load_data
+from attnzoo.bench.data import (
+    BenchData,
+    TensorImageSet,
+    check_data_spec,
+    load_data,
+    seeded_loaders,
+)
 from attnzoo.bench.report import Block, Figure, Section, Table, Text
-from attnzoo.bench.tasks.base import Task, TaskReport, call_builder
+from attnzoo.bench.tasks.base import Task, TaskReport, broadcast_buffers, call_builder
 from attnzoo.bench.train import TrainConfig, build_optimizer, check_lr_schedule
 from attnzoo.specs import DEFAULT_ATTENTIONS, DEFAULT_MODEL, AttentionSpec
 
@@ -91,13 +97,7 @@ def _module_class() -> type:
             return loss
 
         def on_validation_epoch_start(self) -> None:
-            # DDP keeps rank 0's BN statistics (it broadcasts buffers before each training
-            # forward), but each rank's last batch updated its own copy: evaluate every rank with
-            # rank 0's buffers, i.e. with exactly the model that the checkpoint stores.
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for buf in self.model.buffers():
-                    dist.broadcast(buf, src=0)
+            broadcast_buffers(self.model)  # evaluate what the checkpoint stores
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
@@ -161,27 +161,18 @@ def make_loaders(
     world_size: int | None = None,
     num_workers: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train loader (seeded order, sharded) and test loader (every image once over the ranks).
-
-    ``rank``/``world_size`` default to ``torch.distributed``'s, read when the loaders are iterated
-    (Lightning starts the process group inside ``fit``).
-    """
-    train_loader = DataLoader(
+    """Train loader (seeded order, sharded) and test loader (every image once over the ranks):
+    :func:`attnzoo.bench.data.seeded_loaders` with the config's batch sizes."""
+    return seeded_loaders(
         train,
-        batch_size=cfg.batch_size,
-        drop_last=False,
-        num_workers=num_workers,
-        sampler=SeededSampler(
-            len(train), seed=seed, shuffle=True, rank=rank, world_size=world_size
-        ),
-    )
-    test_loader = DataLoader(
         test,
-        batch_size=cfg.eval_batch_size,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
         num_workers=num_workers,
-        sampler=SeededSampler(len(test), shuffle=False, rank=rank, world_size=world_size),
     )
-    return train_loader, test_loader
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""``attnzoo bench --task detect``: YOLOv4-tiny with an attention neck, or Faster / Cascade R-CNN
-with an attention backbone, compared by mAP.
+"""``attnzoo bench --task detect``: YOLOv4-tiny with an attention neck, Faster / Cascade R-CNN
+with an attention backbone, or Ultralytics YOLO models with attention, compared by mAP.
 
 The plug-in gives the bench engine what is particular to detection:
 
@@ -9,6 +9,9 @@ The plug-in gives the bench engine what is particular to detection:
   :mod:`attnzoo.bench.tasks.detect_rcnn`, with their own defaults when every ``--model`` is an
   R-CNN: 4 epochs, batch 8, lr 0.02, weight decay 1e-4, 240 train scenes). Several models
   (``--model faster_rcnn_small,cascade_rcnn_small``) make one arm per model and attention.
+  ``yolov8n``, ``yolov8s``, ``yolo11n``, ``yolo11s`` are Ultralytics models with attention after
+  the three neck outputs (needs ``attnzoo[ultralytics]``; Ultralytics' own loss, this task's
+  optimiser, data and metric: :mod:`attnzoo.bench.tasks.detect_ultralytics`).
   For YOLOv4-tiny: The attentions
   ``se``, ``cbam``, ``eca`` and ``ca`` are the reference's ``phi`` variants
   (bubbliiiing/yolov4-tiny-pytorch; the ``"yolov4-tiny"`` presets in the three neck positions,
@@ -51,7 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.bench.tasks.base import Task, TaskReport, call_builder
+from attnzoo.bench.tasks.base import ImageSplits, Task, TaskReport, broadcast_buffers, call_builder
+from attnzoo.bench.tasks.detect_ultralytics import ULTRALYTICS_MODELS
 
 __all__ = [
     "DEFAULT_DETECT_ATTENTIONS",
@@ -76,6 +80,7 @@ DETECT_MODELS = (
     "cascade_rcnn_small",
     "faster_rcnn_resnet50_fpn",
     "cascade_rcnn_resnet50_fpn",
+    *ULTRALYTICS_MODELS,
 )
 DEFAULT_DETECT_ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
 #: the task's defaults (chosen so that the demo's baseline lands mid-range in ~15 min on 2 cores)
@@ -225,38 +230,18 @@ def yolov4_tiny(attention: str | None = None, num_classes: int = 20, **kwargs: A
 
 # ---------------------------------------------------------------------------------------------
 # data
-@dataclass
-class DetectionSplits:
+class DetectionSplits(ImageSplits):
     """The detect task's data (:class:`~attnzoo.bench.tasks.base.TaskData`): train and test
     :class:`~attnzoo.datasets.DetectionDataset` at ``image_size``."""
-
-    name: str
-    description: str
-    classes: list[str]
-    train: Any
-    test: Any
-    image_size: int
-    note: str = ""
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def describe(self) -> dict[str, Any]:
         def objects(ds: Any) -> int:
             return int(sum(len(b) for b in ds.data.boxes))
 
         return {
-            "n_train": len(self.train),
-            "n_test": len(self.test),
-            "num_classes": self.num_classes,
+            **super().describe(),
             "objects_train": objects(self.train),
             "objects_test": objects(self.test),
-            "split": self.note,
         }
 
 
@@ -446,29 +431,21 @@ def detect_loaders(
     world_size: int | None = None,
 ) -> tuple[Any, Any]:
     """Train loader (order a pure function of ``(seed, epoch)``, sharded over DDP ranks) and the
-    test loader (every image once over the ranks)."""
-    from torch.utils.data import DataLoader
-
-    from attnzoo.bench.data import SeededSampler
+    test loader (every image once over the ranks), batches of images and box lists."""
+    from attnzoo.bench.data import seeded_loaders
     from attnzoo.datasets import collate_detection
 
-    train = DataLoader(
+    return seeded_loaders(
         splits.train,
-        batch_size=cfg.batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_detection,
-        sampler=SeededSampler(
-            len(splits.train), seed=seed, shuffle=True, rank=rank, world_size=world_size
-        ),
-    )
-    test = DataLoader(
         splits.test,
-        batch_size=cfg.eval_batch_size,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
         num_workers=num_workers,
         collate_fn=collate_detection,
-        sampler=SeededSampler(len(splits.test), shuffle=False, rank=rank, world_size=world_size),
     )
-    return train, test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +487,7 @@ def _module_class() -> type:
             self.cfg = cfg
             self.criterion = YoloV4TinyLoss(num_classes)
             self.metric = detection_metrics(num_classes)
-            self.train_parts = nn.ModuleDict({k: MeanMetric() for k in PARTS})
+            self.train_parts = nn.ModuleDict({k: MeanMetric() for k in self.parts})
             self.val_loss = MeanMetric()
             self.val_count = SumMetric()
             self.history: list[dict[str, Any]] = []
@@ -521,17 +498,33 @@ def _module_class() -> type:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return self.model(x)
 
+        #: the loss parts logged per epoch (``train_<part>``)
+        parts: tuple[str, ...] = PARTS
+
+        def losses(self, images: torch.Tensor, targets: Any, outputs: Any = None) -> Any:
+            """The loss and its :attr:`parts` (``outputs``: the model's, if already computed)."""
+            return self.criterion(self.model(images) if outputs is None else outputs, targets)
+
+        def detections(self, images: torch.Tensor, outputs: Any) -> list[dict[str, torch.Tensor]]:
+            """Detections of the eval-mode ``outputs`` at the evaluation's thresholds."""
+            return postprocess(
+                outputs,
+                tuple(images.shape[-2:]),
+                conf_threshold=self.cfg.conf_threshold,
+                nms_iou=self.cfg.nms_iou,
+            )
+
         def on_train_epoch_start(self) -> None:
             self._t0 = time.perf_counter()
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             images, targets = batch
-            out = self.criterion(self.model(images), targets)
+            out = self.losses(images, targets)
             n = images.shape[0]
-            for k in PARTS:
+            for k in self.parts:
                 self.train_parts[k].update(out[k].detach(), weight=n)
             self.log_dict(
-                {f"train_{k}": out[k].detach() for k in PARTS},
+                {f"train_{k}": out[k].detach() for k in self.parts},
                 on_step=True,
                 on_epoch=False,
                 batch_size=n,
@@ -542,11 +535,7 @@ def _module_class() -> type:
             return is_eval_epoch(int(self.current_epoch) + 1, self.cfg)
 
         def on_validation_epoch_start(self) -> None:
-            # evaluate every DDP rank with rank 0's BN statistics (what the checkpoint stores)
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for buf in self.model.buffers():
-                    dist.broadcast(buf, src=0)
+            broadcast_buffers(self.model)  # evaluate what the checkpoint stores
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             if not self._evaluating():
@@ -554,15 +543,9 @@ def _module_class() -> type:
             images, targets = batch
             outputs = self.model(images)
             n = images.shape[0]
-            self.val_loss.update(self.criterion(outputs, targets)["loss"], weight=n)
+            self.val_loss.update(self.losses(images, targets, outputs)["loss"], weight=n)
             self.val_count.update(torch.tensor(float(n), device=images.device))
-            preds = postprocess(
-                outputs,
-                tuple(images.shape[-2:]),
-                conf_threshold=self.cfg.conf_threshold,
-                nms_iou=self.cfg.nms_iou,
-            )
-            self.metric.update(preds, targets)
+            self.metric.update(self.detections(images, outputs), targets)
 
         def on_validation_epoch_end(self) -> None:
             if not self._evaluating():
@@ -583,7 +566,7 @@ def _module_class() -> type:
 
         def on_train_epoch_end(self) -> None:
             row: dict[str, Any] = {"epoch": int(self.current_epoch) + 1}
-            for k in PARTS:
+            for k in self.parts:
                 row[f"train_{k}"] = float(self.train_parts[k].compute())
                 self.train_parts[k].reset()
             row["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -603,6 +586,39 @@ def _module_class() -> type:
     return DetectModule
 
 
+def _ultralytics_module_class() -> type:
+    """:class:`UltralyticsModule`, defined on first use (as :class:`DetectModule`)."""
+    if "ultralytics" in _CACHE:
+        return _CACHE["ultralytics"]
+    from attnzoo.bench.tasks.detect_ultralytics import PARTS as ULTRALYTICS_PARTS
+
+    class UltralyticsModule(_module_class()):  # type: ignore[misc]
+        """:class:`DetectModule` for an Ultralytics model
+        (:class:`attnzoo.integrations.ultralytics.UltralyticsDetector`): its own loss, per
+        image (parts ``box``, ``cls``, ``dfl``), and its own detections."""
+
+        parts = ULTRALYTICS_PARTS
+
+        def losses(self, images: torch.Tensor, targets: Any, outputs: Any = None) -> Any:
+            return self.model.loss(images, targets, outputs)
+
+        def detections(self, images: torch.Tensor, outputs: Any) -> list[dict[str, torch.Tensor]]:
+            return self.model.predict(
+                images,
+                conf_threshold=self.cfg.conf_threshold,
+                nms_iou=self.cfg.nms_iou,
+                output=outputs,
+            )
+
+    _CACHE["ultralytics"] = UltralyticsModule
+    return UltralyticsModule
+
+
+def build_ultralytics_module(model: nn.Module, num_classes: int, cfg: DetectConfig) -> Any:
+    """An :class:`UltralyticsModule` (LightningModule) training the Ultralytics ``model``."""
+    return _ultralytics_module_class()(model, num_classes, cfg)
+
+
 def build_detect_module(model: nn.Module, num_classes: int, cfg: DetectConfig) -> Any:
     """A :class:`DetectModule` (LightningModule) training ``model``."""
     return _module_class()(model, num_classes, cfg)
@@ -611,6 +627,8 @@ def build_detect_module(model: nn.Module, num_classes: int, cfg: DetectConfig) -
 def __getattr__(name: str) -> Any:  # ``from attnzoo.bench.tasks.detect import DetectModule``
     if name == "DetectModule":
         return _module_class()
+    if name == "UltralyticsModule":
+        return _ultralytics_module_class()
     raise AttributeError(name)
 
 
@@ -665,12 +683,18 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
     models = _panel_models(plan)
     seed = min(run.seed for run in plan)
     from attnzoo.bench.tasks.detect_rcnn import is_rcnn, rcnn_predict
+    from attnzoo.bench.tasks.detect_ultralytics import is_ultralytics
 
     preds = {}
     with torch.no_grad():
         for label, model in models.items():
             if is_rcnn(model):  # its own NMS (0.5) and score threshold
                 preds[label] = rcnn_predict(model, images)[0]
+                continue
+            if is_ultralytics(model):
+                preds[label] = model.predict(
+                    images, conf_threshold=PANEL_CONFIDENCE, nms_iou=PANEL_NMS
+                )
                 continue
             preds[label] = postprocess(
                 model(images),
@@ -715,8 +739,8 @@ def _panel_sections(data: DetectionSplits, config: Any, plan: Sequence[Any]) -> 
             )
         )
         return sections
-    models = {label: m for label, m in models.items() if not is_rcnn(m)}
-    if not models:  # EigenCAM panels are for the YOLO detectors
+    models = {label: m for label, m in models.items() if not (is_rcnn(m) or is_ultralytics(m))}
+    if not models:  # EigenCAM panels are for the YOLOv4-tiny detectors
         return sections
     try:
         cams = {
@@ -765,16 +789,21 @@ HOW_TO_READ = (
 
 # ---------------------------------------------------------------------------------------------
 def _families(model: Any) -> set[str]:
-    """``{"yolo"}``, ``{"rcnn"}`` or both, for ``--model`` (one model or several)."""
+    """The model families of ``--model`` (one model or several): ``"yolo"`` (YOLOv4-tiny or a
+    custom builder), ``"rcnn"``, ``"ultralytics"``."""
     from attnzoo.bench.engine import split_models
     from attnzoo.bench.tasks.detect_rcnn import RCNN_MODELS, is_rcnn
+    from attnzoo.bench.tasks.detect_ultralytics import is_ultralytics
 
-    return {
-        "rcnn"
-        if (isinstance(m, str) and m.strip().lower() in RCNN_MODELS) or (callable(m) and is_rcnn(m))
-        else "yolo"
-        for m in split_models(model)
-    }
+    def family(m: Any) -> str:
+        name = m.strip().lower() if isinstance(m, str) else None
+        if name in RCNN_MODELS or (callable(m) and is_rcnn(m)):
+            return "rcnn"
+        if name in ULTRALYTICS_MODELS or (callable(m) and is_ultralytics(m)):
+            return "ultralytics"
+        return "yolo"
+
+    return {family(m) for m in split_models(model)}
 
 
 RCNN_HOW_TO_READ = (
@@ -907,6 +936,10 @@ class DetectTask(Task):
             )
         if name == "yolov4_tiny":
             return name, yolov4_tiny
+        if name in ULTRALYTICS_MODELS:
+            from attnzoo.bench.tasks.detect_ultralytics import ultralytics_builder
+
+            return name, ultralytics_builder(name)
         from attnzoo.bench.tasks.detect_rcnn import rcnn_builder
 
         return name, rcnn_builder(name)
@@ -922,6 +955,7 @@ class DetectTask(Task):
 
     def build_model(self, builder: Any, spec: Any, data: Any, config: Any) -> nn.Module:
         from attnzoo.bench.tasks.detect_rcnn import is_rcnn, rcnn_predict
+        from attnzoo.bench.tasks.detect_ultralytics import is_ultralytics
 
         if is_rcnn(builder):
             model = call_builder(builder, spec, num_classes=data.num_classes + 1, keep_size=True)
@@ -931,6 +965,12 @@ class DetectTask(Task):
                 raise ValueError("its evaluation forward does not return detection dicts")
             return model.train()
         model = call_builder(builder, spec, num_classes=data.num_classes)
+        if is_ultralytics(model):
+            with torch.no_grad():
+                dets = model.eval().predict(data.test[0][0][None])
+            if len(dets) != 1 or set(dets[0]) != {"boxes", "scores", "labels"}:
+                raise ValueError("its predict() does not return detection dicts")
+            return model.train()
         images, _ = data.test[0]
         with torch.no_grad():
             out = model.eval()(images[None])
@@ -978,9 +1018,12 @@ class DetectTask(Task):
     # ---- training
     def make_module(self, model: nn.Module, data: Any, config: Any) -> Any:
         from attnzoo.bench.tasks.detect_rcnn import build_rcnn_module, is_rcnn
+        from attnzoo.bench.tasks.detect_ultralytics import is_ultralytics
 
         if is_rcnn(model):
             return build_rcnn_module(model, data.num_classes, detect_config(config), is_eval_epoch)
+        if is_ultralytics(model):
+            return build_ultralytics_module(model, data.num_classes, detect_config(config))
         return build_detect_module(model, data.num_classes, detect_config(config))
 
     def make_loaders(self, data: Any, config: Any, *, seed: int) -> tuple[Any, Any]:
@@ -1005,7 +1048,7 @@ class DetectTask(Task):
                 "map75",
                 "test_loss",
                 "test_n",
-                *(f"train_{p}" for p in PARTS),
+                *(k for k in last if k.startswith("train_")),
             )
         }
         row["per_class_ap50"] = module.run_extras.get("per_class_ap50")
@@ -1029,6 +1072,11 @@ class DetectTask(Task):
                 + (
                     "; the R-CNNs with their own optimiser, SGD momentum 0.9, same lr"
                     if "rcnn" in families
+                    else ""
+                )
+                + (
+                    "; the Ultralytics models with their own loss (per image) and this optimiser"
+                    if "ultralytics" in families
                     else ""
                 )
             )

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnzoo.bench.tasks.base import Task, TaskReport
+from attnzoo.bench.tasks.base import ImageSplits, Task, TaskReport, broadcast_buffers
 from attnzoo.specs import BASELINE
 
 __all__ = [
@@ -194,34 +194,9 @@ def segment_model(builder: Any, spec: Any, num_classes: int) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------
 # data
-@dataclass
-class SegmentationSplits:
+class SegmentationSplits(ImageSplits):
     """The segment task's data (:class:`~attnzoo.bench.tasks.base.TaskData`): train and test
     :class:`~attnzoo.datasets.masks.SegmentationDataset` at ``image_size``."""
-
-    name: str
-    description: str
-    classes: list[str]
-    train: Any
-    test: Any
-    image_size: int
-    note: str = ""
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "n_train": len(self.train),
-            "n_test": len(self.test),
-            "num_classes": self.num_classes,
-            "split": self.note,
-        }
 
 
 _DATA_HELP = (
@@ -436,9 +411,7 @@ def segment_loaders(
 ) -> tuple[Any, Any]:
     """Train loader (order a pure function of ``(seed, epoch)``, sharded over DDP ranks) and the
     test loader (every image once over the ranks)."""
-    from torch.utils.data import DataLoader
-
-    from attnzoo.bench.data import SeededSampler
+    from attnzoo.bench.data import SeededSampler, seeded_loaders
 
     class EpochSampler(SeededSampler):
         """Also selects the training set's random flips of the epoch, from ``(seed, epoch)``."""
@@ -448,21 +421,19 @@ def segment_loaders(
             splits.train.seed = seed
             splits.train.set_epoch(epoch)
 
-    train = DataLoader(
+    return seeded_loaders(
         splits.train,
+        splits.test,
         batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
         num_workers=num_workers,
-        sampler=EpochSampler(
+        train_sampler=EpochSampler(
             len(splits.train), seed=seed, shuffle=True, rank=rank, world_size=world_size
         ),
     )
-    test = DataLoader(
-        splits.test,
-        batch_size=cfg.eval_batch_size,
-        num_workers=num_workers,
-        sampler=SeededSampler(len(splits.test), shuffle=False, rank=rank, world_size=world_size),
-    )
-    return train, test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,11 +493,7 @@ def _module_class() -> type:
             return loss
 
         def on_validation_epoch_start(self) -> None:
-            # evaluate every DDP rank with rank 0's BN statistics (what the checkpoint stores)
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for buf in self.model.buffers():
-                    dist.broadcast(buf, src=0)
+            broadcast_buffers(self.model)  # evaluate what the checkpoint stores
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             images, masks = batch
