@@ -17,9 +17,9 @@ Measurements: forward (``eval()``, ``torch.no_grad()``) and forward+backward (``
 fresh leaf input with ``requires_grad``, ``y.backward(G)`` with a fixed random ``G``, parameter
 gradients reset every call). Times are medians from
 ``torch.utils.benchmark.Timer.blocked_autorange``; the variants are interleaved (round robin,
-``--rounds`` rounds) and the reported time is the median of the per-round medians, so that load
-drifts hit all variants alike. Compilation happens during the warm-up and is not timed. CPU,
-float32, NCHW, ``torch.set_num_threads(2)`` by default.
+the first variant rotating each round, ``--rounds`` rounds) and the reported time is the median
+of the per-round medians, so that load drifts hit all variants alike. Compilation happens during
+the warm-up and is not timed. CPU, float32, NCHW, ``torch.set_num_threads(2)`` by default.
 
 timm counterparts ("configured alike": same maths; the parity tests in ``tests/modules`` check
 the outputs agree with copied weights):
@@ -186,10 +186,14 @@ def _fwd_bwd(
 def interleaved(
     fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float
 ) -> dict[str, float]:
-    """Median (over rounds) of blocked_autorange medians, in ms; the callables take turns."""
+    """Median (over rounds) of blocked_autorange medians, in ms; the callables take turns, and
+    the one that goes first rotates from round to round (no variant always runs after the same
+    one)."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            fn = fns[key]
             timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
             samples[key].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
@@ -370,7 +374,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         f"- CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs), "
         f"`torch.set_num_threads({torch.get_num_threads()})`, float32, NCHW",
         f"- Timing: `torch.utils.benchmark` `blocked_autorange(min_run_time={args.min_run_time})`,"
-        f" the five variants interleaved over {args.rounds} rounds, median of the round medians",
+        f" the five variants interleaved over {args.rounds} rounds (the first one rotating), median"
+        " of the round medians",
         "- fwd: eval + no_grad; fwd+bwd: train mode, input requires grad, `backward(G)`",
         "- plain = ours eager (timm preset where timm has the module); +compile = "
         '`torch.compile` (inductor); fast = `attnzoo.fast.accelerate` + switch on ("= plain": '
