@@ -94,12 +94,12 @@ class _ScaleGradient(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``scale`` (detectron2's trick)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.scale, None
 
 
@@ -597,7 +597,9 @@ class CascadeRoIHeads(nn.Module):
             ]
             for i, (res, shape) in enumerate(zip(result, image_shapes)):
                 size = torch.tensor(shape, device=res["boxes"].device)
-                res["stages"] = [{**stage[i], "image_size": size} for stage in per_stage]
+                res["stages"] = [  # type: ignore[assignment]  # nested dicts, not a tensor
+                    {**stage[i], "image_size": size} for stage in per_stage
+                ]
         return result
 
     def forward(

@@ -273,10 +273,11 @@ def assign_targets(
         ),
         torch.zeros(0),
     )
-    gt = _gather_boxes(targets, tuple(input_size), num_classes, ref.dtype, ref.device, where)
-    best = _best_anchors(gt, anchor_t.to(ref.device, ref.dtype), masks, tuple(input_size))
+    size = (int(input_size[0]), int(input_size[1]))
+    gt = _gather_boxes(targets, size, num_classes, ref.dtype, ref.device, where)
+    best = _best_anchors(gt, anchor_t.to(ref.device, ref.dtype), masks, size)
     return [
-        _assign_head(gt, best, mask, tuple(grid), num_classes, len(anchor_t))
+        _assign_head(gt, best, mask, (int(grid[0]), int(grid[1])), num_classes, len(anchor_t))
         for mask, grid in zip(masks, grid_sizes)
     ]
 
@@ -359,7 +360,7 @@ def _ignored(
 
 
 def _check_ratio(where: str, name: str, value: Any) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) >= 0:
         raise ValueError(f"{where}: {name} must be a number >= 0, got {value!r}")
     return float(value)
 

@@ -151,7 +151,7 @@ def _resnet50_fpn(
         state = (
             weights_backbone
             if isinstance(weights_backbone, Mapping)
-            else torch.load(weights_backbone, map_location="cpu", weights_only=True)
+            else torch.load(str(weights_backbone), map_location="cpu", weights_only=True)
         )
         # FrozenBatchNorm2d has no step counter
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -244,7 +244,7 @@ def _detector(
         )
     if cascade:
         _cascade_heads(model, num_classes, representation, **cascade_kwargs)
-    model.num_classes = num_classes  # type: ignore[assignment]
+    model.num_classes = num_classes
     return model
 
 

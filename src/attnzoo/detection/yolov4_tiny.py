@@ -271,11 +271,12 @@ class YoloV4Tiny(nn.Module):
         # the reference's weights_init: every module whose class name contains "Conv"
         for m in self.modules():
             name = type(m).__name__
-            if "Conv" in name and isinstance(getattr(m, "weight", None), nn.Parameter):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif "BatchNorm2d" in name:
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            if "Conv" in name and isinstance(weight, nn.Parameter):
+                nn.init.normal_(weight, 0.0, 0.02)
+            elif "BatchNorm2d" in name and isinstance(weight, Tensor) and isinstance(bias, Tensor):
+                nn.init.normal_(weight, 1.0, 0.02)
+                nn.init.zeros_(bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:

@@ -470,7 +470,9 @@ class UltralyticsDetector(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = _detection_model(net, "attnzoo.integrations.ultralytics.UltralyticsDetector")
+        self.net: Any = _detection_model(
+            net, "attnzoo.integrations.ultralytics.UltralyticsDetector"
+        )
 
     def forward(self, images: Tensor) -> Any:
         return self.net(images)
@@ -552,7 +554,7 @@ def yolo_detector(
     from ultralytics.nn.tasks import DetectionModel
 
     try:
-        net = DetectionModel(f"{name}.yaml", nc=num_classes, verbose=False)
+        net: Any = DetectionModel(f"{name}.yaml", nc=num_classes, verbose=False)
     except FileNotFoundError as err:
         raise ValueError(f"{who}: Ultralytics has no model YAML {name + '.yaml'!r}") from err
     net.args = get_cfg()  # the loss gains (box 7.5, cls 0.5, dfl 1.5) its criterion reads
