@@ -3,7 +3,8 @@
 Both detectors are built by :mod:`attnzoo.detection.rcnn` on the same backbone (attention
 ``--attention``) with the same RPN and RoI settings; only the RoI heads differ (Faster R-CNN: one
 ``TwoMLPHead`` and class-specific regression; Cascade: three stages at IoU 0.5/0.6/0.7). Inputs are
-built-in digit scenes (one class) at ``--size`` px.
+built-in digit scenes (one class) at ``--size`` px (``N`` or ``HxW``: a non-square size resizes
+the square scenes, e.g. ``800x1333``, the paper's test size).
 
 * **train step**: forward in train mode, sum of the loss dict, backward, SGD step, batch
   ``--batch``;
@@ -20,10 +21,11 @@ built-in digit scenes (one class) at ``--size`` px.
 Targets (Cai & Vasconcelos, CVPR 2018, Table 7 timings): the cascade's added cost at most +21 %
 at inference (0.115 / 0.095 s) and +60 % in training; peak train-step memory at most 1.3x.
 
-Writes (replaces) the "Cascade vs Faster R-CNN (small|resnet50)" section of
+Writes (replaces) the "Cascade vs Faster R-CNN (model, HxW)" section of
 ``benchmarks/results/detection.md``, keeping the file's other sections.
 
     python benchmarks/detection.py --threads 2 --rounds 7
+    python benchmarks/detection.py --model resnet50 --size 800x1333 --batch 2 --rounds 3 --steps 1
 """
 
 from __future__ import annotations
@@ -55,13 +57,33 @@ def build(kind: str, size: str, attention: str | None) -> torch.nn.Module:
     return getattr(rcnn, name)(2, attention)
 
 
-def batch(size: int, n: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+def image_size(text: str) -> tuple[int, int]:
+    """``"800"`` -> (800, 800); ``"800x1333"`` -> (800, 1333): height x width."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--size must be N or HxW, got {text!r}")
+    h, w = int(parts[0]), int(parts[-1])
+    return h, w
+
+
+def batch(
+    size: tuple[int, int], n: int
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``n`` built-in scenes (square canvases of side ``size[0]``), resized to ``size`` with their
+    boxes when it is not square."""
     from attnzoo.bench.tasks.detect import load_detection_data
     from attnzoo.bench.tasks.detect_rcnn import rcnn_targets
     from attnzoo.datasets import collate_detection
 
-    data = load_detection_data("scenes:digit", image_size=size, n_train=n, n_test=1)
+    h, w = size
+    data = load_detection_data("scenes:digit", image_size=h, n_train=n, n_test=1)
     images, targets = collate_detection([data.train[i] for i in range(n)])
+    if w != h:
+        images = torch.nn.functional.interpolate(
+            images, size=(h, w), mode="bilinear", align_corners=False
+        )
+        for t in targets:
+            t["boxes"] = t["boxes"] * t["boxes"].new_tensor([w / h, 1.0, w / h, 1.0])
     return list(images), rcnn_targets(targets)
 
 
@@ -120,7 +142,7 @@ def peak_memory(args: argparse.Namespace, kind: str) -> float:
         "--model",
         args.model,
         "--size",
-        str(args.size),
+        f"{args.size[0]}x{args.size[1]}",
         "--batch",
         str(args.batch),
         "--threads",
@@ -146,7 +168,13 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"mb": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
 
 
-def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wall: float) -> str:
+def _load() -> str:
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def section(
+    args: argparse.Namespace, times: dict, memory: dict[str, float], wall: float, load0: str
+) -> str:
     def cell(values: list[float], scale: float) -> str:
         q1, med, q3 = quartiles([v * scale for v in values])
         return f"{med:.1f} [{q1:.1f}, {q3:.1f}]"
@@ -154,12 +182,12 @@ def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wal
     def ratio(kind: str) -> float:
         return statistics.median(times["cascade"][kind]) / statistics.median(times["faster"][kind])
 
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = _load()
     train_r, infer_r = ratio("train"), ratio("infer")
     mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
     att = args.attention or "none"
     lines = [
-        f"{SECTION} ({args.model}, {args.size}x{args.size})",
+        f"{SECTION} ({args.model}, {args.size[0]}x{args.size[1]})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
         f"{wall / 60:.1f} min; rounds: {args.rounds} x {args.steps} steps",
@@ -167,15 +195,17 @@ def section(args: argparse.Namespace, times: dict, memory: dict[str, float], wal
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores), torch "
         f"threads: {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         f"- `{args.model}` builders of `attnzoo.detection.rcnn`, attention `{att}`, 2 classes "
-        f"(1 + background), batch {args.batch} built-in digit scenes at {args.size}x{args.size} "
-        "px; same backbone, RPN and RoI settings, only the RoI heads differ",
+        f"(1 + background), batch {args.batch} built-in digit scenes at "
+        f"{args.size[0]}x{args.size[1]} px (height x width; a non-square size resizes square "
+        "scenes); same backbone, RPN and RoI settings, only the RoI heads differ",
         "- train step: train-mode forward, sum of the loss dict, backward, SGD step; inference: "
         "eval-mode forward under no_grad, per image; the two models alternate within each round "
         "(order rotated); median [quartiles] over rounds",
         "- peak memory: growth of the peak resident set size (`getrusage` `ru_maxrss`) over one "
         "train step, each model in a fresh subprocess after building and one inference pass",
-        f"- **busy machine**: measured while other jobs were running (load average {load} on "
-        f"{os.cpu_count()} cores); absolute times are inflated and noisy, the ratios less so",
+        f"- load average (1/5/15 min) {load0} at the start, {load} at the end, on "
+        f"{os.cpu_count()} cores (the benchmark itself keeps {args.threads} threads busy); other "
+        "jobs inflate absolute times more than the ratios",
         "",
         "| model | train step ms | inference ms / image | train-step peak memory MB |",
         "|---|---:|---:|---:|",
@@ -218,7 +248,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("small", "resnet50"), default="small")
     p.add_argument("--attention", default=None)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=image_size, default=(64, 64), help="N or HxW (default 64)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -230,10 +260,10 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _load()
     memory = {k: peak_memory(args, k) for k in MODELS}
     times = time_models(args)
-    text = section(args, times, memory, time.perf_counter() - t0)
+    text = section(args, times, memory, time.perf_counter() - t0, load0)
     write_section(Path(args.out), text)
     print(text)
 
