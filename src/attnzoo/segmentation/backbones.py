@@ -16,7 +16,7 @@ one (output stride 8: layer3 dilation 2, layer4 dilation 4).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,6 +41,15 @@ class DilatedResNet(nn.Module):
     ``output_stride`` the input-to-``c4`` size ratio.
     """
 
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(self, net: nn.Module, channels: tuple[int, int], output_stride: int) -> None:
         super().__init__()
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
@@ -57,9 +66,8 @@ class DilatedResNet(nn.Module):
 def _dilated_convs(block: nn.Module) -> list[nn.Conv2d]:
     """The 3x3 convolutions of a block that dilation applies to (conv2 of a Bottleneck, both of a
     BasicBlock)."""
-    if isinstance(block, Bottleneck):
-        return [block.conv2]
-    return [block.conv1, block.conv2]
+    names = ["conv2"] if isinstance(block, Bottleneck) else ["conv1", "conv2"]
+    return [cast(nn.Conv2d, getattr(block, n)) for n in names]
 
 
 def _set_dilation(conv: nn.Conv2d, dilation: int) -> None:
@@ -187,5 +195,5 @@ def dilated_resnet(
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"{_WHO}: output_stride must be 8, 16 or 32; got {output_stride!r}")
     net, channels = BACKBONES[name](name, output_stride, weights, **kwargs)
-    _apply_multi_grid(net.layer4, multi_grid)
+    _apply_multi_grid(cast(nn.Sequential, net.layer4), multi_grid)
     return DilatedResNet(net, channels, output_stride)

@@ -16,7 +16,7 @@ Interface::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -147,16 +147,18 @@ class DANetHead(nn.Module):
             )
             self.classifier = classifier(inter, num_classes, dropout)
         else:
-            module = nn.Identity() if self.attention == "fcn" else create(attention, inter, **kw)
+            module = (
+                nn.Identity() if self.attention == "fcn" else create(self.attention, inter, **kw)
+            )
             self.branches = nn.ModuleDict(
                 {"main": _Branch(in_channels, inter, module, num_classes, dropout)}
             )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.dual:
-            branch = self.branches["main"]
+            branch = cast(_Branch, self.branches["main"])
             return {"out": branch.classifier(branch(x))}
-        pam, cam = self.branches["pam"], self.branches["cam"]
+        pam, cam = cast(_Branch, self.branches["pam"]), cast(_Branch, self.branches["cam"])
         p, c = pam(x), cam(x)
         out = {"out": self.classifier(p + c)}
         if self.training:
@@ -292,7 +294,7 @@ class DANet(nn.Module):
         name = names[0] if branch is None else branch
         if name not in names:
             raise ValueError(f"DANet.attention_input: branch must be one of {names}; got {name!r}")
-        b = self.head.branches[name]
+        b: Any = self.head.branches[name]
         return b.attention, b.reduce(self.backbone(x)[1])
 
 

@@ -83,6 +83,8 @@ class SegmentationMetrics(Metric):
     is_differentiable = False
     higher_is_better = True
 
+    confusion: torch.Tensor  # a metric state (``add_state``), summed over DDP ranks
+
     def __init__(self, num_classes: int, ignore_index: int | None = 255, **kwargs) -> None:
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
