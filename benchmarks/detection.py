@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from _shared import load_average
 
 SECTION = "## Cascade vs Faster R-CNN"  # + " (model, size)": one section each
 MODELS = ("faster", "cascade")
@@ -168,10 +169,6 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"mb": (after - before) / 1024}))  # ru_maxrss is in KiB on Linux
 
 
-def _load() -> str:
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
 def section(
     args: argparse.Namespace, times: dict, memory: dict[str, float], wall: float, load0: str
 ) -> str:
@@ -182,7 +179,7 @@ def section(
     def ratio(kind: str) -> float:
         return statistics.median(times["cascade"][kind]) / statistics.median(times["faster"][kind])
 
-    load = _load()
+    load = load_average()
     train_r, infer_r = ratio("train"), ratio("infer")
     mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
     att = args.attention or "none"
@@ -260,7 +257,7 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
-    t0, load0 = time.perf_counter(), _load()
+    t0, load0 = time.perf_counter(), load_average()
     memory = {k: peak_memory(args, k) for k in MODELS}
     times = time_models(args)
     text = section(args, times, memory, time.perf_counter() - t0, load0)

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from attnzoo.bench.tasks.base import ImageSplits, Task, TaskReport, broadcast_buffers, call_builder
-from attnzoo.bench.tasks.detect_ultralytics import ULTRALYTICS_MODELS
+from attnzoo.integrations.ultralytics import YOLO_MODELS
 
 __all__ = [
     "DEFAULT_DETECT_ATTENTIONS",
@@ -80,7 +80,7 @@ DETECT_MODELS = (
     "cascade_rcnn_small",
     "faster_rcnn_resnet50_fpn",
     "cascade_rcnn_resnet50_fpn",
-    *ULTRALYTICS_MODELS,
+    *YOLO_MODELS,
 )
 DEFAULT_DETECT_ATTENTIONS = ("none", "se", "cbam", "eca", "ca")
 #: the task's defaults (chosen so that the demo's baseline lands mid-range in ~15 min on 2 cores)
@@ -799,7 +799,7 @@ def _families(model: Any) -> set[str]:
         name = m.strip().lower() if isinstance(m, str) else None
         if name in RCNN_MODELS or (callable(m) and is_rcnn(m)):
             return "rcnn"
-        if name in ULTRALYTICS_MODELS or (callable(m) and is_ultralytics(m)):
+        if name in YOLO_MODELS or (callable(m) and is_ultralytics(m)):
             return "ultralytics"
         return "yolo"
 
@@ -936,7 +936,7 @@ class DetectTask(Task):
             )
         if name == "yolov4_tiny":
             return name, yolov4_tiny
-        if name in ULTRALYTICS_MODELS:
+        if name in YOLO_MODELS:
             from attnzoo.bench.tasks.detect_ultralytics import ultralytics_builder
 
             return name, ultralytics_builder(name)

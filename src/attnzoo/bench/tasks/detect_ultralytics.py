@@ -3,7 +3,8 @@
 Needs the optional extra ``pip install 'attnzoo[ultralytics]'`` (Ultralytics is AGPL-3.0; only
 its public entry points are called, through :mod:`attnzoo.integrations.ultralytics`).
 
-* **models** (``--model yolov8n``, ``yolov8s``, ``yolo11n``, ``yolo11s``):
+* **models** (``--model yolov8n``, ``yolov8s``, ``yolo11n``, ``yolo11s``: ``YOLO_MODELS`` of
+  the integration; importing this file does not import Ultralytics):
   :func:`attnzoo.integrations.ultralytics.yolo_detector`, built offline from the model YAML
   Ultralytics ships, randomly initialised (as the bench's other detectors), with the attention
   after every layer the ``Detect`` head reads (the neck's three outputs).
@@ -24,27 +25,21 @@ from typing import Any
 
 from torch import nn
 
-from attnzoo.integrations.ultralytics import YOLO_MODELS
+from attnzoo.integrations.ultralytics import UltralyticsDetector, yolo_detector
 
-__all__ = ["PARTS", "ULTRALYTICS_MODELS", "is_ultralytics", "ultralytics_builder"]
+__all__ = ["PARTS", "is_ultralytics", "ultralytics_builder"]
 
-#: the Ultralytics names of ``--model`` (importing them does not import Ultralytics)
-ULTRALYTICS_MODELS = YOLO_MODELS
 #: the loss parts logged per epoch (``train_<part>``)
 PARTS = ("loss", "box", "cls", "dfl")
 
 
 def ultralytics_builder(name: str) -> Any:
     """``builder(attention=..., num_classes=..., **kwargs)`` of the model ``name``."""
-    from attnzoo.integrations.ultralytics import yolo_detector
-
     return functools.partial(yolo_detector, name)
 
 
 def is_ultralytics(obj: Any) -> bool:
     """Whether ``obj`` (a builder or a network) is an Ultralytics detector of the bench."""
-    from attnzoo.integrations.ultralytics import UltralyticsDetector, yolo_detector
-
     if isinstance(obj, nn.Module):
         return isinstance(obj, UltralyticsDetector)
     return getattr(obj, "func", obj) is yolo_detector
