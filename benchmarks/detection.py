@@ -21,11 +21,17 @@ the square scenes, e.g. ``800x1333``, the paper's test size).
 Targets (Cai & Vasconcelos, CVPR 2018, Table 7 timings): the cascade's added cost at most +21 %
 at inference (0.115 / 0.095 s) and +60 % in training; peak train-step memory at most 1.3x.
 
-Writes (replaces) the "Cascade vs Faster R-CNN (model, HxW)" section of
+``--fast`` builds and runs both with the :mod:`attnzoo.fast` switch on: their shared RoI pooler
+then runs torchvision's RoIAlign kernel on chunks of RoIs in all threads at inference (the
+kernel itself is single-threaded on the CPU); training is unchanged.
+
+Writes (replaces) the "Cascade vs Faster R-CNN (model, HxW[, fast switch])" section of
 ``benchmarks/results/detection.md``, keeping the file's other sections.
 
     python benchmarks/detection.py --threads 2 --rounds 7
     python benchmarks/detection.py --model resnet50 --size 800x1333 --batch 2 --rounds 3 --steps 1
+    python benchmarks/detection.py --model resnet50 --size 800x1333 --batch 2 --rounds 3 --steps 1 \
+        --fast
 """
 
 from __future__ import annotations
@@ -151,6 +157,8 @@ def peak_memory(args: argparse.Namespace, kind: str) -> float:
     ]
     if args.attention:
         cmd += ["--attention", args.attention]
+    if args.fast:
+        cmd.append("--fast")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["mb"])
 
@@ -183,8 +191,9 @@ def section(
     train_r, infer_r = ratio("train"), ratio("infer")
     mem_r = memory["cascade"] / memory["faster"] if memory.get("faster") else float("nan")
     att = args.attention or "none"
+    switch = ", fast switch" if args.fast else ""
     lines = [
-        f"{SECTION} ({args.model}, {args.size[0]}x{args.size[1]})",
+        f"{SECTION} ({args.model}, {args.size[0]}x{args.size[1]}{switch})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
         f"{wall / 60:.1f} min; rounds: {args.rounds} x {args.steps} steps",
@@ -194,7 +203,13 @@ def section(
         f"- `{args.model}` builders of `attnzoo.detection.rcnn`, attention `{att}`, 2 classes "
         f"(1 + background), batch {args.batch} built-in digit scenes at "
         f"{args.size[0]}x{args.size[1]} px (height x width; a non-square size resizes square "
-        "scenes); same backbone, RPN and RoI settings, only the RoI heads differ",
+        "scenes); same backbone, RPN and RoI settings, only the RoI heads differ"
+        + (
+            "; both built and run with the `attnzoo.fast` switch on (inference pools RoIs with "
+            "torchvision's RoIAlign kernel on all threads, `attnzoo.fast.FastMultiScaleRoIAlign`)"
+            if args.fast
+            else ""
+        ),
         "- train step: train-mode forward, sum of the loss dict, backward, SGD step; inference: "
         "eval-mode forward under no_grad, per image; the two models alternate within each round "
         "(order rotated); median [quartiles] over rounds",
@@ -250,10 +265,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="build and run both models with the attnzoo.fast switch on (RoIAlign on all threads)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection.md"))
     p.add_argument("--memory-child", choices=MODELS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fast:
+        from attnzoo import fast
+
+        fast.set_enabled(True)
     if args.memory_child:
         memory_child(args)
         return

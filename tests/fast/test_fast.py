@@ -25,7 +25,7 @@ CASES = [
     ("gc", "timm"),
 ]
 #: registry name -> its custom op
-OPS = {"cbam": "cbam", "eca": "eca", "gc": "gc_context"}
+OPS = {"cbam": "cbam", "eca": "eca", "gc": "gc_add"}
 SHAPES = [(2, 16, 1, 1), (3, 16, 7, 5), (2, 32, 13, 13)]
 
 
@@ -261,6 +261,65 @@ def test_hooked_or_replaced_submodules_take_the_plain_path(name, path):
     _assert_close(y, plain(x))
 
 
+@pytest.mark.parametrize("preset,op", [(None, "gc_add"), ("r4", "gc_add"), ("timm", "gc_context")])
+def test_gc_runs_its_ops_and_transforms_as_matrix_products(preset, op):
+    """Add fusion alone: the whole block is ``attnzoo::gc_add``; otherwise the pooling op and
+    the transforms as products on the ``(B, C)`` context: no convolution either way."""
+    plain, accel = _pair("gc", preset, 16)
+    x = torch.randn(2, 16, 5, 5)
+    with fast.enabled(), OpCalls() as calls:
+        y = accel(x)
+    assert f"attnzoo.{op}.default" in calls.names
+    assert not any("convolution" in n for n in calls.names), calls.names
+    if op == "gc_context":
+        assert any(n.startswith("aten.addmm") for n in calls.names)
+    _assert_close(y, plain(x))
+
+
+class _Adapted(torch.nn.Module):
+    """A wrapper whose change survives LayerNorm (not a scale or a shift of the output)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y + 0.5 * y.square()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "channel_add_conv",
+        "channel_add_conv.0",
+        "channel_add_conv.1",
+        "channel_add_conv.2",
+        "channel_add_conv.3",
+    ],
+)
+def test_gc_hooked_or_replaced_transform_layers_run_as_modules(path):
+    plain, accel = _pair("gc", "r4", 16)
+    x = torch.randn(2, 16, 5, 5)
+    seen = []
+    handle = accel.get_submodule(path).register_forward_hook(lambda *a: seen.append(path))
+    with fast.enabled():
+        before = accel(x)
+    assert seen == [path]
+    _assert_close(before, plain(x))
+    handle.remove()
+
+    parent, _, child = path.rpartition(".")
+    for m in (plain, accel):
+        owner = m.get_submodule(parent) if parent else m
+        setattr(owner, child, _Adapted(getattr(owner, child)))
+    with fast.enabled(), OpCalls() as calls:
+        y = accel(x)
+    assert calls.ran_fast_op()  # the pooling op still runs; the transform is the modules'
+    _assert_close(y, plain(x))
+    assert not torch.allclose(y, before)  # the replacement was used
+
+
 # ---------------------------------------------------------------------------------------------
 # the ops' own autograd formulas, in float64 (the ops compute the plain branch there)
 def _cbam_op_inputs(bias: bool, norm: bool, train: bool):
@@ -337,8 +396,49 @@ def test_gc_op_gradcheck_and_equals_the_plain_formula():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 1, dtype=torch.float64))
 
 
+def _gc_add_inputs():
+    g = torch.Generator().manual_seed(2)
+
+    def r(*s):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    hidden = 3
+    return [
+        r(2, 6, 3, 4),
+        r(6),
+        r(1),
+        r(hidden, 6),
+        r(hidden),
+        r(hidden),
+        r(hidden),
+        r(6, hidden),
+        r(6),
+    ]
+
+
+def _gc_add_fn(x, wk, bk, w1, b1, ln_w, ln_b, w2, b2):
+    return ops.gc_add(x, wk, bk, w1, b1, ln_w, ln_b, 1e-5, w2, b2)[0]
+
+
+def test_gc_add_op_gradcheck_and_equals_the_plain_formula():
+    inputs = _gc_add_inputs()
+    assert torch.autograd.gradcheck(_gc_add_fn, inputs)
+    want = ops.gc_add_plain(*inputs[:7], 1e-5, *inputs[7:])
+    torch.testing.assert_close(_gc_add_fn(*inputs), want)
+    # the formula itself, written out: y = x + W2 relu(LN(W1 c + b1)) + b2
+    x, wk, bk, w1, b1, ln_w, ln_b, w2, b2 = inputs
+    logits = torch.einsum("c,bchw->bhw", wk, x) + bk
+    weights = torch.softmax(logits.flatten(1), dim=1).view_as(logits)
+    c = torch.einsum("bhw,bchw->bc", weights, x)
+    h = c @ w1.t() + b1
+    h = (h - h.mean(1, keepdim=True)) / (h.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    t = torch.relu(h * ln_w + ln_b) @ w2.t() + b2
+    torch.testing.assert_close(want, x + t[:, :, None, None])
+
+
 def test_ops_gradgradcheck():
     assert torch.autograd.gradgradcheck(_gc_fn, _gc_inputs())
+    assert torch.autograd.gradgradcheck(_gc_add_fn, _gc_add_inputs())
     # the double backward differentiates the plain formula (create_graph=True)
     assert torch.autograd.gradgradcheck(_eca_fn, _eca_inputs())
     args = _cbam_op_inputs(True, True, True)

@@ -38,6 +38,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from attnzoo import fast
+
 __all__ = [
     "RCNN_BUILDERS",
     "KeepSizeTransform",
@@ -244,6 +246,8 @@ def _detector(
         )
     if cascade:
         _cascade_heads(model, num_classes, representation, **cascade_kwargs)
+    if fast.is_enabled():
+        fast.accelerate(model)  # the RoI pooler's CPU inference on all threads
     model.num_classes = num_classes
     return model
 

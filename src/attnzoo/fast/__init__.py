@@ -28,6 +28,11 @@ differentiates the plain formula. A module whose submodules (``fc1``, ``conv``, 
 carry forward hooks or were replaced (an adapter, a wrapper) runs the plain ``forward`` too, so
 hooks fire and replacements are used.
 
+Detectors: :func:`accelerate` also swaps torchvision's ``MultiScaleRoIAlign`` (the RoI pooler of
+Faster / Cascade R-CNN) for :class:`FastMultiScaleRoIAlign`, which spreads CPU inference over
+``torch.get_num_threads()`` threads (torchvision's CPU kernel uses one); the builders in
+:mod:`attnzoo.detection` do this while the switch is on. Same output, bit for bit.
+
 BatchNorm folding: in a residual block SE and ECA sit right after the block's last BatchNorm.
 Both the gate's descriptor and its output are affine in the BatchNorm's input per (sample,
 channel), so :class:`BatchNormGate2d` computes ``gate(norm(z))`` in BatchNorm's own two passes
@@ -47,6 +52,7 @@ from attnzoo.fast.modules import (
     FastCBAM,
     FastECA,
     FastGC,
+    FastMultiScaleRoIAlign,
     foldable,
     qualifies,
 )
@@ -58,6 +64,7 @@ __all__ = [
     "FastCBAM",
     "FastECA",
     "FastGC",
+    "FastMultiScaleRoIAlign",
     "accelerate",
     "enabled",
     "foldable",
@@ -83,9 +90,9 @@ def _swap(model: nn.Module, table: dict[type, type], what: str) -> nn.Module:
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Swap every plain CBAM / ECA module in ``model`` (``model`` itself included) for its
-    accelerated subclass, in place; returns ``model``. Exact classes only (a user subclass keeps
-    its own forward)."""
+    """Swap every plain CBAM / ECA / GC module and torchvision ``MultiScaleRoIAlign`` in ``model``
+    (``model`` itself included) for its accelerated subclass, in place; returns ``model``. Exact
+    classes only (a user subclass keeps its own forward)."""
     return _swap(model, FAST_CLASSES, "accelerate")
 
 

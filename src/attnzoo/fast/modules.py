@@ -11,9 +11,12 @@ wrapped submodule (``fc1``, ``act``, ``conv``, ``gate``, ...) sends the call to 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from attnzoo.fast import ops
+from attnzoo.fast.poolers import FastMultiScaleRoIAlign
 from attnzoo.fast.switch import is_enabled
 from attnzoo.modules.cbam import CBAM, ChannelGate, SpatialGate
 from attnzoo.modules.eca import EfficientChannelAttention
@@ -21,7 +24,15 @@ from attnzoo.modules.gc import GlobalContext
 from attnzoo.modules.se import SqueezeExcitation
 from attnzoo.ops.validation import check_input
 
-__all__ = ["BatchNormGate2d", "FastCBAM", "FastECA", "FastGC", "foldable", "qualifies"]
+__all__ = [
+    "BatchNormGate2d",
+    "FastCBAM",
+    "FastECA",
+    "FastGC",
+    "FastMultiScaleRoIAlign",
+    "foldable",
+    "qualifies",
+]
 
 
 def qualifies(x: object) -> bool:
@@ -139,11 +150,17 @@ class FastECA(EfficientChannelAttention):
 _GC_POOL_LAYERS = {"conv_mask": nn.Conv2d, "context_softmax": nn.Softmax}
 
 
+_GC_TRANSFORM_LAYERS = {"0": nn.Conv2d, "1": nn.LayerNorm, "2": nn.ReLU, "3": nn.Conv2d}
+
+
 class FastGC(GlobalContext):
-    """:class:`~attnzoo.modules.gc.GlobalContext` whose attention pooling (:meth:`context`) is
-    the custom op ``attnzoo::gc_context`` when :func:`qualifies`; the transforms and the fusion
-    run as plain modules. Average pooling, and a hooked or replaced ``conv_mask`` /
-    ``context_softmax``, take the plain :meth:`context`."""
+    """:class:`~attnzoo.modules.gc.GlobalContext` on custom ops when :func:`qualifies`: with add
+    fusion alone (the official default) the whole block is the op ``attnzoo::gc_add``; otherwise
+    the attention pooling (:meth:`context`) is ``attnzoo::gc_context`` and the transforms run as
+    matrix products on the ``(B, C)`` context (a 1x1 convolution of a 1x1 map is a linear map;
+    oneDNN's convolution is slow at that shape). Average pooling, and a hooked or replaced
+    ``conv_mask`` / ``context_softmax`` / transform layer, take the plain :meth:`context` /
+    :meth:`transforms`."""
 
     def _pool_untouched(self) -> bool:
         for name, cls in _GC_POOL_LAYERS.items():
@@ -161,11 +178,82 @@ class FastGC(GlobalContext):
             and conv.groups == 1
         )
 
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.channel_mul_conv is not None
+            or self.channel_add_conv is None
+            or self.pooling != "att"
+            or not qualifies(x)
+            or not self._pool_untouched()
+            or not _linear_transform(self.channel_add_conv)
+        ):
+            return super().forward(x)
+        check_input("GlobalContext", x, self.channels)
+        first, norm, _, last = self.channel_add_conv
+        return ops.gc_add(
+            x,
+            self.conv_mask.weight.view(-1),
+            self.conv_mask.bias,
+            first.weight.flatten(1),
+            first.bias,
+            norm.weight.flatten(),
+            norm.bias.flatten(),
+            norm.eps,
+            last.weight.flatten(1),
+            last.bias,
+        )[0]
+
     def context(self, x: Tensor) -> Tensor:
         if self.pooling != "att" or not qualifies(x) or not self._pool_untouched():
             return super().context(x)
         conv = self.conv_mask
         return ops.gc_context(x, conv.weight.view(-1), conv.bias)[0]
+
+    def transforms(self, ctx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        branches = (self.channel_mul_conv, self.channel_add_conv)
+        if not qualifies(ctx) or not all(_linear_transform(b) for b in branches):
+            return super().transforms(ctx)
+        mul, add = (None if b is None else _transform_as_linear(b, ctx) for b in branches)
+        return (None if mul is None else self.gate(mul)), add
+
+
+def _linear_transform(branch: nn.Module | None) -> bool:
+    """Whether a GC transform (``None`` or conv 1x1, LayerNorm, ReLU, conv 1x1) runs as
+    :func:`_transform_as_linear`: exactly those layers, unhooked, plain 1x1 convolutions with
+    bias, the LayerNorm over the 1x1 map with an affine transform."""
+    if branch is None:
+        return True
+    if (
+        type(branch) is not nn.Sequential
+        or branch._forward_hooks
+        or branch._forward_pre_hooks
+        or not _untouched(branch, _GC_TRANSFORM_LAYERS)
+    ):
+        return False
+    first, norm, _, last = branch
+    return (
+        all(
+            conv.kernel_size == (1, 1)
+            and conv.bias is not None
+            and conv.groups == 1
+            and conv.padding == (0, 0)
+            and conv.stride == (1, 1)
+            for conv in (first, last)
+        )
+        and norm.elementwise_affine
+        and norm.bias is not None
+        and tuple(norm.normalized_shape) == (first.out_channels, 1, 1)
+    )
+
+
+def _transform_as_linear(branch: nn.Sequential, ctx: Tensor) -> Tensor:
+    """``conv_2(relu(layer_norm(conv_1(ctx))))`` on a ``(B, C, 1, 1)`` context, as products on
+    ``(B, C)``."""
+    first, norm, _, last = branch
+    h = F.linear(ctx.flatten(1), first.weight.flatten(1), first.bias)
+    h = F.layer_norm(h, h.shape[1:], norm.weight.flatten(), norm.bias.flatten(), norm.eps)
+    t = F.linear(F.relu(h), last.weight.flatten(1), last.bias)
+    return t.view(*t.shape, 1, 1)
 
 
 _SE_LAYERS = {"fc1": nn.Linear, "act": nn.ReLU, "fc2": nn.Linear, "gate": nn.Sigmoid}
@@ -294,4 +382,5 @@ FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     CBAM: FastCBAM,
     EfficientChannelAttention: FastECA,
     GlobalContext: FastGC,
+    MultiScaleRoIAlign: FastMultiScaleRoIAlign,
 }

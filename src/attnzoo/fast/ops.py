@@ -567,7 +567,7 @@ def gc_context_plain(x: Tensor, wk: Tensor, bk: Tensor) -> Tensor:
     ``bk`` ``(1,)``)."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    p = torch.softmax(torch.matmul(wk.view(1, 1, c), flat) + bk, dim=-1)
+    p = torch.softmax(torch.bmm(wk.view(1, 1, c).expand(b, 1, c), flat) + bk, dim=-1)
     return torch.bmm(flat, p.transpose(1, 2)).view(b, c, 1, 1)
 
 
@@ -577,7 +577,7 @@ def gc_context(x: Tensor, wk: Tensor, bk: Tensor) -> tuple[Tensor, Tensor]:
     softmax weights ``(B, 1, H W)``."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    p = torch.softmax(torch.matmul(wk.view(1, 1, c), flat) + bk, dim=-1)
+    p = torch.softmax(torch.bmm(wk.view(1, 1, c).expand(b, 1, c), flat) + bk, dim=-1)
     return torch.bmm(flat, p.transpose(1, 2)).view(b, c, 1, 1), p
 
 
@@ -598,8 +598,9 @@ def gc_context_backward(
     dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, P)
     dl = p * (dp - (dp * p).sum(-1, keepdim=True))
     d_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(c)
-    left = torch.cat([dc, wk.view(1, c, 1).expand(b, c, 1)], dim=2)  # (B, C, 2)
-    grad_x = torch.bmm(left, torch.cat([p, dl], dim=1)).view(b, c, h, w)
+    grad_x = dc * p  # the rank-2 update dc p^T + wk dl^T, written once
+    grad_x.addcmul_(wk.view(1, c, 1), dl)
+    grad_x = grad_x.view(b, c, h, w)
     return grad_x, d_wk, dl.sum().view(1)
 
 
@@ -622,6 +623,174 @@ def _gc_context_backward(ctx, g: Tensor, *unused: Tensor):
 
 
 gc_context.register_autograd(_gc_context_backward, setup_context=_gc_context_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# GC with add fusion, whole: y = x + T(c), c the attention-pooled context (above), T = conv_2 .
+# relu . layer_norm . conv_1 on the (B, C) context (1x1 convolutions of a 1x1 map: matrix
+# products). Backward, with g = dL/dy: dT = sum_hw g, T's backward on (B, C) gives dc, then the
+# context's backward (above); grad_x = g + dc p^T + wk dl^T is written once, where autograd's
+# graph writes the rank-2 term and then adds it to g.
+def _gc_transform(
+    c: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    eps: float,
+    w2: Tensor,
+    b2: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``T(c)`` on ``(B, C)`` and what its backward needs: the normalised hidden ``n``, its
+    inverse deviation ``1 / sigma`` ``(B, 1)`` and the post-ReLU hidden ``r``."""
+    h = F.linear(c, w1, b1)
+    var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+    inv_sigma = (var + eps).rsqrt()
+    n = (h - mean) * inv_sigma
+    r = torch.relu(n * ln_w + ln_b)
+    return F.linear(r, w2, b2), n, inv_sigma, r
+
+
+def gc_add_plain(
+    x: Tensor,
+    wk: Tensor,
+    bk: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    eps: float,
+    w2: Tensor,
+    b2: Tensor,
+) -> Tensor:
+    """``x + T(c(x))`` with torch ops (weights as matrices: ``w1`` ``(P, C)``, ``w2``
+    ``(C, P)``, LayerNorm's ``ln_w``, ``ln_b`` ``(P,)``)."""
+    b, ch = x.shape[:2]
+    c = gc_context_plain(x, wk, bk).view(b, ch)
+    h = F.layer_norm(F.linear(c, w1, b1), ln_w.shape, ln_w, ln_b, eps)
+    return x + F.linear(torch.relu(h), w2, b2).view(b, ch, 1, 1)
+
+
+@torch.library.custom_op("attnzoo::gc_add", mutates_args=())
+def gc_add(
+    x: Tensor,
+    wk: Tensor,
+    bk: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    eps: float,
+    w2: Tensor,
+    b2: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """GC with add fusion (section comment above). Returns ``y`` and what the backward needs:
+    the softmax weights ``(B, 1, HW)``, the context ``(B, C)``, and the transform's ``n``,
+    ``1 / sigma`` and ``r``."""
+    b, ch = x.shape[:2]
+    context, p = gc_context(x, wk, bk)
+    c = context.view(b, ch)
+    t, n, inv_sigma, r = _gc_transform(c, w1, b1, ln_w, ln_b, eps, w2, b2)
+    return x + t.view(b, ch, 1, 1), p, c, n, inv_sigma, r
+
+
+@gc_add.register_fake
+def _(x, wk, bk, w1, b1, ln_w, ln_b, eps, w2, b2):
+    b, ch, h, w = x.shape
+    hidden = x.new_empty(b, w1.shape[0])
+    return (
+        torch.empty_like(x),
+        x.new_empty(b, 1, h * w),
+        x.new_empty(b, ch),
+        hidden,
+        x.new_empty(b, 1),
+        torch.empty_like(hidden),
+    )
+
+
+@torch.library.custom_op("attnzoo::gc_add_backward", mutates_args=())
+def gc_add_backward(
+    g: Tensor,
+    x: Tensor,
+    wk: Tensor,
+    w1: Tensor,
+    ln_w: Tensor,
+    w2: Tensor,
+    p: Tensor,
+    c: Tensor,
+    n: Tensor,
+    inv_sigma: Tensor,
+    r: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gc_add`'s ``y`` w.r.t. ``x, wk, bk, w1, b1, ln_w, ln_b, w2, b2``."""
+    b, ch, h, w = x.shape
+    g = g.contiguous()
+    flat, g_flat = x.reshape(b, ch, h * w), g.view(b, ch, h * w)
+    d_t = g_flat.sum(-1)  # (B, C)
+    g_w2, g_b2 = d_t.t() @ r, d_t.sum(0)
+    d_pre = (d_t @ w2) * (r > 0).to(r.dtype)  # through the ReLU: (B, P)
+    g_ln_w, g_ln_b = (d_pre * n).sum(0), d_pre.sum(0)
+    d_n = d_pre * ln_w
+    d_h = inv_sigma * (d_n - d_n.mean(1, keepdim=True) - n * (d_n * n).mean(1, keepdim=True))
+    g_w1, g_b1 = d_h.t() @ c, d_h.sum(0)
+    dc = (d_h @ w1).view(b, ch, 1)
+    dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, HW)
+    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
+    g_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(ch)
+    grad_x = torch.addcmul(g_flat, dc, p)  # g + dc p^T + wk dl^T, one new tensor
+    grad_x.addcmul_(wk.view(1, ch, 1), dl)
+    return (
+        grad_x.view(b, ch, h, w),
+        g_wk,
+        dl.sum().view(1),
+        g_w1,
+        g_b1,
+        g_ln_w,
+        g_ln_b,
+        g_w2,
+        g_b2,
+    )
+
+
+@gc_add_backward.register_fake
+def _(g, x, wk, w1, ln_w, w2, p, c, n, inv_sigma, r):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(wk),
+        wk.new_empty(1),
+        torch.empty_like(w1),
+        w1.new_empty(w1.shape[0]),
+        torch.empty_like(ln_w),
+        torch.empty_like(ln_w),
+        torch.empty_like(w2),
+        w2.new_empty(w2.shape[0]),
+    )
+
+
+def _gc_add_setup(ctx, inputs, output) -> None:
+    x, wk, bk, w1, b1, ln_w, ln_b, eps, w2, b2 = inputs
+    ctx.save_for_backward(x, wk, bk, w1, b1, ln_w, ln_b, w2, b2, *output[1:])
+    ctx.eps = eps
+
+
+def _gc_add_backward(ctx, g: Tensor, *unused: Tensor):
+    x, wk, bk, w1, b1, ln_w, ln_b, w2, b2, p, c, n, inv_sigma, r = ctx.saved_tensors
+    params = [x, wk, bk, w1, b1, ln_w, ln_b, w2, b2]
+    if torch.is_grad_enabled():  # create_graph: differentiate the plain formula
+
+        def fn(x_, wk_, bk_, w1_, b1_, ln_w_, ln_b_, w2_, b2_):
+            return gc_add_plain(x_, wk_, bk_, w1_, b1_, ln_w_, ln_b_, ctx.eps, w2_, b2_)
+
+        grads = _plain_grads(fn, params, g, create_graph=True)
+    else:
+        grads = list(gc_add_backward(g, x, wk, w1, ln_w, w2, p, c, n, inv_sigma, r))
+        grads = [gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:7])] + [
+            gr if need else None for gr, need in zip(grads[7:], ctx.needs_input_grad[8:])
+        ]
+    return (*grads[:7], None, *grads[7:])
+
+
+gc_add.register_autograd(_gc_add_backward, setup_context=_gc_add_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +824,20 @@ def _gc_context_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
 def _gc_context_backward_flops(g_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
     b, c, h, w = x_shape
     return 2 * 4 * b * c * h * w  # dp, dwk, and the rank-2 update
+
+
+@register_flop_formula(torch.ops.attnzoo.gc_add)
+def _gc_add_flops(x_shape, wk_shape, bk_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    b = x_shape[0]
+    hidden, c = w1_shape
+    return _gc_context_flops(x_shape) + 2 * 2 * b * c * hidden  # + the transform's two products
+
+
+@register_flop_formula(torch.ops.attnzoo.gc_add_backward)
+def _gc_add_backward_flops(g_shape, x_shape, wk_shape, w1_shape, *args, **kwargs) -> int:
+    b = x_shape[0]
+    hidden, c = w1_shape
+    return _gc_context_backward_flops(g_shape, x_shape) + 2 * 2 * 2 * b * c * hidden
 
 
 @register_flop_formula(torch.ops.attnzoo.eca_backward)
