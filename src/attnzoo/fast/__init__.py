@@ -3,7 +3,8 @@
 The modules in :mod:`attnzoo.modules` are plain PyTorch; ``torch.compile`` of them is the first
 answer to "make it faster", on CPU and GPU. This package keeps hand-written fast paths only where
 they beat ``torch.compile`` of the plain module clearly (``benchmarks/results/modules.md``):
-CBAM, ECA and GC's attention pooling, and a BatchNorm2d followed by SE or ECA folded into one layer
+CBAM, ECA and GC (the whole block with add fusion, else its attention pooling), and a BatchNorm2d
+followed by SE or ECA folded into one layer
 (:class:`BatchNormGate2d`), in float32 on the CPU.
 
 The switch (in the spirit of timm's ``set_fast_norm``)::
@@ -18,12 +19,12 @@ How it works: :func:`accelerate` swaps the class of every CBAM / ECA / GC module
 an accelerated subclass (:class:`FastCBAM`, :class:`FastECA`, :class:`FastGC`: same parameters,
 buffers and ``state_dict``; :func:`plain` swaps back). :func:`attnzoo.attach` and the builders in
 :mod:`attnzoo.models` do this themselves while the switch is on. An accelerated module runs its
-custom op (:mod:`attnzoo.fast.ops`: ``torch.ops.attnzoo.cbam``, ``torch.ops.attnzoo.eca``,
-``torch.ops.attnzoo.gc_context``, seen as one node by ``torch.compile``, ``torch.export``,
-``torch.fx`` and ``FlopCounterMode``) only when the switch is on *at call time* and the input is a
-float32, contiguous CPU tensor outside autocast; anything else (CUDA, float64, bfloat16,
-channels_last, autocast, other CBAM orders) runs the plain ``forward``. Results equal the plain
-path up to float rounding, gradients included; a double backward (``create_graph=True``)
+custom ops (:mod:`attnzoo.fast.ops`: ``torch.ops.attnzoo.cbam``, ``torch.ops.attnzoo.eca``,
+``torch.ops.attnzoo.gc_add`` / ``gc_context``, each seen as one node by ``torch.compile``,
+``torch.export``, ``torch.fx`` and ``FlopCounterMode``) only when the switch is on *at call time*
+and the input is a float32, contiguous CPU tensor outside autocast; anything else (CUDA, float64,
+bfloat16, channels_last, autocast, other CBAM orders) runs the plain ``forward``. Results equal
+the plain path up to float rounding, gradients included; a double backward (``create_graph=True``)
 differentiates the plain formula. A module whose submodules (``fc1``, ``conv``, ``gate``, ...)
 carry forward hooks or were replaced (an adapter, a wrapper) runs the plain ``forward`` too, so
 hooks fire and replacements are used.

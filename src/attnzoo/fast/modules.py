@@ -1,6 +1,6 @@
 """Accelerated subclasses of the plain modules: same parameters, buffers and ``state_dict``.
 
-:class:`FastCBAM`, :class:`FastECA` and :class:`FastGC` run one custom op (:mod:`attnzoo.fast.ops`)
+:class:`FastCBAM`, :class:`FastECA` and :class:`FastGC` run custom ops (:mod:`attnzoo.fast.ops`)
 when the switch is on and the input qualifies (:func:`qualifies`), else the plain module's
 ``forward``. The op computes the whole module (GC: its attention pooling), so it runs only while
 every submodule is the exact layer the op stands for and carries no hooks: a hooked, replaced or

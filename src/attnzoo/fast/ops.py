@@ -1,5 +1,5 @@
 """The fast paths as ``torch.library`` custom ops: ``attnzoo::cbam``, ``attnzoo::eca``,
-``attnzoo::gc_context`` and ``attnzoo::bn_gate``.
+``attnzoo::gc_context``, ``attnzoo::gc_add`` and ``attnzoo::bn_gate``.
 
 Each module is one op forward and one op backward, so ``torch.compile``, ``torch.export``,
 ``torch.fx`` and ``FlopCounterMode`` see a single node (with a FLOP formula) instead of the loops
@@ -23,8 +23,10 @@ CBAM (channel gate ``s``, then spatial gate ``a``; ``v = x * s`` is never writte
 ECA: ``y = x * s``, ``s = sigmoid(conv1d(mean_hw(x)))``; backward ``grad_s = sum_hw g x`` (one
 pass, no product written) and ``grad_x = g s + gz / HW`` (one pass).
 
-GC (attention pooling only; the transform and the fusion stay plain modules): the context's
-backward writes ``grad_x`` as one rank-2 batched matmul (section comment below).
+GC: with add fusion alone (the official default) the whole block, ``y = x + T(c(x))``, is one op
+whose backward writes ``grad_x = g + dc p^T + wk dl^T`` once (autograd's graph writes the
+context's rank-2 gradient, then adds ``g`` to it); with other fusions the attention pooling
+alone (section comments below).
 
 Ties of the max pools split the gradient evenly, exactly as ``amax``'s backward.
 
@@ -492,6 +494,28 @@ cbam.register_autograd(_cbam_backward, setup_context=_cbam_setup)
 
 
 # ---------------------------------------------------------------------------------------------
+# ECA's convolution across channels on (B, C) descriptors, as k shifted products: oneDNN's
+# conv1d and its backward have a fixed cost of about a millisecond, which dominates at this size.
+def _channel_conv(p: Tensor, weight: Tensor) -> Tensor:
+    """``out[b, c] = sum_j w_j p[b, c + j - k // 2]`` (zero padding): ``F.conv1d(p[:, None],
+    weight, padding=k // 2)[:, 0]`` for ``p`` ``(B, C)``, ``weight`` ``(1, 1, k)``."""
+    k = weight.shape[-1]
+    windows = F.pad(p, (k // 2, k // 2)).unfold(1, k, 1)  # (B, C, k), a view
+    return (windows * weight.view(k)).sum(-1)
+
+
+def _channel_conv_backward(d: Tensor, p: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`_channel_conv` w.r.t. ``p`` ``(B, C)`` and ``weight`` for the output
+    gradient ``d`` ``(B, C)``: the same products with the kernel flipped, and the windows'
+    correlation with ``d``."""
+    k = weight.shape[-1]
+    windows = F.pad(p, (k // 2, k // 2)).unfold(1, k, 1)
+    d_weight = (windows * d[:, :, None]).sum((0, 1)).view_as(weight)
+    d_p = (F.pad(d, (k // 2, k // 2)).unfold(1, k, 1) * weight.view(k).flip(0)).sum(-1)
+    return d_p, d_weight
+
+
+# ---------------------------------------------------------------------------------------------
 # ECA
 @torch.library.custom_op("attnzoo::eca", mutates_args=())
 def eca(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -499,7 +523,7 @@ def eca(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     descriptor ``(B, 1, C)``."""
     b, c = x.shape[:2]
     z = x.mean((2, 3)).view(b, 1, c)
-    s = torch.sigmoid(F.conv1d(z, weight, padding=weight.shape[-1] // 2)).view(b, c, 1, 1)
+    s = torch.sigmoid(_channel_conv(z.view(b, c), weight)).view(b, c, 1, 1)
     return x * s, s, z
 
 
@@ -518,11 +542,8 @@ def eca_backward(
     g = g.contiguous()
     fused = kernels.usable(g, x, s)
     grad_s = kernels.rows_dot(g, x) if fused else (g * x).sum((2, 3), keepdim=True)
-    d_logits = (grad_s * s * (1 - s)).view(b, 1, c)
-    k = weight.shape[-1]
-    d_z, g_w, _ = _aten.convolution_backward(
-        d_logits, z, weight, None, [1], [k // 2], [1], False, [0], 1, [True, True, False]
-    )
+    d_logits = (grad_s * s * (1 - s)).view(b, c)
+    d_z, g_w = _channel_conv_backward(d_logits, z.view(b, c), weight)
     term = (d_z / (h * w)).view(b, c, 1, 1).contiguous()
     if fused and kernels.usable(term):
         grad_x = kernels.rows_scale_shift(g, s, term)
@@ -871,7 +892,7 @@ def _gate_logits(
     ``conv1d`` across channels (``w1`` the ``(1, 1, k)`` kernel)."""
     if kind == "se":
         return F.linear(F.relu(F.linear(p, w1, b1)), w2, b2)
-    return F.conv1d(p[:, None], w1, padding=w1.shape[-1] // 2)[:, 0]
+    return _channel_conv(p, w1)
 
 
 def bn_gate_plain(
@@ -1002,21 +1023,8 @@ def bn_gate_backward(
         d_pre = (d_logits @ w2) * (pre > 0).to(pre.dtype)
         g_w1, g_b1, gp = d_pre.t() @ p, d_pre.sum(0), d_pre @ w1
     else:
-        k = w1.shape[-1]
-        d_p, g_w1, _ = _aten.convolution_backward(
-            d_logits[:, None],
-            p[:, None],
-            w1,
-            None,
-            [1],
-            [k // 2],
-            [1],
-            False,
-            [0],
-            1,
-            [True, True, False],
-        )
-        gp, g_b1, g_w2, g_b2 = d_p[:, 0], w1.new_zeros(1), w1.new_zeros(0), w1.new_zeros(0)
+        gp, g_w1 = _channel_conv_backward(d_logits, p, w1)
+        g_b1, g_w2, g_b2 = w1.new_zeros(1), w1.new_zeros(0), w1.new_zeros(0)
     big_s = (s * g1 + gp).sum(0)
     big_t = (s * centred + gp * (row_mean - mean)).sum(0)
     scale_g = (a * s).contiguous()
