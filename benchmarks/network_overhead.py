@@ -9,8 +9,8 @@ ResNet-50 with the same attention through its own hook
 fusion here). Variants of each network:
 
 - ``ours/X``: plain eager (the default); ``ours/X+fast``: built and run with the
-  :mod:`attnzoo.fast` switch on (CBAM runs its op, GC its attention-pooling op; for SE and ECA
-  each block's last BatchNorm and the gate run as one folded op,
+  :mod:`attnzoo.fast` switch on (CBAM runs its op, GC (add fusion) its whole-block op; for SE
+  and ECA each block's last BatchNorm and the gate run as one folded op,
   ``attnzoo.fast.BatchNormGate2d``);
 - ``ours/X+compile`` and ``timm/X+compile``: the whole network under ``torch.compile`` (with
   ``--compile``; compiling ResNet-50 takes minutes on two cores);
@@ -245,7 +245,7 @@ def render(summary: dict, args: argparse.Namespace, wall: float) -> str:
         "`block_args=dict(attn_layer=...)` ('se', 'cbam', 'eca', 'gca')",
         "- +fast: built and run with `attnzoo.fast` switched on (CBAM: its op; SE, ECA: each "
         "block's last BatchNorm and the gate folded into one op, "
-        "`attnzoo.fast.BatchNormGate2d`; GC: its attention-pooling op); "
+        "`attnzoo.fast.BatchNormGate2d`; GC: its whole-block op `attnzoo::gc_add`); "
         "+compile: `torch.compile` of the whole network, against the compiled plain "
         "ResNet-50 of the same library",
         "- variants interleaved round by round, each timed right after its baseline; added = "
