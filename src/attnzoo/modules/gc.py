@@ -206,8 +206,9 @@ class GlobalContext(nn.Module):
         b, c, h, w = x.shape
         if self.pooling == "att":
             weights = self.context_softmax(self.conv_mask(x).reshape(b, 1, h * w))  # (B, 1, HW)
-            # (B, C, HW) @ (B, HW, 1): no N x N matrix
-            return (x.reshape(b, c, h * w) @ weights.transpose(1, 2)).reshape(b, c, 1, 1)
+            # (B, 1, C, HW) @ (B, 1, HW, 1): no N x N matrix
+            context = x.reshape(b, 1, c, h * w) @ weights.reshape(b, 1, h * w, 1)
+            return context.reshape(b, c, 1, 1)
         return x.mean((2, 3), keepdim=True)
 
     def transforms(self, ctx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
