@@ -14,6 +14,15 @@ import attnzoo
 # Two cores on CI: keep intra-op threads bounded and results deterministic.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+@pytest.fixture
+def torch_threads():
+    """``torch_threads(n)`` sets torch's intra-op thread count for the test; restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 SPATIAL_SIZES = {
     1: [(1,), (7,), (20,)],
     2: [(1, 1), (7, 7), (13, 20)],

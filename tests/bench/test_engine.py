@@ -222,11 +222,8 @@ class ToyTask(Task):
 
 
 @pytest.fixture
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(torch_threads):
+    torch_threads(1)
 
 
 @pytest.mark.slow

@@ -228,6 +228,14 @@ class _Doubled(torch.nn.Module):
         return 2 * self.inner(x)
 
 
+def _wrap_submodule(models, path: str, wrapper) -> None:
+    """Replace the submodule at ``path`` of every model by ``wrapper(submodule)``."""
+    parent, _, child = path.rpartition(".")
+    for m in models:
+        owner = m.get_submodule(parent) if parent else m
+        setattr(owner, child, wrapper(getattr(owner, child)))
+
+
 @pytest.mark.parametrize(
     "name,path",
     [
@@ -251,10 +259,7 @@ def test_hooked_or_replaced_submodules_take_the_plain_path(name, path):
     assert seen and set(seen) == {path} and not calls.ran_fast_op()  # CBAM: MLP runs twice
     _assert_close(y, plain(x))
 
-    parent, _, child = path.rpartition(".")
-    for m in (plain, accel):
-        owner = m.get_submodule(parent) if parent else m
-        setattr(owner, child, _Doubled(getattr(owner, child)))
+    _wrap_submodule((plain, accel), path, _Doubled)
     with fast.enabled(), OpCalls() as calls:
         y = accel(x)
     assert not calls.ran_fast_op()
@@ -309,10 +314,7 @@ def test_gc_hooked_or_replaced_transform_layers_run_as_modules(path):
     _assert_close(before, plain(x))
     handle.remove()
 
-    parent, _, child = path.rpartition(".")
-    for m in (plain, accel):
-        owner = m.get_submodule(parent) if parent else m
-        setattr(owner, child, _Adapted(getattr(owner, child)))
+    _wrap_submodule((plain, accel), path, _Adapted)
     with fast.enabled(), OpCalls() as calls:
         y = accel(x)
     assert calls.ran_fast_op()  # the pooling op still runs; the transform is the modules'

@@ -56,11 +56,8 @@ class _Threads:
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def _pair(names=NAMES) -> tuple[MultiScaleRoIAlign, MultiScaleRoIAlign]:
@@ -103,7 +100,7 @@ def test_torchvision_forward_runs_outside_cpu_inference(case, two_threads, monke
     if case == "grad":
         x = OrderedDict((k, v.requires_grad_()) for k, v in x.items())
     if case == "one-thread":
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # the fixture restores the count
     calls = _Threads(monkeypatch)
     with torch.set_grad_enabled(case == "grad"), fast.enabled(case != "switch-off"):
         got = accel(x, boxes, IMAGE_SIZES)

@@ -10,12 +10,9 @@ from attnzoo.segmentation import SEGMENTATION_MODELS, SegmentationLoss, Segmenta
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(torch_threads):
     """The model is tiny: a second thread only adds synchronisation (badly so on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch_threads(1)
 
 
 def test_danet_small_overfits_a_few_scenes(one_thread):
