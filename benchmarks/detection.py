@@ -247,10 +247,10 @@ def section(
     return "\n".join(lines)
 
 
-def time_heads(args: argparse.Namespace) -> dict[str, list[float]]:
+def time_heads(args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
     """Per round: the two detectors' RoI heads on the SAME features and proposals (Faster
     R-CNN's backbone and RPN output), with the fast switch off and on, and Faster R-CNN's whole
-    inference (switch off); ms per image."""
+    inference (switch off); ms per image. Also returns the RoIs per image."""
     from attnzoo import fast
 
     images, _ = batch(args.size, args.batch)
@@ -288,11 +288,12 @@ def time_heads(args: argparse.Namespace) -> dict[str, list[float]]:
         for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
             times[key].append(heads(key.split("/")[0], key.endswith("on")))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-    times["rois"] = [float(sum(len(p) for p in proposals)) / args.batch]
-    return times
+    return times, sum(len(p) for p in proposals) / args.batch
 
 
-def heads_section(args: argparse.Namespace, times: dict[str, list[float]], wall: float) -> str:
+def heads_section(
+    args: argparse.Namespace, times: dict[str, list[float]], rois: float, wall: float
+) -> str:
     """The heads-alone section: the cascade's added inference cost measured where it arises."""
 
     def med(key: str) -> str:
@@ -315,7 +316,7 @@ def heads_section(args: argparse.Namespace, times: dict[str, list[float]], wall:
         f"{wall / 60:.1f} min; rounds: {args.rounds}; torch threads: {args.threads}; load "
         f"average at the end {load_average()}",
         f"- both detectors' `roi_heads` on the same input: Faster R-CNN's backbone features and "
-        f"RPN proposals without NMS ({times['rois'][0]:.0f} RoIs per image, the test-time "
+        f"RPN proposals without NMS ({rois:.0f} RoIs per image, the test-time "
         f"proposal count) of batch {args.batch} built-in "
         f"scenes at {h}x{w}, eval mode, no_grad; the fast switch off and on (on: RoIAlign on all "
         "threads, `attnzoo.fast.FastMultiScaleRoIAlign`); and Faster R-CNN's whole inference "
@@ -390,7 +391,7 @@ def main() -> None:
         return
     t0, load0 = time.perf_counter(), load_average()
     if args.heads:
-        text = heads_section(args, time_heads(args), time.perf_counter() - t0)
+        text = heads_section(args, *time_heads(args), time.perf_counter() - t0)
         write_section(Path(args.out), text)
         print(text)
         return

@@ -11,7 +11,6 @@ wrapped submodule (``fc1``, ``act``, ``conv``, ``gate``, ...) sends the call to 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -189,19 +188,9 @@ class FastGC(GlobalContext):
         ):
             return super().forward(x)
         check_input("GlobalContext", x, self.channels)
-        first, norm, _, last = self.channel_add_conv
-        return ops.gc_add(
-            x,
-            self.conv_mask.weight.view(-1),
-            self.conv_mask.bias,
-            first.weight.flatten(1),
-            first.bias,
-            norm.weight.flatten(),
-            norm.bias.flatten(),
-            norm.eps,
-            last.weight.flatten(1),
-            last.bias,
-        )[0]
+        conv = self.conv_mask
+        weights = _transform_weights(self.channel_add_conv)
+        return ops.gc_add(x, conv.weight.view(-1), conv.bias, *weights)[0]
 
     def context(self, x: Tensor) -> Tensor:
         if self.pooling != "att" or not qualifies(x) or not self._pool_untouched():
@@ -249,11 +238,22 @@ def _linear_transform(branch: nn.Module | None) -> bool:
 def _transform_as_linear(branch: nn.Sequential, ctx: Tensor) -> Tensor:
     """``conv_2(relu(layer_norm(conv_1(ctx))))`` on a ``(B, C, 1, 1)`` context, as products on
     ``(B, C)``."""
-    first, norm, _, last = branch
-    h = F.linear(ctx.flatten(1), first.weight.flatten(1), first.bias)
-    h = F.layer_norm(h, h.shape[1:], norm.weight.flatten(), norm.bias.flatten(), norm.eps)
-    t = F.linear(F.relu(h), last.weight.flatten(1), last.bias)
+    t = ops.gc_transform_plain(ctx.flatten(1), *_transform_weights(branch))
     return t.view(*t.shape, 1, 1)
+
+
+def _transform_weights(branch: nn.Sequential) -> tuple:
+    """``(w1, b1, ln_w, ln_b, eps, w2, b2)`` of a GC transform, the convolutions as matrices."""
+    first, norm, _, last = branch
+    return (
+        first.weight.flatten(1),
+        first.bias,
+        norm.weight.flatten(),
+        norm.bias.flatten(),
+        norm.eps,
+        last.weight.flatten(1),
+        last.bias,
+    )
 
 
 _SE_LAYERS = {"fc1": nn.Linear, "act": nn.ReLU, "fc2": nn.Linear, "gate": nn.Sigmoid}

@@ -608,6 +608,20 @@ def _(x, wk, bk):
     return x.new_empty(b, c, 1, 1), x.new_empty(b, 1, h * w)
 
 
+def _pooling_backward(
+    dc: Tensor, flat: Tensor, wk: Tensor, p: Tensor, g: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pooling's backward for the context gradient ``dc`` ``(B, C, 1)``: ``grad_x``
+    ``(B, C, P)`` = ``g`` (if given) ``+ dc p^T + wk dl^T``, written once, ``dwk``, and the logit
+    gradient ``dl`` ``(B, 1, P)``."""
+    dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, P)
+    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
+    d_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(-1)
+    grad_x = dc * p if g is None else torch.addcmul(g, dc, p)
+    grad_x.addcmul_(wk.view(1, -1, 1), dl)
+    return grad_x, d_wk, dl
+
+
 @torch.library.custom_op("attnzoo::gc_context_backward", mutates_args=())
 def gc_context_backward(
     g: Tensor, x: Tensor, wk: Tensor, p: Tensor
@@ -615,14 +629,8 @@ def gc_context_backward(
     """Gradients of :func:`gc_context`'s context w.r.t. ``x``, ``wk`` and ``bk``."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    dc = g.reshape(b, c, 1)
-    dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, P)
-    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
-    d_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(c)
-    grad_x = dc * p  # the rank-2 update dc p^T + wk dl^T, written once
-    grad_x.addcmul_(wk.view(1, c, 1), dl)
-    grad_x = grad_x.view(b, c, h, w)
-    return grad_x, d_wk, dl.sum().view(1)
+    grad_x, d_wk, dl = _pooling_backward(g.reshape(b, c, 1), flat, wk, p)
+    return grad_x.view(b, c, h, w), d_wk, dl.sum().view(1)
 
 
 @gc_context_backward.register_fake
@@ -672,6 +680,22 @@ def _gc_transform(
     return F.linear(r, w2, b2), n, inv_sigma, r
 
 
+def gc_transform_plain(
+    c: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    eps: float,
+    w2: Tensor,
+    b2: Tensor,
+) -> Tensor:
+    """GC's transform ``conv_2(relu(layer_norm(conv_1(c))))`` on a ``(B, C)`` context, the 1x1
+    convolutions as matrix products (``w1`` ``(P, C)``, ``w2`` ``(C, P)``), with torch ops."""
+    h = F.layer_norm(F.linear(c, w1, b1), ln_w.shape, ln_w, ln_b, eps)
+    return F.linear(torch.relu(h), w2, b2)
+
+
 def gc_add_plain(
     x: Tensor,
     wk: Tensor,
@@ -688,8 +712,7 @@ def gc_add_plain(
     ``(C, P)``, LayerNorm's ``ln_w``, ``ln_b`` ``(P,)``)."""
     b, ch = x.shape[:2]
     c = gc_context_plain(x, wk, bk).view(b, ch)
-    h = F.layer_norm(F.linear(c, w1, b1), ln_w.shape, ln_w, ln_b, eps)
-    return x + F.linear(torch.relu(h), w2, b2).view(b, ch, 1, 1)
+    return x + gc_transform_plain(c, w1, b1, ln_w, ln_b, eps, w2, b2).view(b, ch, 1, 1)
 
 
 @torch.library.custom_op("attnzoo::gc_add", mutates_args=())
@@ -754,12 +777,7 @@ def gc_add_backward(
     d_n = d_pre * ln_w
     d_h = inv_sigma * (d_n - d_n.mean(1, keepdim=True) - n * (d_n * n).mean(1, keepdim=True))
     g_w1, g_b1 = d_h.t() @ c, d_h.sum(0)
-    dc = (d_h @ w1).view(b, ch, 1)
-    dp = torch.bmm(dc.transpose(1, 2), flat)  # (B, 1, HW)
-    dl = p * (dp - (dp * p).sum(-1, keepdim=True))
-    g_wk = torch.bmm(dl, flat.transpose(1, 2)).sum(0).view(ch)
-    grad_x = torch.addcmul(g_flat, dc, p)  # g + dc p^T + wk dl^T, one new tensor
-    grad_x.addcmul_(wk.view(1, ch, 1), dl)
+    grad_x, g_wk, dl = _pooling_backward((d_h @ w1).view(b, ch, 1), flat, wk, p, g_flat)
     return (
         grad_x.view(b, ch, h, w),
         g_wk,

@@ -28,7 +28,7 @@ __all__ = ["FastMultiScaleRoIAlign"]
 #: RoIs below which a level is pooled in one call (thread hand-off costs more than it saves)
 _MIN_CHUNK = 16
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 _pool_lock = threading.Lock()
 
 
@@ -36,18 +36,18 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     """One process-wide pool, rebuilt when the thread count changes."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:
+        if _pool is None or _pool[0] != workers:
             if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="attnzoo-roi-align")
-        return _pool
+                _pool[1].shutdown(wait=False)
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="attnzoo-roi-align"))
+        return _pool[1]
 
 
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
     """:class:`torchvision.ops.MultiScaleRoIAlign` whose CPU inference runs torchvision's
     ``roi_align`` on chunks of RoIs in parallel threads (same parameters, same output)."""
 
-    def _threads(self, x: dict[str, Tensor]) -> int:
+    def _threads(self, features: list[Tensor]) -> int:
         """Worker count for this call, 0 to take torchvision's forward."""
         workers = torch.get_num_threads()
         if (
@@ -57,20 +57,19 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
             or torch.jit.is_scripting()
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
+            or not features
+            or any(f.device.type != "cpu" for f in features)
         ):
-            return 0
-        features = [x[name] for name in self.featmap_names if name in x]
-        if not features or any(f.device.type != "cpu" for f in features):
             return 0
         return workers
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
-        workers = self._threads(x)
+        features = [v for k, v in x.items() if k in self.featmap_names]  # torchvision's order
+        workers = self._threads(features)
         if workers == 0:
             return super().forward(x, boxes, image_shapes)
-        features = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:  # torchvision's forward sets them
             super().forward(x, [b[:0] for b in boxes], image_shapes)
         assert self.scales is not None and self.map_levels is not None
