@@ -37,6 +37,8 @@ plain formula and differentiates that with autograd instead of calling the fused
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -660,18 +662,11 @@ gc_context.register_autograd(_gc_context_backward, setup_context=_gc_context_set
 # products). Backward, with g = dL/dy: dT = sum_hw g, T's backward on (B, C) gives dc, then the
 # context's backward (above); grad_x = g + dc p^T + wk dl^T is written once, where autograd's
 # graph writes the rank-2 term and then adds it to g.
-def _gc_transform(
-    c: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    ln_w: Tensor,
-    ln_b: Tensor,
-    eps: float,
-    w2: Tensor,
-    b2: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gc_transform(c: Tensor, *transform: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``T(c)`` on ``(B, C)`` and what its backward needs: the normalised hidden ``n``, its
-    inverse deviation ``1 / sigma`` ``(B, 1)`` and the post-ReLU hidden ``r``."""
+    inverse deviation ``1 / sigma`` ``(B, 1)`` and the post-ReLU hidden ``r``; ``transform`` as
+    :func:`gc_transform_plain` takes it."""
+    w1, b1, ln_w, ln_b, eps, w2, b2 = transform
     h = F.linear(c, w1, b1)
     var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
     inv_sigma = (var + eps).rsqrt()
@@ -696,23 +691,12 @@ def gc_transform_plain(
     return F.linear(torch.relu(h), w2, b2)
 
 
-def gc_add_plain(
-    x: Tensor,
-    wk: Tensor,
-    bk: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    ln_w: Tensor,
-    ln_b: Tensor,
-    eps: float,
-    w2: Tensor,
-    b2: Tensor,
-) -> Tensor:
-    """``x + T(c(x))`` with torch ops (weights as matrices: ``w1`` ``(P, C)``, ``w2``
-    ``(C, P)``, LayerNorm's ``ln_w``, ``ln_b`` ``(P,)``)."""
+def gc_add_plain(x: Tensor, wk: Tensor, bk: Tensor, *transform: Any) -> Tensor:
+    """``x + T(c(x))`` with torch ops; ``transform`` = ``(w1, b1, ln_w, ln_b, eps, w2, b2)`` as
+    :func:`gc_transform_plain` takes them."""
     b, ch = x.shape[:2]
     c = gc_context_plain(x, wk, bk).view(b, ch)
-    return x + gc_transform_plain(c, w1, b1, ln_w, ln_b, eps, w2, b2).view(b, ch, 1, 1)
+    return x + gc_transform_plain(c, *transform).view(b, ch, 1, 1)
 
 
 @torch.library.custom_op("attnzoo::gc_add", mutates_args=())
